@@ -1,0 +1,195 @@
+"""Typed configuration. YAML files in ``configs/`` are loaded into these dataclasses;
+an unknown key anywhere is an error that names the key and where it was found."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is wrong; the message says which key."""
+
+
+@dataclass
+class VADConfig:
+    aggressiveness: int = 2  # webrtcvad mode 0..3
+    frame_ms: int = 20  # 10, 20 or 30
+    start_ms: int = 60  # voiced audio needed to declare speech started
+    silence_duration_ms: int = 400  # silence that ends a turn
+    prefix_padding_ms: int = 300  # audio kept from before speech started
+    min_speech_ms: int = 200  # shorter bursts are ignored as noise
+    max_turn_s: float = 30.0  # a longer turn is cut and answered
+
+
+@dataclass
+class ASRConfig:
+    backend: Literal["faster-whisper", "none"] = "faster-whisper"
+    model: str = "tiny.en"  # a name resolved in installed packages, or a directory
+    compute_type: str = "int8"
+    cpu_threads: int = 2
+    beam_size: int = 1
+    partial_interval_ms: int = 700  # how often to re-decode while the user speaks
+    speculative_after_ms: int = 120  # silence after which the tail is decoded ahead of the endpoint
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 96
+    think_budget: int = 0  # max reasoning tokens before the answer is forced
+    seed: int = 0
+
+
+@dataclass
+class EngineConfig:
+    backend: Literal["smollm2", "step-audio", "step-audio-random"] = "smollm2"
+    model: str = ""  # path or hub id; empty = the backend's bundled default
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # auto, float32, bfloat16, float16
+    threads: int = 2
+    cache_dir: str = "~/.cache/realtime-agent"
+    max_context: int = 2048
+    history_turns: int = 6
+    system_prompt: str = (
+        "You are a concise, helpful voice assistant. Answer in one or two short spoken "
+        "sentences, without lists or markdown."
+    )
+    speculative: bool = True  # start answering before the endpoint is decided
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Step-Audio only
+    listen_chunk_ms: int = 640  # audio encoded and pre-filled per chunk while listening
+    exact_encoding: bool = False  # re-encode the whole utterance at the end of speech
+    cuda_graphs: bool = True
+    attention: Literal["auto", "flash_attn", "sdpa"] = "auto"
+    max_batch: int = 4
+
+
+@dataclass
+class TTSConfig:
+    backend: Literal["piper", "espeak"] = "piper"
+    voice: str = "joe"  # piper voice name found in installed packages, or an .onnx path
+    speaking_rate: float = 1.0  # 1.0 = the voice's natural speed
+    first_piece_words: int = 4  # release this many words early when no punctuation comes
+    max_piece_chars: int = 220
+    use_gpu: bool = False  # onnxruntime CUDA provider when available
+
+
+@dataclass
+class AudioConfig:
+    input_rate: int = 16000  # the pipeline's internal rate (fixed by the models)
+    output_frame_ms: int = 20  # output is written in frames this long
+    max_input_s: float = 3600.0
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_message_bytes: int = 1 << 20
+    max_sessions: int = 16
+    idle_timeout_s: float = 300.0
+
+
+@dataclass
+class AgentConfig:
+    name: str = "embedded"
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    vad: VADConfig = field(default_factory=VADConfig)
+    asr: ASRConfig = field(default_factory=ASRConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    tts: TTSConfig = field(default_factory=TTSConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys are rejected by name."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s} (known keys{' of ' + where if where else ''}: "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    candidate = CONFIG_DIR / (path.name if path.suffix else f"{path.name}.yaml")
+    if candidate.exists():
+        return candidate
+    raise ConfigError(f"config file not found: {name_or_path}")
+
+
+def load_config(name_or_path: str | Path = "embedded", overrides: dict[str, Any] | None = None) -> AgentConfig:
+    """Load ``configs/NAME.yaml`` (or a path), then apply dotted ``overrides``."""
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return from_dict(AgentConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,114 @@
+"""The engine interface every reply backend implements.
+
+An *engine* owns the model (loaded once, shared by all sessions). Each conversation gets an
+``EngineSession`` that owns the per-session state: history, KV-cache slots, positions and
+sampling settings. All methods of both are **blocking** and are only ever called from the
+engine's worker thread (``realtime.engine.worker.EngineWorker``), never from the event loop.
+
+A turn goes like this (the pipeline drives it):
+
+    session.listen(pcm)        # 0..n times while the user speaks (audio engines pre-fill here)
+    session.respond(turn, cancel) -> iterator of TokenEvent   # thinking, answer, tool calls
+    session.commit(turn, spoken_answer, interrupted)          # what was really said goes to history
+or  session.discard()                                         # a false start: forget the partial turn
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from realtime.config import SamplingConfig
+
+TokenKind = Literal["thinking", "answer", "tool_call", "speech_tokens"]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    kind: TokenKind
+    text: str = ""
+    token_ids: tuple[int, ...] = ()  # raw ids (speech tokens for a speech head)
+
+
+@dataclass
+class UserTurn:
+    """What the user said in one turn, as far as the engine needs it."""
+
+    text: str = ""  # transcript (text engines answer this)
+    audio: np.ndarray | None = None  # 16 kHz mono float32 of the whole turn (audio engines)
+
+
+@dataclass
+class TurnStats:
+    """Filled in by ``respond`` as it runs (wall times, time.monotonic())."""
+
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    thinking_tokens: int = 0
+    wall_prefill_done: float | None = None
+    wall_first_token: float | None = None
+    wall_first_answer_token: float | None = None
+
+
+class CancelToken:
+    """Set from any thread; the engine checks it once per decoding step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@runtime_checkable
+class EngineSession(Protocol):
+    stats: TurnStats
+
+    def listen(self, pcm16k: np.ndarray) -> None:
+        """Audio of the current user turn as it arrives. Text engines may ignore it."""
+
+    def respond(self, turn: UserTurn, cancel: CancelToken) -> Iterator[TokenEvent]:
+        """Generate the reply to ``turn``. Stops at the end-of-turn token, at
+        ``max_new_tokens`` or within one decoding step of ``cancel``."""
+        ...
+
+    def commit(self, turn: UserTurn, spoken_answer: str, interrupted: bool) -> None:
+        """Record the turn in the history with the answer as the user really heard it."""
+
+    def discard(self) -> None:
+        """Forget the current (partial) turn: pre-filled audio, speculative work."""
+
+    def close(self) -> None:
+        """Free everything this session holds (cache slots)."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+    input_kind: Literal["text", "audio"]
+
+    def new_session(self, system_prompt: str, sampling: SamplingConfig) -> EngineSession: ...
+
+    def warmup(self) -> None:
+        """Run once at start so that the first real turn pays no one-off costs."""
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class EngineInfo:
+    """What a backend reports about itself (shown by --json and /metrics)."""
+
+    name: str
+    device: str
+    dtype: str
+    attention: str = "n/a"
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,65 @@
+"""The streaming TTS protocol: text (or speech-token) deltas in, PCM chunks out.
+
+A ``TTSHead`` is loaded once and shared by every session; ``open_stream`` gives one
+``TTSStream`` per answer. Synthesis never runs on the event loop: a stream synthesises on
+its own worker thread and hands chunks to the loop through an asyncio queue.
+
+Nothing downstream assumes text: a head that speaks from speech tokens (Step-Audio 2's
+``<audio_N>`` tokens through token2wav) declares ``accepts = "speech_tokens"`` and is fed
+with ``push_tokens``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class AudioChunk:
+    pcm: np.ndarray  # int16 mono
+    sample_rate: int
+    text: str = ""  # the text this chunk speaks ("" for all but the first chunk of a piece)
+    piece_index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CancelReport:
+    text_emitted: str  # text whose audio left the stream (whole pieces or their spoken share)
+    audio_s: float  # seconds of audio that left the stream
+
+
+@runtime_checkable
+class TTSStream(Protocol):
+    def push_text(self, delta: str) -> None:
+        """Answer text as it is generated; may be called from any thread."""
+
+    def push_tokens(self, token_ids: list[int]) -> None:
+        """Speech tokens for a speech-token head; text heads raise NotImplementedError."""
+
+    def finish(self) -> None:
+        """No more input: synthesise what is left and end the chunk stream."""
+
+    def chunks(self) -> AsyncIterator[AudioChunk]:
+        """Audio as soon as each piece is synthesised; ends after ``finish`` or ``cancel``."""
+        ...
+
+    def cancel(self) -> CancelReport:
+        """Stop now: no chunk is yielded after this returns."""
+        ...
+
+
+@runtime_checkable
+class TTSHead(Protocol):
+    name: str
+    sample_rate: int
+    accepts: Literal["text", "speech_tokens"]
+
+    def open_stream(self, voice: str | None = None, speaking_rate: float | None = None) -> TTSStream: ...
+
+    def voices(self) -> list[str]: ...
+
+    def warmup(self) -> None: ...
