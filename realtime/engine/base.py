@@ -11,6 +11,11 @@ A turn goes like this (the pipeline drives it):
     session.respond(turn, cancel) -> iterator of TokenEvent   # thinking, answer, tool calls
     session.commit(turn, spoken_answer, interrupted)          # what was really said goes to history
 or  session.discard()                                         # a false start: forget the partial turn
+
+``respond`` may be called *speculatively* (the user paused but may go on). If it is cancelled
+before ``commit``, the engine rolls back only what ``respond`` added (generated tokens), keeps
+the audio heard so far, and further ``listen`` calls continue the same turn; the next
+``respond`` answers the longer utterance.
 """
 
 from __future__ import annotations
