@@ -22,7 +22,9 @@ def split_at(text: str, cuts: list[int]) -> list[str]:
 
 # Text made of the characters the rules care about, so that hypothesis hits the edge cases.
 ALPHABET = st.sampled_from(
-    list("ab cd e.,;:!?—-'\")]*`[\n 0123 $%/@") + ["Dr.", "e.g.", "1,000", "3:30", "example.com"]
+    list("ab cd e.,;:!?—-'\")]*`[\n 0123 $%/@") + [
+        "Dr.", "e.g.", "1,000", "3:30", "example.com", "https://x.io/a?b=1", "1.", "...", "**",
+    ]
 )
 TEXT = st.lists(ALPHABET, max_size=120).map("".join)
 CFG = st.builds(
@@ -34,7 +36,7 @@ CFG = st.builds(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(TEXT, st.lists(st.integers(0, 130), max_size=20), CFG)
 def test_any_split_gives_the_same_pieces_and_loses_nothing(
     text: str, cuts: list[int], cfg: SegmenterConfig

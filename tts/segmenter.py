@@ -28,9 +28,9 @@ FUNCTION_WORDS = frozenset(
     "into onto about over under not no very".split()
 )
 ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof st sr jr vs etc approx dept est fig inc ltd co corp no nos vol vols "
-    "gen col lt sgt capt cmdr gov sen rep rev hon mt ft ave blvd rd jan feb mar apr jun jul "
-    "aug sep sept oct nov dec mon tue wed thu fri sat sun e.g i.e a.m p.m u.s u.k cf al".split()
+    "mr mrs ms dr prof st sr jr vs etc approx dept fig inc ltd corp vol gov sen rev hon capt "
+    "sgt lt cmdr ave blvd jan feb apr aug sept oct nov dec e.g i.e a.m p.m u.s u.k cf al".split()
+)
 )
 
 
@@ -51,11 +51,6 @@ def _word_before(buf: str, end: int) -> str:
     while start > 0 and not buf[start - 1].isspace():
         start -= 1
     return buf[start:end]
-
-
-def _looks_like_url(word: str) -> bool:
-    w = word.lower()
-    return "://" in w or w.startswith("www.") or "@" in w or "/" in w
 
 
 class Segmenter:
@@ -172,13 +167,10 @@ class Segmenter:
             if not final:
                 return None
         elif not buf[end].isspace():
-            return 0  # "3.5", "e.g.", "example.com", "?!x"
+            return 0  # "3.5", "e.g.", "example.com", "?q=1"
         if not _is_speakable(buf[:i]):
             return 0
-        word = _word_before(buf, i + 1)
-        if buf[i] == "." and self._period_is_not_an_end(buf, i, word):
-            return 0
-        if buf[i] in "?!" and _looks_like_url(word):
+        if buf[i] == "." and self._period_is_not_an_end(buf, i, _word_before(buf, i + 1)):
             return 0
         return end
 
@@ -193,7 +185,7 @@ class Segmenter:
             line_start = buf.rfind("\n", 0, i) + 1
             if not buf[line_start : i - len(core)].strip():
                 return True  # a numbered list marker: "1. First"
-        return _looks_like_url(word)
+        return False
 
     def _clause_cut(self, buf: str, i: int, final: bool, index: int) -> int | None:
         """At a clause mark at ``i``: the cut position, 0 for no cut, None to wait."""
@@ -202,16 +194,12 @@ class Segmenter:
         c = buf[i]
         if not _is_speakable(buf[:i]):
             return 0
-        if c in ",:" and i > 0 and buf[i - 1].isdigit():
-            # "1,000" and "3:30" continue; "in 2024, we" ends a clause: look at the next char.
+        if c == ":" or (c == "," and i > 0 and buf[i - 1].isdigit()):
+            # "1,000", "3:30" and "https://" continue; "in 2024, we" and "Note: it" do not.
             if i + 1 >= len(buf):
                 return None if not final else i + 1
             if not buf[i + 1].isspace():
                 return 0
-        if c == ":" and _looks_like_url(_word_before(buf, i + 1)):
-            return 0
-        if c in ",:" and i + 1 < len(buf) and buf[i + 1] == "/":
-            return 0  # "https:/"
         return i + 1
 
     def _hard_cut(self, buf: str, limit: int) -> int:
