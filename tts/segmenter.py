@@ -31,7 +31,6 @@ ABBREVIATIONS = frozenset(
     "mr mrs ms dr prof st sr jr vs etc approx dept fig inc ltd corp vol gov sen rev hon capt "
     "sgt lt cmdr ave blvd jan feb apr aug sept oct nov dec e.g i.e a.m p.m u.s u.k cf al".split()
 )
-)
 
 
 @dataclass(frozen=True, slots=True)
