@@ -1,0 +1,92 @@
+"""Whisper-style audio encoder of Step-Audio 2 / R1 (state-dict prefix ``encoder.``).
+
+Names as in the checkpoint: ``conv1``, ``conv2`` (stride 2), ``positional_embedding``
+(an embedding table ``[n_audio_ctx, n_audio_state]``), ``blocks.N.attn.{query,key,value,out}``
+(``key`` has no bias), ``blocks.N.attn_ln``, ``blocks.N.mlp.{0,2}``, ``blocks.N.mlp_ln``, then
+``avg_pooler`` (no weights) and ``after_norm``. Attention is bidirectional over the piece; the
+reference masks the keys of the two padding mel frames (see ``lengths.py``), reproduced here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from realtime.models.step_audio.config import AudioEncoderConfig
+
+
+class EncoderAttention(nn.Module):
+    def __init__(self, n_state: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.query = nn.Linear(n_state, n_state)
+        self.key = nn.Linear(n_state, n_state, bias=False)
+        self.value = nn.Linear(n_state, n_state)
+        self.out = nn.Linear(n_state, n_state)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, c = x.shape
+        shape = (b, t, self.n_head, c // self.n_head)
+        q = self.query(x).view(shape).transpose(1, 2)
+        k = self.key(x).view(shape).transpose(1, 2)
+        v = self.value(x).view(shape).transpose(1, 2)
+        # the reference scales q and k by d^-1/4 each: the usual 1/sqrt(d)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        return self.out(y.transpose(1, 2).reshape(b, t, c))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int) -> None:
+        super().__init__()
+        self.attn = EncoderAttention(n_state, n_head)
+        self.attn_ln = nn.LayerNorm(n_state)
+        self.mlp = nn.Sequential(
+            nn.Linear(n_state, 4 * n_state), nn.GELU(), nn.Linear(4 * n_state, n_state)
+        )
+        self.mlp_ln = nn.LayerNorm(n_state)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_ln(x), key_mask)
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, cfg: AudioEncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        s = cfg.n_audio_state
+        self.conv1 = nn.Conv1d(cfg.n_mels, s, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(s, s, kernel_size=3, stride=2, padding=1)
+        self.positional_embedding = nn.Embedding(cfg.n_audio_ctx, s)
+        self.blocks = nn.ModuleList(
+            EncoderBlock(s, cfg.n_audio_head) for _ in range(cfg.n_audio_layer)
+        )
+        self.avg_pooler = nn.AvgPool1d(2, stride=2)
+        self.after_norm = nn.LayerNorm(s)
+
+    def forward(
+        self, mel: torch.Tensor, valid_frames: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mel [B, n_mels, T]`` (100 Hz), ``valid_frames [B]`` (default ``T - 2``, the
+        reference's padding rule) -> ``([B, T2 // 2, n_state]`` at 25 Hz, valid lengths ``[B]``)."""
+        b, _, t = mel.shape
+        if valid_frames is None:
+            valid_frames = torch.full((b,), max(t - 2, 1), device=mel.device, dtype=torch.long)
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)  # [B, T2, C]
+        t2 = x.shape[1]
+        if t2 > self.cfg.n_audio_ctx:
+            raise ValueError(
+                f"{t} mel frames give {t2} encoder positions, more than n_audio_ctx "
+                f"{self.cfg.n_audio_ctx} (encode at most 30 s at a time)"
+            )
+        x = x + self.positional_embedding.weight[:t2].to(x.dtype)
+        # conv2 output j sits on mel frame (T + 1) % 2 + 2 j: valid iff that frame is valid
+        frame = (t + 1) % 2 + 2 * torch.arange(t2, device=mel.device)
+        keep = frame[None, :] < valid_frames[:, None].clamp(min=1)
+        key_mask = None if bool(keep.all()) else keep[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, key_mask)
+        x = self.avg_pooler(x.transpose(1, 2)).transpose(1, 2)
+        return self.after_norm(x), (valid_frames + 1) // 2 // 2
