@@ -1,0 +1,115 @@
+"""The aiohttp application: web page, WebRTC signalling, WebSocket APIs, health and metrics.
+
+``serve(config, host, port)`` loads one ``Runtime`` (models shared by every session) and
+serves until interrupted; ``create_app(runtime, server_config)`` builds the app around a
+runtime that already exists (tests, embedding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from aiohttp import web
+
+from realtime.config import AgentConfig, ServerConfig
+from realtime.server import openai_realtime, twilio, webrtc
+from realtime.server.bridge import WEB_DIR, AgentRuntime, ServerContext
+from realtime.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+CTX_KEY: web.AppKey[ServerContext] = web.AppKey("ctx", ServerContext)
+
+
+def context(request: web.Request) -> ServerContext:
+    return request.app[CTX_KEY]
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    ctx = context(request)
+    return web.json_response(
+        {"status": "ok", "sessions": ctx.active, "max_sessions": ctx.config.max_sessions}
+    )
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = context(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def _index(request: web.Request) -> web.StreamResponse:
+    index = context(request).web_dir / "index.html"
+    if not index.is_file():
+        raise web.HTTPNotFound(text="web/index.html is missing")
+    return web.FileResponse(index)
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    ctx = app[CTX_KEY]
+    closers = list(ctx.closers)
+    if closers:
+        await asyncio.gather(*(c() for c in closers), return_exceptions=True)
+
+
+def create_app(
+    runtime: AgentRuntime, config: ServerConfig | None = None, web_dir: Path = WEB_DIR
+) -> web.Application:
+    config = config or ServerConfig()
+    ctx = ServerContext(runtime=runtime, config=config, metrics=ServerMetrics(), web_dir=web_dir)
+    # aiohttp's own limit sits above ours, so that a message a little too big gets a clear
+    # error event from the handler (and the connection lives on) instead of a bare close.
+    app = web.Application(client_max_size=config.max_message_bytes * 4)
+    app[CTX_KEY] = ctx
+    app.router.add_get("/", _index)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_post("/offer", webrtc.make_offer_handler(ctx))
+    app.router.add_get("/v1/realtime", openai_realtime.make_handler(ctx))
+    app.router.add_get("/twilio", twilio.make_handler(ctx))
+    if web_dir.is_dir():
+        app.router.add_static("/static/", web_dir)
+    app.on_shutdown.append(_on_shutdown)
+    return app
+
+
+async def run_server(
+    runtime: AgentRuntime, config: ServerConfig, host: str, port: int
+) -> web.AppRunner:
+    """Start serving on ``host:port`` and return the runner (``await runner.cleanup()``)."""
+    runner = web.AppRunner(create_app(runtime, config), handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner
+
+
+async def serve_forever(
+    config: AgentConfig, host: str | None = None, port: int | None = None
+) -> None:
+    from realtime.runtime import Runtime  # the models load here, not at import
+
+    host = host or config.server.host
+    port = port or config.server.port
+    runtime = await Runtime.create(config)
+    runner = await run_server(runtime, config.server, host, port)
+    log.info("serving on http://%s:%d (page /, WebRTC /offer, /v1/realtime, /twilio)", host, port)
+    print(f"Serving on http://{host}:{port}  (Ctrl-C to stop)", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        close = getattr(runtime, "close", None)
+        if close is not None:
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+
+
+def serve(config: AgentConfig, host: str | None = None, port: int | None = None) -> None:
+    """Blocking entry point of ``run_agent.py --serve``: serve until Ctrl-C."""
+    try:
+        asyncio.run(serve_forever(config, host, port))
+    except KeyboardInterrupt:
+        pass

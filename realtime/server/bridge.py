@@ -1,0 +1,98 @@
+"""What every transport shares: the pipeline contract it drives, session slots under
+``max_sessions``, and the server-wide context handed to each handler."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from realtime.config import ServerConfig
+from realtime.frames import Frame
+from realtime.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent.parent / "web"
+
+
+class AgentSession(Protocol):
+    """The part of ``realtime.session.Session`` the transports use."""
+
+    async def start(self) -> None: ...
+    async def push_audio(self, pcm: np.ndarray, sample_rate: int) -> None: ...
+    async def commit(self) -> None: ...
+    async def clear(self) -> None: ...
+    async def respond(self, text: str | None = None) -> None: ...
+    async def cancel(self) -> None: ...
+    def update(self, **changes: Any) -> None: ...
+    def add_message(self, role: str, text: str) -> None: ...
+    def truncate(self, audio_end_ms: int) -> None: ...
+    async def end(self) -> None: ...
+    async def close(self) -> None: ...
+    def frames(self) -> AsyncIterator[Frame]: ...
+
+
+class AgentRuntime(Protocol):
+    def new_session(self, options: Any = None, pace_output: bool = True) -> AgentSession: ...
+
+
+class CapacityError(RuntimeError):
+    """``max_sessions`` sessions are open already."""
+
+
+@dataclass
+class ServerContext:
+    runtime: AgentRuntime
+    config: ServerConfig
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    web_dir: Path = WEB_DIR
+    active: int = 0
+    closers: set[Callable[[], Awaitable[None]]] = field(default_factory=set)
+
+    async def open_session(
+        self, transport: str, *, pace_output: bool, **changes: Any
+    ) -> AgentSession:
+        """A started session with ``changes`` applied, counted against ``max_sessions``.
+
+        Raises ``CapacityError`` when full; pair every success with ``close_session``.
+        """
+        if self.active >= self.config.max_sessions:
+            self.metrics.sessions_rejected.inc()
+            raise CapacityError(
+                f"the server is full ({self.config.max_sessions} sessions); try again later"
+            )
+        self.active += 1
+        try:
+            session = self.runtime.new_session(None, pace_output=pace_output)
+            if changes:
+                session.update(**changes)
+            await session.start()
+        except BaseException:
+            self.active -= 1
+            raise
+        self.metrics.sessions_active.labels(transport).inc()
+        self.metrics.sessions_total.labels(transport).inc()
+        return session
+
+    async def close_session(self, transport: str, session: AgentSession) -> None:
+        self.active -= 1
+        self.metrics.sessions_active.labels(transport).dec()
+        try:
+            await session.close()
+        except Exception:  # a failing close must not take the server down
+            log.exception("closing a %s session failed", transport)
+
+
+async def cancel_task(task: asyncio.Task[Any] | None) -> None:
+    if task is None or task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task

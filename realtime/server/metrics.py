@@ -1,0 +1,55 @@
+"""Prometheus metrics of one server (a registry per app, so test servers don't collide)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from realtime.frames import TurnMetrics
+
+LATENCY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.92, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
+
+
+@dataclass
+class ServerMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.sessions_active = Gauge(
+            "agent_sessions_active", "Sessions open now", ["transport"], registry=r
+        )
+        self.sessions_total = Counter(
+            "agent_sessions", "Sessions opened", ["transport"], registry=r
+        )
+        self.sessions_rejected = Counter(
+            "agent_sessions_rejected", "Sessions refused (max_sessions reached)", registry=r
+        )
+        self.turns = Counter("agent_turns", "Finished turns", ["transport"], registry=r)
+        self.interrupted = Counter(
+            "agent_turns_interrupted", "Turns cut by a barge-in", ["transport"], registry=r
+        )
+        self.first_packet = Histogram(
+            "agent_first_packet_seconds",
+            "First audio packet minus the end of the user's speech (target 0.92 s)",
+            ["transport"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.client_errors = Counter(
+            "agent_client_errors",
+            "Bad client input answered with an error",
+            ["transport", "code"],
+            registry=r,
+        )
+
+    def observe_turn(self, transport: str, frame: TurnMetrics) -> None:
+        self.turns.labels(transport).inc()
+        if frame.interrupted:
+            self.interrupted.labels(transport).inc()
+        if frame.first_packet_s is not None:
+            self.first_packet.labels(transport).observe(frame.first_packet_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

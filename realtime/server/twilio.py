@@ -1,0 +1,279 @@
+"""``/twilio``: Twilio Media Streams, so a call center points ``<Connect><Stream>`` at the agent.
+
+Inbound ``media`` is 8 kHz mu-law, 20 ms a message. The answer goes back as 20 ms mu-law
+``media`` messages as fast as it is synthesised (Twilio buffers and plays it), with a
+``mark`` at every piece boundary and at the end of the answer. Twilio echoes a mark when
+the audio before it has played, so the echoed marks say how much the caller really heard.
+When the caller speaks over audio that has not played yet, the handler sends ``clear``
+(Twilio drops its queue) and tells the session how much was heard (``truncate``).
+
+Bad messages get ``{"event": "error", "error": {"code", "message"}}`` back (Twilio logs and
+ignores events it does not know); a stream in another media format is refused and closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from realtime.frames import EndFrame, Interruption, OutputAudio, SpeechStarted, TurnMetrics
+from realtime.server.bridge import AgentSession, CapacityError, ServerContext, cancel_task
+from realtime.server.codecs import (
+    AudioDecodeError,
+    StreamResampler,
+    b64decode_strict,
+    ulaw_decode,
+    ulaw_encode,
+)
+
+log = logging.getLogger(__name__)
+TRANSPORT = "twilio"
+RATE = 8000
+FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law
+
+
+class TwilioError(ValueError):
+    def __init__(self, code: str, message: str, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+
+
+@dataclass
+class TwilioCall:
+    ctx: ServerContext
+    ws: web.WebSocketResponse
+    session: AgentSession
+    stream_sid: str | None = None
+    call_sid: str | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    answer: int = 0  # answers started so far; marks are named "<answer>:<ms>"
+    sent_ms: float = 0.0  # audio of the current answer sent to Twilio
+    played_ms: float = 0.0  # audio of the current answer Twilio says has played
+    outstanding: set[str] = field(default_factory=set)  # marks sent, not yet echoed
+    pending: bytearray = field(default_factory=bytearray)  # mu-law not yet a whole frame
+    resample: StreamResampler = field(default_factory=lambda: StreamResampler(RATE))
+    media_in: int = 0
+    dtmf: list[str] = field(default_factory=list)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        async with self.lock:
+            if not self.ws.closed:
+                await self.ws.send_str(json.dumps(message))
+
+    async def send_error(self, err: TwilioError) -> None:
+        self.ctx.metrics.client_errors.labels(TRANSPORT, err.code).inc()
+        log.info("twilio stream %s: %s", self.stream_sid, err.message)
+        await self.send(
+            {
+                "event": "error",
+                "streamSid": self.stream_sid,
+                "error": {"code": err.code, "message": err.message},
+            }
+        )
+
+    async def send_audio(self, ulaw: bytes) -> None:
+        self.pending.extend(ulaw)
+        while len(self.pending) >= FRAME_BYTES:
+            chunk = bytes(self.pending[:FRAME_BYTES])
+            del self.pending[:FRAME_BYTES]
+            await self._media(chunk)
+
+    async def _media(self, chunk: bytes) -> None:
+        self.sent_ms += 1000 * len(chunk) / RATE
+        payload = base64.b64encode(chunk).decode("ascii")
+        await self.send(
+            {"event": "media", "streamSid": self.stream_sid, "media": {"payload": payload}}
+        )
+
+    async def flush(self) -> None:
+        if self.pending:
+            chunk = bytes(self.pending) + b"\xff" * (FRAME_BYTES - len(self.pending))
+            self.pending.clear()
+            await self._media(chunk)
+
+    async def mark(self, label: str = "") -> None:
+        name = f"{self.answer}:{int(self.sent_ms)}{label}"
+        self.outstanding.add(name)
+        await self.send({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}})
+
+    def on_mark(self, name: str) -> None:
+        self.outstanding.discard(name)
+        answer, _, rest = name.partition(":")
+        ms = rest.split("-", 1)[0]
+        if answer == str(self.answer) and ms.isdigit():
+            self.played_ms = max(self.played_ms, float(ms))
+
+    async def barge_in(self) -> None:
+        """Drop what Twilio still has queued and tell the session what was heard."""
+        if not self.outstanding and not self.pending:
+            return
+        self.pending.clear()
+        self.outstanding.clear()
+        await self.send({"event": "clear", "streamSid": self.stream_sid})
+        with contextlib.suppress(Exception):
+            self.session.truncate(int(self.played_ms))
+
+    def new_answer(self) -> None:
+        self.answer += 1
+        self.sent_ms = self.played_ms = 0.0
+
+
+async def _pump(call: TwilioCall) -> None:
+    in_answer = False
+    async for frame in call.session.frames():
+        if isinstance(frame, OutputAudio):
+            if call.stream_sid is None:
+                continue
+            if not in_answer:
+                call.new_answer()
+                in_answer = True
+            elif frame.text:
+                await call.flush()
+                await call.mark()  # a piece boundary
+            await call.send_audio(ulaw_encode(call.resample(frame.pcm, frame.sample_rate)))
+        elif isinstance(frame, (SpeechStarted, Interruption)):
+            await call.barge_in()
+            in_answer = False
+        elif isinstance(frame, TurnMetrics):
+            call.ctx.metrics.observe_turn(TRANSPORT, frame)
+            if in_answer:
+                await call.flush()
+                await call.mark("-end")
+            in_answer = False
+        elif isinstance(frame, EndFrame):
+            break
+
+
+def _parse(data: str, limit: int) -> dict[str, Any]:
+    if len(data) > limit:
+        raise TwilioError("message_too_large", f"message of {len(data)} bytes exceeds {limit}")
+    try:
+        msg = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise TwilioError("invalid_json", f"message is not valid JSON: {exc}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
+        raise TwilioError("invalid_message", 'a message must be a JSON object with an "event"')
+    return msg
+
+
+async def _handle(call: TwilioCall, msg: dict[str, Any]) -> bool:
+    """One Twilio message; False once the stream has stopped."""
+    event = msg["event"]
+    if event == "connected":
+        return True
+    if event == "start":
+        start = msg.get("start")
+        if not isinstance(start, dict):
+            raise TwilioError("invalid_message", 'a "start" message needs a "start" object')
+        fmt = start.get("mediaFormat") or {}
+        encoding, rate = fmt.get("encoding", "audio/x-mulaw"), fmt.get("sampleRate", RATE)
+        if encoding != "audio/x-mulaw" or rate != RATE or fmt.get("channels", 1) != 1:
+            raise TwilioError(
+                "unsupported_media_format",
+                f"only audio/x-mulaw 8000 Hz mono is supported, got {encoding} {rate} Hz",
+                fatal=True,
+            )
+        call.stream_sid = msg.get("streamSid") or start.get("streamSid")
+        call.call_sid = start.get("callSid")
+        log.info("twilio stream %s started (call %s)", call.stream_sid, call.call_sid)
+        return True
+    if event == "media":
+        media = msg.get("media")
+        if call.stream_sid is None:
+            raise TwilioError("media_before_start", 'media arrived before the "start" message')
+        if not isinstance(media, dict) or not isinstance(media.get("payload"), str):
+            raise TwilioError("invalid_message", 'a "media" message needs media.payload')
+        if media.get("track", "inbound") not in ("inbound", "inbound_track"):
+            return True
+        try:
+            pcm = ulaw_decode(b64decode_strict(media["payload"]))
+        except AudioDecodeError as exc:
+            raise TwilioError("invalid_audio", str(exc)) from None
+        call.media_in += 1
+        if pcm.size:
+            try:
+                await call.session.push_audio(pcm, RATE)
+            except ValueError as exc:
+                raise TwilioError("invalid_audio", str(exc)) from None
+        return True
+    if event == "mark":
+        mark = msg.get("mark")
+        if isinstance(mark, dict) and isinstance(mark.get("name"), str):
+            call.on_mark(mark["name"])
+        return True
+    if event == "dtmf":
+        digit = (msg.get("dtmf") or {}).get("digit")
+        if isinstance(digit, str):
+            call.dtmf.append(digit)
+            log.info("twilio stream %s: DTMF %s", call.stream_sid, digit)
+        return True
+    if event == "stop":
+        return False
+    raise TwilioError("unknown_event", f"unknown event {event!r}")
+
+
+def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    limit = ctx.config.max_message_bytes
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=limit * 4, heartbeat=30)
+        await ws.prepare(request)
+        try:
+            session = await ctx.open_session(TRANSPORT, pace_output=False, output_sample_rate=RATE)
+        except CapacityError as exc:
+            await ws.send_str(
+                json.dumps(
+                    {"event": "error", "error": {"code": "server_full", "message": str(exc)}}
+                )
+            )
+            await ws.close(code=1013, message=b"server full")
+            return ws
+        call = TwilioCall(ctx=ctx, ws=ws, session=session)
+        pump = asyncio.ensure_future(_pump(call))
+        try:
+            await _read_loop(call)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            await cancel_task(pump)
+            await ctx.close_session(TRANSPORT, session)
+            with contextlib.suppress(Exception):
+                await ws.close()
+        return ws
+
+    async def _read_loop(call: TwilioCall) -> None:
+        ws = call.ws
+        while not ws.closed:
+            try:
+                msg = await ws.receive(timeout=ctx.config.idle_timeout_s)
+            except asyncio.TimeoutError:
+                return
+            if msg.type == WSMsgType.TEXT:
+                try:
+                    if not await _handle(call, _parse(msg.data, limit)):
+                        with contextlib.suppress(Exception):
+                            await call.session.end()
+                        return
+                except TwilioError as err:
+                    await call.send_error(err)
+                    if err.fatal:
+                        await ws.close(code=1003, message=err.message.encode()[:120])
+                        return
+            elif msg.type == WSMsgType.BINARY:
+                await call.send_error(
+                    TwilioError("invalid_message", "binary messages not expected")
+                )
+            else:
+                return
+
+    return handler

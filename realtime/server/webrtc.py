@@ -1,0 +1,301 @@
+"""WebRTC for the browser page: ``POST /offer`` signalling, Opus audio both ways through
+aiortc, and the session's events as JSON on a data channel.
+
+One ``PeerState`` per browser. The inbound track reader feeds the session; the session's
+``OutputAudio`` (paced in real time by the session) goes into ``SessionAudioTrack``, which
+aiortc pulls every 20 ms; a barge-in empties it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import AudioFrame
+
+from realtime.frames import (
+    EndFrame,
+    Interruption,
+    OutputAudio,
+    TurnMetrics,
+    frame_to_event,
+)
+from realtime.server.bridge import AgentSession, CapacityError, ServerContext, cancel_task
+from realtime.server.codecs import StreamResampler
+
+log = logging.getLogger(__name__)
+
+RTC_RATE = 48000
+FRAME_MS = 20
+CONNECT_TIMEOUT_S = 30.0
+
+
+class SessionAudioTrack(MediaStreamTrack):
+    """Outgoing audio: 20 ms int16 mono frames at 48 kHz, paced by sample count.
+
+    ``pts`` counts samples (``time_base`` 1/48000); ``recv`` sleeps until the wall time of
+    the next frame, so aiortc sends in real time. Silence fills the gaps between answers.
+    """
+
+    kind = "audio"
+
+    def __init__(self, sample_rate: int = RTC_RATE, frame_ms: int = FRAME_MS) -> None:
+        super().__init__()
+        self.sample_rate = sample_rate
+        self.samples_per_frame = sample_rate * frame_ms // 1000
+        self._time_base = fractions.Fraction(1, sample_rate)
+        self._buffer = bytearray()
+        self._pts = 0
+        self._start: float | None = None
+        self.samples_sent = 0  # audio (not silence) samples handed to aiortc
+
+    def feed(self, pcm: np.ndarray) -> None:
+        self._buffer.extend(np.asarray(pcm, dtype="<i2").tobytes())
+
+    def clear(self) -> None:
+        self._buffer.clear()
+
+    @property
+    def buffered_s(self) -> float:
+        return len(self._buffer) / 2 / self.sample_rate
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        else:
+            wait = self._start + self._pts / self.sample_rate - now
+            if wait > 0:
+                await asyncio.sleep(wait)
+        n = self.samples_per_frame
+        take = min(len(self._buffer), 2 * n)
+        data = bytes(self._buffer[:take])
+        del self._buffer[:take]
+        self.samples_sent += take // 2
+        frame = AudioFrame(format="s16", layout="mono", samples=n)
+        frame.planes[0].update(data + bytes(2 * n - take))
+        frame.pts = self._pts
+        frame.sample_rate = self.sample_rate
+        frame.time_base = self._time_base
+        self._pts += n
+        return frame
+
+
+def frame_to_array(frame: AudioFrame) -> np.ndarray:
+    """A decoded aiortc frame -> (n,) or (n, channels) samples."""
+    pcm = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    if frame.format.is_planar:
+        pcm = pcm.T
+    else:
+        pcm = pcm.reshape(-1, channels)
+    return pcm[:, 0] if channels == 1 else pcm
+
+
+@dataclass
+class PeerState:
+    ctx: ServerContext
+    pc: RTCPeerConnection
+    out_track: SessionAudioTrack = field(default_factory=SessionAudioTrack)
+    session: AgentSession | None = None
+    inbound: MediaStreamTrack | None = None
+    channel: RTCDataChannel | None = None
+    pending: list[str] = field(default_factory=list)
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    closed: bool = False
+
+    def send_event(self, event: dict[str, Any]) -> None:
+        text = json.dumps(event)
+        ch = self.channel
+        if ch is not None and ch.readyState == "open":
+            ch.send(text)
+        elif len(self.pending) < 256:
+            self.pending.append(text)
+
+    def flush_pending(self) -> None:
+        ch = self.channel
+        if ch is None or ch.readyState != "open":
+            return
+        for text in self.pending:
+            ch.send(text)
+        self.pending.clear()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.ctx.closers.discard(self.close)
+        for task in self.tasks:
+            if task is not asyncio.current_task():
+                await cancel_task(task)
+        self.out_track.stop()
+        if self.session is not None:
+            await self.ctx.close_session("webrtc", self.session)
+        with contextlib.suppress(Exception):
+            await self.pc.close()
+
+
+async def _read_inbound(state: PeerState, track: MediaStreamTrack, session: AgentSession) -> None:
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            break
+        try:
+            await session.push_audio(frame_to_array(frame), frame.sample_rate)
+        except ValueError as exc:
+            state.send_event({"event": "error", "code": "bad_audio", "message": str(exc)})
+    with contextlib.suppress(Exception):
+        await session.end()
+
+
+async def _pump_frames(state: PeerState, session: AgentSession) -> None:
+    resample = StreamResampler(state.out_track.sample_rate)
+    async for frame in session.frames():
+        if isinstance(frame, OutputAudio):
+            state.out_track.feed(resample(frame.pcm, frame.sample_rate))
+            continue
+        if isinstance(frame, Interruption):
+            state.out_track.clear()
+        elif isinstance(frame, TurnMetrics):
+            state.ctx.metrics.observe_turn("webrtc", frame)
+        event = frame_to_event(frame)
+        if event is not None:
+            state.send_event(event)
+        if isinstance(frame, EndFrame):
+            break
+
+
+async def _on_message(state: PeerState, message: object) -> None:
+    """Commands from the page: ``{"type": "cancel"}`` or ``{"type": "text", "text": ...}``."""
+    session = state.session
+    try:
+        if not isinstance(message, str):
+            raise ValueError("data channel messages must be JSON text")
+        if len(message) > state.ctx.config.max_message_bytes:
+            raise ValueError("message too large")
+        cmd = json.loads(message)
+        if not isinstance(cmd, dict):
+            raise ValueError("a command must be a JSON object")
+        kind = cmd.get("type")
+        if session is None:
+            raise ValueError("no session yet")
+        if kind == "cancel":
+            await session.cancel()
+        elif kind == "text" and isinstance(cmd.get("text"), str) and cmd["text"].strip():
+            await session.respond(cmd["text"])
+        else:
+            raise ValueError(f"unknown command {kind!r} (expected 'cancel' or 'text')")
+    except (ValueError, json.JSONDecodeError) as exc:
+        state.send_event({"event": "error", "code": "bad_command", "message": str(exc)})
+
+
+def _bad_request(message: str, status: int = 400) -> web.Response:
+    return web.json_response({"error": {"code": status, "message": message}}, status=status)
+
+
+async def _parse_offer(request: web.Request, limit: int) -> RTCSessionDescription:
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    body = await request.read()
+    if len(body) > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+    try:
+        offer = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError('the body must be JSON: {"sdp": "...", "type": "offer"}') from None
+    if not isinstance(offer, dict) or not isinstance(offer.get("sdp"), str):
+        raise ValueError('the body must be a JSON object {"sdp": "...", "type": "offer"}')
+    if offer.get("type") != "offer":
+        raise ValueError(f'"type" must be "offer", got {offer.get("type")!r}')
+    sdp: str = offer["sdp"]
+    if not sdp.lstrip().startswith("v=0"):
+        raise ValueError("the sdp is not a session description (it must start with v=0)")
+    if "m=audio" not in sdp:
+        raise ValueError("the offer has no audio section (m=audio): add a microphone track")
+    return RTCSessionDescription(sdp=sdp, type="offer")
+
+
+def make_offer_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def offer(request: web.Request) -> web.Response:
+        try:
+            description = await _parse_offer(request, ctx.config.max_message_bytes)
+        except web.HTTPRequestEntityTooLarge:
+            ctx.metrics.client_errors.labels("webrtc", "too_large").inc()
+            return _bad_request(
+                f"the offer is larger than max_message_bytes ({ctx.config.max_message_bytes})", 413
+            )
+        except ValueError as exc:
+            ctx.metrics.client_errors.labels("webrtc", "bad_offer").inc()
+            return _bad_request(str(exc))
+
+        state = PeerState(ctx=ctx, pc=RTCPeerConnection())
+        pc = state.pc
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio" and state.inbound is None:
+                state.inbound = track
+
+        @pc.on("datachannel")
+        def on_datachannel(channel: RTCDataChannel) -> None:
+            state.channel = channel
+            channel.on("open", state.flush_pending)
+            state.flush_pending()
+
+            @channel.on("message")
+            def on_message(message: object) -> None:
+                state.tasks.append(asyncio.ensure_future(_on_message(state, message)))
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                await state.close()
+
+        try:
+            await pc.setRemoteDescription(description)
+            if state.inbound is None:
+                raise ValueError("the offer carries no audio track the server can receive")
+            pc.addTrack(state.out_track)
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as exc:  # aiortc raises many kinds on a malformed SDP
+            await state.close()
+            ctx.metrics.client_errors.labels("webrtc", "bad_sdp").inc()
+            return _bad_request(f"invalid SDP offer: {exc or type(exc).__name__}")
+
+        try:
+            state.session = await ctx.open_session("webrtc", pace_output=True)
+        except CapacityError as exc:
+            await state.close()
+            return _bad_request(str(exc), 503)
+        ctx.closers.add(state.close)
+        state.tasks.append(asyncio.ensure_future(_pump_frames(state, state.session)))
+        state.tasks.append(
+            asyncio.ensure_future(_read_inbound(state, state.inbound, state.session))
+        )
+        state.tasks.append(asyncio.ensure_future(_watchdog(state)))
+        local = pc.localDescription
+        return web.json_response({"sdp": local.sdp, "type": local.type})
+
+    return offer
+
+
+async def _watchdog(state: PeerState) -> None:
+    """Close a peer that never connects (a client that posted an offer and left)."""
+    await asyncio.sleep(CONNECT_TIMEOUT_S)
+    if state.pc.connectionState != "connected":
+        log.info("WebRTC peer did not connect within %.0f s; closing", CONNECT_TIMEOUT_S)
+        await state.close()
