@@ -98,11 +98,12 @@ class Qwen2Config:
 
 
 class KVCache:
-    """Static cache: per layer ``k``/``v`` of shape ``[max_batch, max_len, kv_heads, head_dim]``.
+    """Static cache: per layer ``k``/``v`` of shape ``[max_batch + 1, max_len, kv_heads, head_dim]``.
 
-    Slots are handed out to sessions with :meth:`allocate` and returned with :meth:`free`;
-    ``lengths[slot]`` is host-side bookkeeping of how many positions of a slot are valid
-    (the model itself only trusts the positions it is given).
+    Slots ``0..max_batch-1`` are handed out to sessions with :meth:`allocate` and returned with
+    :meth:`free`; the extra row ``scratch_slot`` is never handed out (padding rows of a batched
+    step and graph capture write there). ``lengths[slot]`` is host-side bookkeeping of how many
+    positions of a slot are valid; the model itself only trusts the positions it is given.
     """
 
     def __init__(
@@ -113,16 +114,14 @@ class KVCache:
         device: torch.device | str,
         dtype: torch.dtype,
     ) -> None:
-        shape = (max_batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = [
-            torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)
-        ]
-        self.v = [
-            torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)
-        ]
+        shape = (max_batch + 1, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        layers = range(cfg.num_hidden_layers)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
         self.max_batch = max_batch
         self.max_len = max_len
-        self.lengths = [0] * max_batch
+        self.scratch_slot = max_batch
+        self.lengths = [0] * (max_batch + 1)
         self._free = list(range(max_batch))
 
     @property
@@ -143,11 +142,18 @@ class KVCache:
 
     def free(self, slots: list[int]) -> None:
         for s in slots:
-            if s in self._free:
+            if s in self._free or s == self.scratch_slot:
                 continue
             self.lengths[s] = 0
             self._free.append(s)
         self._free.sort()
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Fork: positions ``0..n-1`` of slot ``src`` into slot ``dst`` (device copies only)."""
+        for kc, vc in zip(self.k, self.v, strict=True):
+            kc[dst, :n].copy_(kc[src, :n])
+            vc[dst, :n].copy_(vc[src, :n])
+        self.lengths[dst] = n
 
 
 class RMSNorm(nn.Module):
@@ -214,32 +220,46 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
         q = apply_rope(q, ctx.cos, ctx.sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
-        kc, vc = cache.k[self.layer], cache.v[self.layer]
-        if ctx.use_flash:
-            assert flash_attn_with_kvcache is not None
-            out = flash_attn_with_kvcache(
-                q,
-                kc,
-                vc,
-                k=k,
-                v=v,
-                cache_seqlens=ctx.positions[:, 0].to(torch.int32),
-                cache_batch_idx=ctx.slots.to(torch.int32),
-                causal=True,
-            )
-            return self.o_proj(out.reshape(b, t, -1))
-        rows = ctx.slots[:, None].expand(b, t)
-        kc.index_put_((rows, ctx.positions), k)
-        vc.index_put_((rows, ctx.positions), v)
-        keys = kc[:, : ctx.attn_len].index_select(0, ctx.slots).transpose(1, 2)  # [B, Hkv, L, D]
-        vals = vc[:, : ctx.attn_len].index_select(0, ctx.slots).transpose(1, 2)
-        g = self.n_heads // self.n_kv
-        # head h uses kv head h // g: fold the group into the query length
-        qg = q.view(b, t, self.n_kv, g, self.head_dim).permute(0, 2, 3, 1, 4)
-        qg = qg.reshape(b, self.n_kv, g * t, self.head_dim)
-        out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=ctx.mask)
-        out = out.view(b, self.n_kv, g, t, self.head_dim).permute(0, 3, 1, 2, 4)
-        return self.o_proj(out.reshape(b, t, -1))
+        out = attend_cache(q, k, v, cache.k[self.layer], cache.v[self.layer], ctx)
+        return self.o_proj(out)
+
+
+def attend_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kc: torch.Tensor,
+    vc: torch.Tensor,
+    ctx: AttnContext,
+) -> torch.Tensor:
+    """Write ``k``/``v`` ``[B, T, Hkv, D]`` into one layer's cache, attend ``q`` ``[B, T, Hq, D]``
+    to it; returns ``[B, T, Hq * D]``."""
+    b, t, n_heads, head_dim = q.shape
+    n_kv = k.shape[2]
+    if ctx.use_flash:
+        assert flash_attn_with_kvcache is not None
+        out = flash_attn_with_kvcache(
+            q,
+            kc,
+            vc,
+            k=k,
+            v=v,
+            cache_seqlens=ctx.positions[:, 0].to(torch.int32),
+            cache_batch_idx=ctx.slots.to(torch.int32),
+            causal=True,
+        )
+        return out.reshape(b, t, n_heads * head_dim)
+    rows = ctx.slots[:, None].expand(b, t)
+    kc.index_put_((rows, ctx.positions), k)
+    vc.index_put_((rows, ctx.positions), v)
+    keys = kc[:, : ctx.attn_len].index_select(0, ctx.slots).transpose(1, 2)  # [B, Hkv, L, D]
+    vals = vc[:, : ctx.attn_len].index_select(0, ctx.slots).transpose(1, 2)
+    g = n_heads // n_kv
+    # head h uses kv head h // g: fold the group into the query length, never repeat the cache
+    qg = q.view(b, t, n_kv, g, head_dim).permute(0, 2, 3, 1, 4).reshape(b, n_kv, g * t, head_dim)
+    out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=ctx.mask)
+    out = out.view(b, n_kv, g, t, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(b, t, n_heads * head_dim)
 
 
 class MLP(nn.Module):
