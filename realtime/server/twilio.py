@@ -115,13 +115,14 @@ class TwilioCall:
 
     async def barge_in(self) -> None:
         """Drop what Twilio still has queued and tell the session what was heard."""
-        if not self.outstanding and not self.pending:
-            return
+        if self.sent_ms <= self.played_ms and not self.pending:
+            return  # everything sent has played: nothing to cut
         self.pending.clear()
         self.outstanding.clear()
+        heard, self.played_ms = self.played_ms, self.sent_ms
         await self.send({"event": "clear", "streamSid": self.stream_sid})
         with contextlib.suppress(Exception):
-            self.session.truncate(int(self.played_ms))
+            self.session.truncate(int(heard))
 
     def new_answer(self) -> None:
         self.answer += 1
