@@ -42,6 +42,7 @@ from realtime.server.realtime_protocol import ClientError
 log = logging.getLogger(__name__)
 TRANSPORT = "realtime"
 MIN_COMMIT_MS = 100
+TRANSCRIPT_WAIT_S = 30.0
 
 
 @dataclass
@@ -60,7 +61,7 @@ class ResponseState:
 class UserTurn:
     item_id: str = field(default_factory=lambda: rp.new_id("item"))
     committed: bool = False
-    transcribed: bool = False
+    transcribed: asyncio.Event = field(default_factory=asyncio.Event)
     audio_ms: float = 0.0
 
 
@@ -213,9 +214,9 @@ class RealtimeConnection:
     async def on_transcript(self, text: str) -> None:
         turn = self.awaiting_transcript
         self.last_transcript = text
-        if turn is None or turn.transcribed:
+        if turn is None or turn.transcribed.is_set():
             return
-        turn.transcribed = True
+        turn.transcribed.set()
         await self.send(
             "conversation.item.input_audio_transcription.completed",
             item_id=turn.item_id,
@@ -292,6 +293,8 @@ async def _pump(conn: RealtimeConnection) -> None:
         elif isinstance(frame, ErrorFrame):
             err = ClientError(frame.message, code=frame.code, kind="server_error")
             await conn.send_error(err)
+            if conn.awaiting_transcript is not None:  # e.g. no_speech: no transcript will come
+                conn.awaiting_transcript.transcribed.set()
             if frame.fatal:
                 await conn.finish_response("failed", "error")
         elif isinstance(frame, EndFrame):
@@ -399,6 +402,11 @@ async def _handle_event(
                 "a response is already in progress; cancel it or wait for response.done",
                 code="conversation_already_has_active_response",
             )
+        turn = conn.awaiting_transcript
+        if turn is not None and not conn.pending_user_text:
+            # the committed audio is still being transcribed: answer it once it is
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(turn.transcribed.wait(), TRANSCRIPT_WAIT_S)
         conn.drop_output = False
         conn.response = rp_response = ResponseState(input_text=" ".join(conn.pending_user_text))
         await conn.send("response.created", response=conn._response_json("in_progress"))
@@ -496,7 +504,8 @@ def _defaults(ctx: ServerContext, model: str) -> tuple[rp.Settings, set[str], VA
     voice = cfg.tts.voice if cfg is not None else "default"
     instructions = cfg.engine.system_prompt if cfg is not None else ""
     voices = {voice}
-    lister = getattr(ctx.runtime, "voices", None)
+    tts = getattr(ctx.runtime, "tts", None)
+    lister = getattr(tts, "voices", None) or getattr(ctx.runtime, "voices", None)
     if callable(lister):
         with contextlib.suppress(Exception):
             voices |= set(lister())
