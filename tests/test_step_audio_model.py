@@ -233,3 +233,13 @@ def test_tiny_checkpoint_files(tiny: LoadedStepAudio) -> None:
     assert len(tiny.files.shards) == 3 and tiny.files.index is not None
     assert (root / "tokenizer_config.json").is_file()
     assert tiny.special.audio_patch == 151690 and tiny.special.eot == 151665
+
+
+def test_step_audio_configs_load() -> None:
+    from realtime.config import load_config
+
+    real = load_config("step-audio-r1")
+    assert real.engine.backend == "step-audio" and real.engine.model == ""
+    assert load_config("step-audio-r1", {"engine.model": "/ckpt"}).engine.model == "/ckpt"
+    rnd = load_config("step-audio-r1-random")
+    assert rnd.engine.backend == "step-audio-random"
