@@ -58,7 +58,16 @@ class TTSHead(Protocol):
     sample_rate: int
     accepts: Literal["text", "speech_tokens"]
 
-    def open_stream(self, voice: str | None = None, speaking_rate: float | None = None) -> TTSStream: ...
+    def open_stream(
+        self,
+        voice: str | None = None,
+        speaking_rate: float | None = None,
+        output_rate: int | None = None,
+    ) -> TTSStream:
+        """A stream for one answer. ``voice``/``speaking_rate``: None = the configured ones
+        (``session.update``'s ``voice`` goes here; an unknown voice raises ValueError).
+        ``output_rate``: the transport's sample rate (None = the head's ``sample_rate``)."""
+        ...
 
     def voices(self) -> list[str]: ...
 

@@ -1,0 +1,97 @@
+"""Real Piper synthesis with the bundled joe voice (loaded once for the module)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from realtime.config import TTSConfig
+from tts import load_tts
+from tts.base import TTSHead
+from tts.piper_backend import PiperHead, UnknownVoiceError, installed_voices, resolve_voice
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def head() -> PiperHead:
+    h = load_tts(TTSConfig(voice="joe"))
+    assert isinstance(h, PiperHead)
+    h.warmup()
+    return h
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x.astype(np.float64)))))
+
+
+def test_head_matches_the_protocol(head: PiperHead) -> None:
+    assert isinstance(head, TTSHead)
+    assert head.accepts == "text"
+    assert head.sample_rate == 22050
+    assert "joe" in head.voices()
+
+
+def test_short_sentence_is_speech_of_plausible_length(head: PiperHead) -> None:
+    audio = head.synthesize("Hello, this is a short test sentence.")
+    seconds = audio.size / 22050
+    assert 1.2 < seconds < 4.0  # about 2.3 s at the voice's own speed
+    assert rms(audio) > 0.03
+    assert np.max(np.abs(audio)) <= 1.0
+    # speech has pauses: the loudness changes along the sentence
+    frames = audio[: audio.size // 441 * 441].reshape(-1, 441)
+    levels = np.sqrt(np.mean(frames**2, axis=1))
+    assert levels.max() > 10 * np.percentile(levels, 5)
+
+
+def test_speaking_rate_changes_length(head: PiperHead) -> None:
+    text = "The quick brown fox jumps over the lazy dog."
+    slow = np.mean([head.synthesize(text, speaking_rate=0.8).size for _ in range(2)])
+    fast = np.mean([head.synthesize(text, speaking_rate=1.6).size for _ in range(2)])
+    assert fast < 0.7 * slow
+
+
+def test_voices_resolve_by_name_and_path(head: PiperHead) -> None:
+    joe = installed_voices()["joe"]
+    assert resolve_voice("joe") == joe
+    assert resolve_voice(str(joe.model)).model == joe.model
+    with pytest.raises(UnknownVoiceError):
+        head.open_stream(voice="alloy")
+    with pytest.raises(UnknownVoiceError):
+        resolve_voice("/nonexistent/voice.onnx")
+
+
+async def test_stream_first_chunk_before_finish_and_all_audio(head: PiperHead) -> None:
+    stream = head.open_stream(voice="joe", output_rate=24000)
+    stream.push_text("Sure,")
+    stream.push_text(" the capital")
+    it = stream.chunks().__aiter__()
+    first = await asyncio.wait_for(it.__anext__(), 5.0)
+    assert first.text == "Sure," and first.sample_rate == 24000 and first.pcm.size == 480
+    stream.push_text(" of France is Paris.")
+    stream.finish()
+    rest = [c async for c in it]
+    pcm = np.concatenate([first.pcm, *[c.pcm for c in rest]])
+    assert 1.2 < pcm.size / 24000 < 5.0
+    assert rms(pcm) > 1000
+    assert [c.text for c in rest if c.text] == [" the capital of France is Paris."]
+
+
+async def test_cancel_mid_stream_stops_within_a_frame(head: PiperHead) -> None:
+    stream = head.open_stream()
+    stream.push_text("First, a clause. Then a much longer sentence that keeps on going for a while.")
+    stream.finish()
+    it = stream.chunks().__aiter__()
+    got = 0
+    for _ in range(25):  # half a second of audio
+        chunk = await it.__anext__()
+        assert chunk.pcm.size <= 441  # 20 ms at 22050 Hz
+        got += chunk.pcm.size
+    report = stream.cancel()
+    with pytest.raises(StopAsyncIteration):
+        await it.__anext__()
+    assert report.audio_s == pytest.approx(got / 22050)
+    assert report.text_emitted.startswith("First,")
+    assert "while" not in report.text_emitted

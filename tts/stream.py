@@ -1,0 +1,299 @@
+"""A text-to-speech stream that any piece synthesiser can drive (Piper, espeak-ng).
+
+Text deltas go into a thread-safe inbox. A worker thread (one per stream) segments them,
+normalises each piece, synthesises it, trims silence, resamples it and hands the piece's
+audio to the event loop through an asyncio queue. ``chunks()`` slices each piece into
+``chunk_ms`` chunks as it yields them, so that ``cancel()`` stops between two chunks and knows
+exactly how much audio left the stream.
+
+Synthesis never runs on the event loop, and the next piece is synthesised while the
+consumer plays the previous one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tts.base import AudioChunk, CancelReport
+from tts.normalize import normalize
+from tts.resample import float_to_int16, resample
+from tts.segmenter import CLAUSE_END, SENTENCE_END, Segmenter, SegmenterConfig
+
+log = logging.getLogger(__name__)
+
+# A synthesiser turns one normalised piece into float32 mono audio at its sample rate.
+SynthFn = Callable[[str], np.ndarray]
+
+_FINISH = object()
+_END = object()
+_SILENCE = 0.01  # absolute level below which an edge sample counts as silence
+_KEEP_LEAD_S = 0.015
+_KEEP_TAIL_S = {"sentence": 0.25, "clause": 0.15, "word": 0.05}
+_IDLE_TIMEOUT_S = 600.0  # a stream nobody finishes or cancels ends on its own
+
+
+@dataclass
+class StreamStats:
+    """What a stream did, for metrics and the benchmark (wall times: time.monotonic())."""
+
+    pieces: list[str] = field(default_factory=list)
+    synth_s: float = 0.0  # worker time spent synthesising (all pieces)
+    audio_s: float = 0.0  # seconds of audio synthesised (all pieces)
+    wall_first_text: float | None = None
+    wall_first_piece: float | None = None  # the segmenter released the first piece
+    wall_first_audio: float | None = None  # the first piece's audio was ready
+    piece_ready: list[float] = field(default_factory=list)  # wall time each piece was ready
+
+    @property
+    def real_time_factor(self) -> float:
+        return self.synth_s / self.audio_s if self.audio_s else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    index: int
+    text: str  # the original text (what the history records)
+    pcm: np.ndarray  # int16 at the stream's output rate (may be empty)
+
+
+def trim_silence(audio: np.ndarray, rate: int, piece: str) -> np.ndarray:
+    """Cut leading silence to 15 ms and trailing silence to a pause that fits the piece end."""
+    loud = np.flatnonzero(np.abs(audio) > _SILENCE)
+    if loud.size == 0:
+        return audio[:0]
+    end = piece.rstrip().rstrip("\"')]}’”*_»")
+    kind = "sentence" if end[-1:] in SENTENCE_END else "clause" if end[-1:] in CLAUSE_END else "word"
+    start = max(0, int(loud[0]) - int(_KEEP_LEAD_S * rate))
+    stop = min(audio.size, int(loud[-1]) + 1 + int(_KEEP_TAIL_S[kind] * rate))
+    return audio[start:stop]
+
+
+class TextStream:
+    """One answer's audio. Implements ``tts.base.TTSStream`` for text heads."""
+
+    def __init__(
+        self,
+        synth: SynthFn,
+        synth_rate: int,
+        *,
+        output_rate: int | None = None,
+        segmenter: SegmenterConfig | None = None,
+        chunk_ms: int = 20,
+        normalizer: Callable[[str], str] = normalize,
+        name: str = "tts",
+    ) -> None:
+        if chunk_ms <= 0:
+            raise ValueError("chunk_ms must be positive")
+        self.synth_rate = synth_rate
+        self.sample_rate = output_rate or synth_rate
+        self.chunk_samples = max(1, self.sample_rate * chunk_ms // 1000)
+        self.stats = StreamStats()
+        self._synth = synth
+        self._normalize = normalizer
+        self._segmenter = Segmenter(segmenter)
+        self._inbox: queue.Queue[object] = queue.Queue()
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._finished = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[object] | None = None
+        self._pending: list[object] = []  # delivered before chunks() attached to a loop
+        self._iterating = False
+        # What left the stream: whole pieces, then the piece being yielded.
+        self._text_done: list[str] = []
+        self._samples_out = 0
+        self._current: _Piece | None = None
+        self._current_out = 0
+        self._worker = threading.Thread(target=self._run, name=f"{name}-stream", daemon=True)
+        self._worker.start()
+
+    # -- input (any thread) -------------------------------------------------------------------
+
+    def push_text(self, delta: str) -> None:
+        if self._finished or self._cancelled or not delta:
+            return
+        if self.stats.wall_first_text is None:
+            self.stats.wall_first_text = time.monotonic()
+        self._inbox.put(delta)
+
+    def push_tokens(self, token_ids: list[int]) -> None:
+        raise NotImplementedError("this head speaks text; speech tokens need a token head")
+
+    def finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._inbox.put(_FINISH)
+
+    # -- output (event loop) ------------------------------------------------------------------
+
+    async def chunks(self) -> AsyncIterator[AudioChunk]:
+        q = self._attach(asyncio.get_running_loop())
+        while True:
+            item = await q.get()
+            if item is _END or self._cancelled:
+                return
+            assert isinstance(item, _Piece)
+            pcm = item.pcm
+            if pcm.size == 0:
+                with self._lock:
+                    if self._cancelled:
+                        return
+                    self._text_done.append(item.text)
+                continue
+            for offset in range(0, pcm.size, self.chunk_samples):
+                part = pcm[offset : offset + self.chunk_samples]
+                with self._lock:
+                    if self._cancelled:
+                        return
+                    self._current = item
+                    self._current_out = offset + part.size
+                    self._samples_out += part.size
+                    if self._current_out == pcm.size:
+                        self._text_done.append(item.text)
+                        self._current = None
+                yield AudioChunk(
+                    pcm=part,
+                    sample_rate=self.sample_rate,
+                    text=item.text if offset == 0 else "",
+                    piece_index=item.index,
+                )
+
+    def cancel(self) -> CancelReport:
+        with self._lock:
+            first = not self._cancelled
+            self._cancelled = True
+            text = "".join(self._text_done)
+            if self._current is not None and self._current.pcm.size:
+                text += _spoken_share(self._current.text, self._current_out / self._current.pcm.size)
+            report = CancelReport(text_emitted=text, audio_s=self._samples_out / self.sample_rate)
+            loop, q = self._loop, self._queue
+        if first:
+            self._inbox.put(_FINISH)  # wake the worker so it ends
+            if loop is not None and q is not None:
+                _call_in_loop(loop, q.put_nowait, _END)  # wake chunks() so it ends
+        return report
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def spoken_text(self) -> str:
+        """The text whose audio has left the stream so far (all of it after the last chunk)."""
+        with self._lock:
+            text = "".join(self._text_done)
+            if self._current is not None and self._current.pcm.size:
+                text += _spoken_share(self._current.text, self._current_out / self._current.pcm.size)
+            return text
+
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> asyncio.Queue[object]:
+        with self._lock:
+            if self._iterating:
+                raise RuntimeError("chunks() can be iterated only once per stream")
+            self._iterating = True
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            for item in self._pending:
+                self._queue.put_nowait(item)
+            self._pending.clear()
+            if self._cancelled:
+                self._queue.put_nowait(_END)
+            return self._queue
+
+    def _deliver(self, item: object) -> None:
+        with self._lock:
+            if self._loop is None or self._queue is None:
+                self._pending.append(item)
+                return
+            loop, q = self._loop, self._queue
+        _call_in_loop(loop, q.put_nowait, item)
+
+    # -- worker thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._work()
+        except Exception:
+            log.exception("TTS stream worker failed")
+        finally:
+            self._deliver(_END)
+
+    def _work(self) -> None:
+        while not self._cancelled:
+            try:
+                item = self._inbox.get(timeout=_IDLE_TIMEOUT_S)
+            except queue.Empty:
+                log.warning("TTS stream neither finished nor cancelled for %.0f s", _IDLE_TIMEOUT_S)
+                item = _FINISH
+            text, done = [], False
+            while True:  # take everything queued: pieces do not depend on how text was split
+                if item is _FINISH:
+                    done = True
+                else:
+                    text.append(str(item))
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+            pieces = self._segmenter.push("".join(text)) if text else []
+            if done:
+                pieces += self._segmenter.flush()
+            for piece in pieces:
+                if self._cancelled:
+                    return
+                self._speak(piece)
+            if done:
+                return
+
+    def _speak(self, piece: str) -> None:
+        stats = self.stats
+        now = time.monotonic()
+        if stats.wall_first_piece is None:
+            stats.wall_first_piece = now
+        index = len(stats.pieces)
+        stats.pieces.append(piece)
+        spoken = self._normalize(piece)
+        pcm = np.zeros(0, np.int16)
+        if any(c.isalnum() for c in spoken):
+            audio = self._synth(spoken)
+            audio = trim_silence(audio, self.synth_rate, piece)
+            stats.audio_s += audio.size / self.synth_rate
+            audio = resample(audio, self.synth_rate, self.sample_rate)
+            pcm = float_to_int16(audio)
+            stats.synth_s += time.monotonic() - now
+        ready = time.monotonic()
+        stats.piece_ready.append(ready)
+        if stats.wall_first_audio is None and pcm.size:
+            stats.wall_first_audio = ready
+        if not self._cancelled:
+            self._deliver(_Piece(index=index, text=piece, pcm=pcm))
+
+
+def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[object], None], arg: object) -> None:
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        fn(arg)
+    elif not loop.is_closed():
+        loop.call_soon_threadsafe(fn, arg)
+
+
+def _spoken_share(text: str, fraction: float) -> str:
+    """The words of ``text`` that ``fraction`` of its audio has spoken (whole words only)."""
+    if fraction >= 1.0:
+        return text
+    cut = int(len(text) * fraction)
+    if cut < len(text) and not text[cut].isspace():
+        cut = text.rfind(" ", 0, cut)
+        if cut <= 0:
+            return ""
+    return text[:cut].rstrip()
