@@ -50,12 +50,22 @@ class SpeechStopped(Frame):
     t_decided: float  # stream time at which the silence wait ran out
     wall_end: float  # wall time when the last voiced sample arrived
     wall_decided: float  # wall time when the endpointer decided
+    noise: bool = False  # too short to be speech: nothing to answer
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechPaused(Frame):
+    """A short silence inside a turn (not yet the endpoint), or the speech that ended it."""
+
+    t: float  # stream time of the end of the last voiced frame
+    resumed: bool = False  # True: the user went on speaking after the pause
 
 
 @dataclass(frozen=True, slots=True)
 class Transcript(Frame):
     text: str
     final: bool
+    candidate: bool = False  # the whole turn's text if the user stops now (decoded at a pause)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +76,7 @@ class ThinkingText(Frame):
 @dataclass(frozen=True, slots=True)
 class AnswerText(Frame):
     text: str  # a delta of the answer
+    end: bool = False  # the answer is complete (after the TTS stage: its audio too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +118,7 @@ class EndFrame(Frame):
 
 SYSTEM_FRAMES: tuple[type[Frame], ...] = (
     SpeechStarted,
+    SpeechPaused,
     SpeechStopped,
     Interruption,
     TurnMetrics,
@@ -122,7 +134,7 @@ def frame_to_event(frame: Frame) -> dict[str, Any] | None:
     if isinstance(frame, ThinkingText):
         return {"event": "thinking", "text": frame.text}
     if isinstance(frame, AnswerText):
-        return {"event": "answer", "text": frame.text}
+        return None if frame.end else {"event": "answer", "text": frame.text}
     if isinstance(frame, ToolCall):
         return {"event": "tool_call", "text": frame.text}
     if isinstance(frame, SpeechStarted):

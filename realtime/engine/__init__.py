@@ -1,0 +1,19 @@
+"""Reply engines. ``build_engine`` picks the backend named in the config."""
+
+from __future__ import annotations
+
+from realtime.config import EngineConfig
+from realtime.engine.base import Engine
+
+
+def build_engine(cfg: EngineConfig) -> Engine:
+    """Load the configured backend (blocking: call it on the engine's worker thread)."""
+    if cfg.backend == "smollm2":
+        from realtime.engine.smollm import SmolLMEngine
+
+        return SmolLMEngine(cfg)
+    if cfg.backend in ("step-audio", "step-audio-random"):
+        from realtime.engine.step_audio import build_step_audio_engine
+
+        return build_step_audio_engine(cfg)
+    raise ValueError(f"unknown engine.backend {cfg.backend!r}")

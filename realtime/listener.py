@@ -1,0 +1,146 @@
+"""Per-session streaming recognition: the user's words are decoded while they speak, so that
+at the end of speech at most the tail since the last pause is left to decode.
+
+The turn's audio is split at pauses (short silences the endpointer reports). When a pause
+begins, the audio since the last committed pause is decoded right away; if the user goes on,
+that text is committed and the audio before the pause is never decoded again; if the user
+stops, that decode *is* the final transcript and nothing is left to do at the endpoint.
+Between pauses, partial transcripts are decoded every ``partial_interval_ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from realtime.asr import WhisperRecognizer
+from realtime.audio import PIPELINE_RATE
+from realtime.config import ASRConfig
+
+
+@dataclass
+class _Tail:
+    """Audio after the last committed pause."""
+
+    t0: float  # stream time of pcm[0]
+    chunks: list[np.ndarray] = field(default_factory=list)
+    n: int = 0
+
+    def audio(self) -> np.ndarray:
+        if len(self.chunks) > 1:
+            self.chunks = [np.concatenate(self.chunks)]
+        return self.chunks[0] if self.chunks else np.zeros(0, np.float32)
+
+    def cut(self, t: float) -> None:
+        """Drop audio before stream time ``t``."""
+        pcm = self.audio()
+        k = max(0, min(len(pcm), int(round((t - self.t0) * PIPELINE_RATE))))
+        self.chunks, self.n, self.t0 = [pcm[k:]], len(pcm) - k, self.t0 + k / PIPELINE_RATE
+
+
+@dataclass
+class _PauseDecode:
+    t: float  # end of speech before the pause
+    n: int  # tail samples covered
+    task: asyncio.Future[str]
+
+
+class Listener:
+    def __init__(self, asr: WhisperRecognizer | None, cfg: ASRConfig, executor: Executor) -> None:
+        self.asr = asr
+        self.cfg = cfg
+        self.executor = executor
+        self._committed: list[str] = []
+        self._tail: _Tail | None = None
+        self._turn_audio: list[np.ndarray] = []
+        self._pause: _PauseDecode | None = None
+        self._partial_task: asyncio.Future[str] | None = None
+        self._since_partial = 0
+
+    @property
+    def active(self) -> bool:
+        return self._tail is not None
+
+    def turn_audio(self) -> np.ndarray:
+        return np.concatenate(self._turn_audio) if self._turn_audio else np.zeros(0, np.float32)
+
+    def start(self, t0: float, prefix: np.ndarray) -> None:
+        self.reset()
+        self._tail = _Tail(t0=t0)
+        if prefix.size:
+            self.append(prefix)
+
+    def append(self, pcm: np.ndarray) -> None:
+        if self._tail is None:
+            return
+        self._tail.chunks.append(pcm)
+        self._tail.n += len(pcm)
+        self._turn_audio.append(pcm)
+        self._since_partial += len(pcm)
+
+    def reset(self) -> None:
+        self._committed, self._tail, self._turn_audio, self._pause = [], None, [], None
+        self._since_partial = 0
+
+    def _decode(self, audio: np.ndarray) -> asyncio.Future[str]:
+        loop = asyncio.get_running_loop()
+        prompt = " ".join(self._committed)
+        if self.asr is None:
+            fut: asyncio.Future[str] = loop.create_future()
+            fut.set_result("")
+            return fut
+        return loop.run_in_executor(self.executor, self.asr.transcribe, audio, prompt)
+
+    def _join(self, tail_text: str) -> str:
+        return " ".join(p for p in [*self._committed, tail_text.strip()] if p)
+
+    async def maybe_partial(self) -> str | None:
+        """A partial transcript if one is due and no decode is running, else None."""
+        if (
+            self._tail is None
+            or self._pause is not None
+            or self._since_partial < self.cfg.partial_interval_ms * PIPELINE_RATE // 1000
+            or (self._partial_task is not None and not self._partial_task.done())
+        ):
+            return None
+        self._since_partial = 0
+        self._partial_task = self._decode(self._tail.audio())
+        return self._join(await self._partial_task)
+
+    def on_pause(self, t_end: float) -> None:
+        """A pause began: decode the tail now, ahead of a possible endpoint."""
+        if self._tail is None:
+            return
+        self._pause = _PauseDecode(t_end, self._tail.n, self._decode(self._tail.audio()))
+
+    async def candidate(self) -> str | None:
+        """The whole turn's text if the user stops at the current pause."""
+        pause = self._pause
+        if pause is None:
+            return None
+        text = await pause.task
+        return self._join(text) if self._pause is pause else None
+
+    def on_resume(self) -> None:
+        """The user went on: commit the text decoded at the pause, drop its audio."""
+        pause, self._pause = self._pause, None
+        if pause is None or self._tail is None or not pause.task.done() or pause.task.exception():
+            return  # an unfinished decode: its audio stays in the tail and is decoded later
+        text = pause.task.result().strip()
+        if text:
+            self._committed.append(text)
+            self._tail.cut(pause.t + 0.05)
+
+    async def final(self) -> str:
+        """The turn's transcript at the endpoint; re-uses the pause decode when it is current."""
+        if self._tail is None:
+            return ""
+        pause = self._pause
+        if pause is not None:
+            text = await pause.task
+            if self._pause is pause:
+                return self._join(text)
+        return self._join(await self._decode(self._tail.audio()))
