@@ -1,0 +1,1 @@
+"""Local transports: the microphone and speakers of this machine."""
