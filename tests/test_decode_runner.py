@@ -68,7 +68,7 @@ def test_two_lanes_match_single_sequence_greedy() -> None:
 @torch.no_grad()
 def test_forced_token_and_three_lanes_padded_to_four() -> None:
     model = _model()
-    cache = KVCache(CFG, 3, 32, "cpu", torch.float32)
+    cache = KVCache(CFG, 4, 32, "cpu", torch.float32)
     runner = DecodeRunner(model, cache, OPTS)
     prompt = torch.randint(0, 101, (4,))
     slots = cache.allocate(3)
@@ -80,6 +80,7 @@ def test_forced_token_and_three_lanes_padded_to_four() -> None:
     second = runner.step()
     assert second[1] == 7 and second[0] == second[2]
     assert cache.lengths[slots[0]] == 6
+    assert runner._key()[0] == 4  # three lanes replay the batch-4 step with one padding row
 
 
 def test_sampling_rows_and_top_k() -> None:
@@ -93,3 +94,24 @@ def test_sampling_rows_and_top_k() -> None:
     assert out[2] == logits[2].argmax()  # top-k 1 is greedy
     draws = {int(sample_tokens(logits, temp, top_p, top_k, False)[1]) for _ in range(30)}
     assert len(draws) > 1
+
+
+@torch.no_grad()
+def test_fused_decode_layer_matches_sdpa_path() -> None:
+    """``layer_decode`` (what is compiled on CUDA) run eagerly gives the same tokens."""
+    from realtime.models.decode import layer_decode
+
+    model = _model()
+    prompts = [torch.randint(0, 101, (5,)), torch.randint(0, 101, (9,))]
+    got = []
+    for fused in (False, True):
+        cache = KVCache(CFG, 2, 32, "cpu", torch.float32)
+        runner = DecodeRunner(model, cache, OPTS)
+        if fused:
+            runner._layer = layer_decode
+        for p, slot in zip(prompts, cache.allocate(2), strict=True):
+            runner.add_lane(
+                slot, len(p), LaneSampling(), logits=runner.prefill(model.embed(p), slot, 0)
+            )
+        got.append([runner.step() for _ in range(8)])
+    assert got[0] == got[1]

@@ -46,6 +46,8 @@ from realtime.models.qwen2 import (
 
 log = logging.getLogger(__name__)
 
+PREFILL_SIZES = (8, 16, 32, 64, 128)  # pre-fill pieces padded to these sizes replay a graph
+
 
 @dataclass(frozen=True)
 class RunnerOptions:
@@ -83,7 +85,11 @@ class _Layer:
 
 
 def fuse_projections(model: Qwen2ForCausalLM) -> list[_Layer]:
-    """Concatenate q/k/v and gate/up weights per layer; the modules keep views of them."""
+    """Concatenate q/k/v and gate/up weights per layer; the modules keep views of them.
+    Idempotent: a model fused once keeps its fused weights."""
+    done = getattr(model, "_fused_layers", None)
+    if done is not None:
+        return list(done)
     layers: list[_Layer] = []
     for layer in model.model.layers:
         at, mlp = layer.self_attn, layer.mlp
@@ -113,6 +119,7 @@ def fuse_projections(model: Qwen2ForCausalLM) -> list[_Layer]:
                 mlp.down_proj.weight,
             )
         )
+    model._fused_layers = layers  # type: ignore[assignment]
     return layers
 
 
@@ -154,6 +161,47 @@ def post_attention(
     x = x + F.linear(attn, o_w)
     gate, up = F.linear(_rms(x, ln, eps), gu_w).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down_w)
+
+
+def layer_decode(
+    x: torch.Tensor,
+    lw: tuple[torch.Tensor | None, ...],
+    kc: torch.Tensor,
+    vc: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor,
+    slots: torch.Tensor,
+    visible: torch.Tensor,
+    eps: float,
+    n_heads: int,
+    n_kv: int,
+) -> torch.Tensor:
+    """One decoder layer for one new token per row, attention written as plain reductions.
+
+    Meant for ``torch.compile``: the cache rows of each lane are read through their slot index
+    inside the fused reduction (no gathered copy of the cache), the new key/value is written in
+    place. ``visible [B, L]``: which of the first ``L`` cache positions each row may see.
+    """
+    ln1, qkv_w, qkv_b, o_w, ln2, gu_w, down_w = lw
+    assert ln1 is not None and qkv_w is not None and o_w is not None
+    assert ln2 is not None and gu_w is not None and down_w is not None
+    b = x.shape[0]
+    q, k, v = pre_attention(x, ln1, qkv_w, qkv_b, cos, sin, eps, n_heads, n_kv)
+    kc.index_put_((slots, pos), k[:, 0])
+    vc.index_put_((slots, pos), v[:, 0])
+    length = visible.shape[1]
+    d = q.shape[-1]
+    g = n_heads // n_kv
+    keys = kc[slots, :length].float()  # [B, L, Hkv, D]
+    vals = vc[slots, :length].float()
+    qg = q[:, 0].reshape(b, 1, n_kv, g, d).float() * (d**-0.5)
+    scores = (qg * keys[:, :, :, None, :]).sum(-1)  # [B, L, Hkv, g]
+    scores = scores.masked_fill(~visible[:, :, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=1)
+    out = (probs[..., None] * vals[:, :, :, None, :]).sum(1)  # [B, Hkv, g, D]
+    attn = out.reshape(b, 1, n_heads * d).to(x.dtype)
+    return post_attention(x, attn, o_w, ln2, gu_w, down_w, eps)
 
 
 def sample_tokens(
@@ -209,21 +257,28 @@ class DecodeRunner:
 
         self._pre: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = pre_attention
         self._post: Callable[..., torch.Tensor] = post_attention
+        self._layer: Callable[..., torch.Tensor] | None = None  # fused decode layer (compiled)
         self.compiled = False
         if opts.compile and self.is_cuda:
             try:
                 import torch._dynamo as dynamo
 
-                dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 32)
+                for name in ("recompile_limit", "cache_size_limit"):
+                    if hasattr(dynamo.config, name):
+                        setattr(dynamo.config, name, max(getattr(dynamo.config, name), 32))
                 self._pre = torch.compile(pre_attention, fullgraph=True, dynamic=False)
                 self._post = torch.compile(post_attention, fullgraph=True, dynamic=False)
+                if not self.use_flash:
+                    self._layer = torch.compile(layer_decode, fullgraph=True, dynamic=False)
                 self.compiled = True
             except Exception as exc:  # noqa: BLE001 - fall back to eager pieces
                 log.warning("torch.compile unavailable (%s): eager layer pieces", exc)
 
-        max_b = max(opts.batch_sizes)
-        if max_b > cache.max_batch + 1:
-            raise ValueError("batch sizes exceed the cache's slots")
+        fits = tuple(b for b in sorted(opts.batch_sizes) if b <= cache.max_batch)
+        self.batch_sizes = (
+            fits if fits and fits[-1] == cache.max_batch else (*fits, cache.max_batch)
+        )
+        max_b = self.batch_sizes[-1]
         dev = self.device
         self.ids = torch.zeros(max_b, dtype=torch.long, device=dev)
         self.pos = torch.zeros(max_b, dtype=torch.long, device=dev)
@@ -232,6 +287,13 @@ class DecodeRunner:
         self.top_p = torch.ones(max_b, dtype=torch.float32, device=dev)
         self.top_k = torch.zeros(max_b, dtype=torch.long, device=dev)
         self.lanes: list[Lane] = []
+        hidden, vocab = cfg.hidden_size, cfg.vocab_size
+        self._pf_emb = torch.zeros(PREFILL_SIZES[-1], hidden, dtype=self.dtype, device=dev)
+        self._pf_pos = torch.zeros(PREFILL_SIZES[-1], dtype=torch.long, device=dev)
+        self._pf_slot = torch.full((1,), cache.scratch_slot, dtype=torch.long, device=dev)
+        self._pf_last = torch.zeros(1, dtype=torch.long, device=dev)
+        self._pf_logits = torch.zeros(1, vocab, dtype=torch.float32, device=dev)
+        self._pf_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         buckets = opts.len_buckets or self._default_buckets(cache.max_len)
         self.buckets = tuple(sorted(b for b in buckets if b <= cache.max_len)) or (cache.max_len,)
         if self.buckets[-1] != cache.max_len:
@@ -269,25 +331,89 @@ class DecodeRunner:
     @torch.no_grad()
     def prefill(self, embeds: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """Write ``embeds [T, H]`` at positions ``start..`` of ``slot``; logits ``[V]`` of the
-        last position (float32, on the device)."""
+        last position (float32, on the device). Pieces of up to ``max(PREFILL_SIZES)`` tokens
+        replay a graph captured for the next size up (padding rows write junk keys beyond the
+        slot's length, which no query can see before they are overwritten)."""
         t = embeds.shape[0]
         if start + t > self.cache.max_len:
             raise RuntimeError(f"context full: {start + t} > {self.cache.max_len} positions")
-        slots = torch.tensor([slot], device=self.device)
-        logits = None
-        chunk = self.opts.prefill_chunk
-        with self._sdpa_ctx():
-            for i in range(0, t, chunk):
-                piece = embeds[i : i + chunk].to(self.dtype)[None]
-                n = piece.shape[1]
-                pos = torch.arange(start + i, start + i + n, device=self.device)[None]
-                attn_len = self._bucket_or_round(start + i + n)
-                logits = self.model(
-                    piece, pos, self.cache, slots, last_only=True, attn_len=attn_len
-                )
+        logits: torch.Tensor | None = None
+        i = 0
+        while i < t:
+            n = min(t - i, self.opts.prefill_chunk)
+            piece = embeds[i : i + n].to(self.dtype)
+            tb = next((b for b in PREFILL_SIZES if b >= n), None)
+            graphs = self.is_cuda and self.opts.cuda_graphs
+            if graphs and tb is not None and start + i + tb <= self.cache.max_len:
+                logits = self._prefill_graphed(piece, slot, start + i, tb)
+            else:
+                logits = self._prefill_eager(piece, slot, start + i)
+            i += n
         self.cache.lengths[slot] = start + t
         assert logits is not None
-        return logits[0, -1].float()
+        return logits
+
+    def _prefill_eager(self, piece: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        n = piece.shape[0]
+        pos = torch.arange(start, start + n, device=self.device)[None]
+        slots = torch.tensor([slot], device=self.device)
+        with self._sdpa_ctx():
+            out = self.model(
+                piece[None],
+                pos,
+                self.cache,
+                slots,
+                last_only=True,
+                attn_len=self._bucket_or_round(start + n),
+            )
+        return out[0, -1].float()
+
+    def _prefill_graphed(self, piece: torch.Tensor, slot: int, start: int, tb: int) -> torch.Tensor:
+        n = piece.shape[0]
+        attn_len = self.buckets[bisect.bisect_left(self.buckets, start + tb)]
+        self._pf_emb[:n].copy_(piece)
+        torch.arange(start, start + tb, device=self.device, out=self._pf_pos[:tb])
+        self._pf_slot.fill_(slot)
+        self._pf_last.fill_(n - 1)
+        key = (tb, attn_len)
+        graph = self._pf_graphs.get(key)
+        if graph is None:
+            graph = self._capture_prefill(key)
+        graph.replay()
+        return self._pf_logits[0].clone()
+
+    def _forward_prefill(self, tb: int, attn_len: int) -> None:
+        x = self._pf_emb[:tb][None]
+        positions = self._pf_pos[:tb][None]
+        cos, sin = rope_cos_sin(positions, self.model.inv_freq, x.dtype)
+        x = self._layers_unfused(x, positions, self._pf_slot, cos, sin, attn_len)
+        last = x[0].index_select(0, self._pf_last)
+        self._pf_logits.copy_(self.model.lm_head(self.model.model.norm(last)).float())
+
+    def _capture_prefill(self, key: tuple[int, int]) -> torch.cuda.CUDAGraph:
+        tb, attn_len = key
+        saved = [b.clone() for b in (self._pf_pos, self._pf_slot)]
+        self._pf_slot.fill_(self.cache.scratch_slot)
+        self._pf_pos.zero_()
+        graph = self._record(lambda: self._forward_prefill(tb, attn_len))
+        self._pf_pos.copy_(saved[0])
+        self._pf_slot.copy_(saved[1])
+        self._pf_graphs[key] = graph
+        return graph
+
+    def _record(self, fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), self._sdpa_ctx():
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool), self._sdpa_ctx():
+            fn()
+        return graph
 
     def _bucket_or_round(self, n: int) -> int:
         return min(self.cache.max_len, -(-n // 64) * 64)
@@ -367,6 +493,32 @@ class DecodeRunner:
         x = self.model.embed(ids)[:, None]
         positions = pos[:, None]
         cos, sin = rope_cos_sin(positions, self.model.inv_freq, x.dtype)
+        if self._layer is not None:
+            visible = torch.arange(attn_len, device=x.device)[None] <= pos[:, None]
+            for i, lw in enumerate(self.layers):
+                weights = (lw.ln1, lw.qkv_w, lw.qkv_b, lw.o_w, lw.ln2, lw.gu_w, lw.down_w)
+                x = self._layer(
+                    x, weights, self.cache.k[i], self.cache.v[i], cos, sin, pos, slots,
+                    visible, self.eps, self.n_heads, self.n_kv,
+                )  # fmt: skip
+        else:
+            x = self._layers_unfused(x, positions, slots, cos, sin, attn_len)
+        logits = self.model.lm_head(self.model.model.norm(x[:, 0]))
+        nxt = sample_tokens(
+            logits, self.temperature[:bs], self.top_p[:bs], self.top_k[:bs], greedy_only
+        )
+        ids.copy_(nxt)
+        pos.add_(1)
+
+    def _layers_unfused(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_len: int,
+    ) -> torch.Tensor:
         mask = None if self.use_flash else attention_mask(positions, attn_len, self.group)
         ctx = AttnContext(positions, slots, cos, sin, attn_len, mask, self.use_flash)
         for i, lw in enumerate(self.layers):
@@ -375,16 +527,11 @@ class DecodeRunner:
             )
             attn = attend_cache(q, k, v, self.cache.k[i], self.cache.v[i], ctx)
             x = self._post(x, attn, lw.o_w, lw.ln2, lw.gu_w, lw.down_w, self.eps)
-        logits = self.model.lm_head(self.model.model.norm(x[:, 0]))
-        nxt = sample_tokens(
-            logits, self.temperature[:bs], self.top_p[:bs], self.top_k[:bs], greedy_only
-        )
-        ids.copy_(nxt)
-        pos.add_(1)
+        return x
 
     def _key(self) -> tuple[int, int, bool]:
         n = len(self.lanes)
-        bs = self.opts.batch_sizes[bisect.bisect_left(self.opts.batch_sizes, n)]
+        bs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, n)]
         need = max(lane.position for lane in self.lanes) + 1
         if need > self.cache.max_len:
             raise RuntimeError(f"context full: {need} > {self.cache.max_len} positions")
@@ -398,18 +545,7 @@ class DecodeRunner:
         # capture on the scratch slot so that nothing real is overwritten
         self.slots[:bs].fill_(self.cache.scratch_slot)
         self.pos[:bs].fill_(0)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), self._sdpa_ctx():
-            for _ in range(2):
-                self._forward_step(bs, attn_len, greedy)
-                self.pos[:bs].fill_(0)
-        torch.cuda.current_stream().wait_stream(stream)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), self._sdpa_ctx():
-            self._forward_step(bs, attn_len, greedy)
+        graph = self._record(lambda: self._forward_step(bs, attn_len, greedy))
         for buf, old in zip((self.ids, self.pos, self.slots), saved, strict=True):
             buf.copy_(old)
         self._graphs[key] = graph
@@ -420,13 +556,17 @@ class DecodeRunner:
         """Capture every (batch size, bucket) graph now (warm-up), return how many."""
         if not (self.is_cuda and self.opts.cuda_graphs):
             return 0
+        for tb in PREFILL_SIZES[:3]:
+            for attn_len in self.buckets[:2]:
+                if (tb, attn_len) not in self._pf_graphs:
+                    self._capture_prefill((tb, attn_len))
         modes = [m for m, on in ((True, greedy), (False, sample)) if on]
-        for bs in self.opts.batch_sizes:
+        for bs in self.batch_sizes:
             for attn_len in self.buckets:
                 for g in modes:
                     if (bs, attn_len, g) not in self._graphs:
                         self._capture((bs, attn_len, g))
-        return len(self._graphs)
+        return len(self._graphs) + len(self._pf_graphs)
 
     @torch.no_grad()
     def step(self) -> list[int]:
