@@ -211,3 +211,17 @@ def test_paths_and_offline_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="hub cannot be reached .offline."):
         resolve_model_path("stepfun-ai/Step-Audio-R1", cache_dir=str(tmp_path / "hub"))
+
+
+def test_rotary_buffer_is_ignored_and_index_must_match(ckpt: Path) -> None:
+    def add(t: dict[str, torch.Tensor]) -> None:
+        t["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+
+    _rewrite_shard(ckpt, LAYER_SHARD, add)
+    load_step_audio(str(ckpt), device="cpu")
+    index_file = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"]["model.norm.weight"] = LAYER_SHARD
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"lists tensor model.norm.weight in {LAYER_SHARD}"):
+        load_step_audio(str(ckpt), device="cpu")

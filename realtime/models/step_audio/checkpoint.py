@@ -29,6 +29,8 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.py"]
+# tensors some exporters write that the model computes itself: skipped, not an error
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,8 @@ def check_headers(files: CheckpointFiles, expected: dict[str, torch.Tensor]) -> 
                     raise CheckpointError(
                         f"tensor {key} is in two shards: {where[key].name} and {shard.name}"
                     )
+                if key.endswith(IGNORED_SUFFIXES):
+                    continue
                 where[key] = shard
                 if key not in expected:
                     continue
@@ -210,7 +214,10 @@ def check_headers(files: CheckpointFiles, expected: dict[str, torch.Tensor]) -> 
                         f"shape mismatch for tensor {key} in {shard.name}: checkpoint {list(shape)}"
                         f", model {list(want)} (does config.json match the weights?)"
                     )
-    unexpected = sorted(set(where) - set(expected))
+    tied = "lm_head.weight" not in expected  # tie_word_embeddings: a saved copy is redundant
+    unexpected = sorted(
+        k for k in set(where) - set(expected) if not (tied and k == "lm_head.weight")
+    )
     if unexpected:
         more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
         raise CheckpointError(
@@ -228,7 +235,7 @@ def check_headers(files: CheckpointFiles, expected: dict[str, torch.Tensor]) -> 
             raise CheckpointError(
                 f"{INDEX_FILE} lists tensor {key} in {shard}, but it is in {where[key].name}"
             )
-        if key not in where:
+        if key not in where and not key.endswith(IGNORED_SUFFIXES):
             raise CheckpointError(f"{INDEX_FILE} lists tensor {key} in {shard}, which lacks it")
     return where
 
@@ -242,6 +249,8 @@ def load_weights(model: StepAudioModel, files: CheckpointFiles) -> None:
     for shard in files.shards:
         with _safe_open(shard, dev) as f:  # type: ignore[attr-defined]
             for key in f.keys():
+                if key not in expected:
+                    continue  # ignored (checked above)
                 try:
                     t = f.get_tensor(key)
                 except Exception as exc:  # noqa: BLE001
@@ -266,6 +275,11 @@ def load_step_audio(
     cfg = StepAudioConfig.from_file(files.config)
     tokenizer = load_tokenizer(root)
     special = SpecialTokens.from_tokenizer(tokenizer, check_known=check_known_tokens)
+    for name, i in (("<audio_patch>", special.audio_patch), ("<|EOT|>", special.eot)):
+        if i >= cfg.text.vocab_size:
+            raise CheckpointError(
+                f"{name} has id {i}, outside the model's vocab_size {cfg.text.vocab_size}"
+            )
     dev = resolve_device(device)
     model = build_empty(cfg, dev, resolve_dtype(dtype, dev))
     load_weights(model, files)
