@@ -79,16 +79,17 @@ def test_long_audio_is_cut_in_25s_pieces() -> None:
     assert [s.n_embeddings for s in audio_slots(60 * 16000)] == [313, 313, 125]
 
 
-@pytest.mark.parametrize("seconds", [0.1, 0.37, 1.0, 2.03, 3.3])
+@pytest.mark.parametrize("seconds", [0.1, 0.37, 1.0, 2.03, 3.3, 0.3, 0.31, 0.32])
 def test_arithmetic_matches_the_modules(tiny: LoadedStepAudio, seconds: float) -> None:
     model = tiny.model
     mel = model.logmel(_speech(seconds))
     lens = audio_lengths(mel.shape[1])
     with torch.inference_mode():
         states, valid = model.encoder(mel[None], torch.tensor([lens.valid_mel_frames]))
-        out = model.adapter(states[:, : lens.pooled_frames])
-    assert int(valid[0]) == lens.pooled_frames <= states.shape[1]
-    assert out.shape[1] == lens.embeddings
+        out = model.adapter(states)
+    assert int(valid[0]) == lens.pooled_frames <= states.shape[1] <= lens.pooled_frames + 1
+    assert lens.embeddings <= out.shape[1] <= lens.embeddings + 1
+    assert lens.encoder_frames == (mel.shape[1] - 1) // 2 + 1
     assert model.encode_audio(_speech(seconds)).shape == (lens.embeddings, 32)
 
 
@@ -117,7 +118,7 @@ def _reference_encoder(model: StepAudioModel, mel: torch.Tensor, valid: int) -> 
     return enc.after_norm(x)[0]
 
 
-@pytest.mark.parametrize("seconds", [0.5, 0.51, 1.23])
+@pytest.mark.parametrize("seconds", [0.3, 0.5, 0.51, 1.23])
 def test_encoder_matches_reference_formulation(tiny: LoadedStepAudio, seconds: float) -> None:
     model = tiny.model
     mel = model.logmel(_speech(seconds, seed=3))
@@ -126,6 +127,11 @@ def test_encoder_matches_reference_formulation(tiny: LoadedStepAudio, seconds: f
         ours, _ = model.encoder(mel[None], torch.tensor([valid]))
         ref = _reference_encoder(model, mel, valid)
     torch.testing.assert_close(ours[0], ref, rtol=1e-4, atol=1e-5)
+    # whole path as the reference: adapter over all pooled frames, keep the valid embeddings
+    n_emb = audio_lengths(mel.shape[1]).embeddings
+    with torch.inference_mode():
+        ref_emb = model.adapter(ref[None])[0, :n_emb]
+    torch.testing.assert_close(model.encode_mel(mel), ref_emb, rtol=1e-4, atol=1e-5)
     # the mask is live: attending to the two padding frames changes the valid outputs
     with torch.inference_mode():
         unmasked, _ = model.encoder(mel[None], torch.tensor([mel.shape[1]]))

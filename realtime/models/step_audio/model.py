@@ -95,11 +95,15 @@ class StepAudioModel(nn.Module):
         x = mel.to(self.device, self.dtype)[None]
         valid = torch.tensor([lens.valid_mel_frames], device=self.device)
         states, _ = self.encoder(x, valid)
-        emb = self.adapter(states[:, : lens.pooled_frames])
-        return emb[0, : lens.embeddings]
+        # like the reference, the adapter sees every pooled frame (the last embedding can
+        # reach one frame past the valid ones), then the valid embeddings are kept
+        return self.adapter(states)[0, : lens.embeddings]
 
     def encode_audio_chunks(self, audio: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
-        """16 kHz mono audio -> one embedding tensor per 25 s piece (as the reference cuts it)."""
+        """16 kHz mono audio -> one embedding tensor per 25 s piece (as the reference cuts it).
+
+        Pieces are encoded one at a time; the reference batches them, zero-padding the mel of
+        a shorter last piece, which changes only its last one or two embeddings slightly."""
         n = int(audio.shape[0])
         return [self.encode_mel(self.logmel(audio[s:e])) for s, e in chunk_spans(n)]
 
