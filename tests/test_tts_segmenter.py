@@ -22,8 +22,17 @@ def split_at(text: str, cuts: list[int]) -> list[str]:
 
 # Text made of the characters the rules care about, so that hypothesis hits the edge cases.
 ALPHABET = st.sampled_from(
-    list("ab cd e.,;:!?—-'\")]*`[\n 0123 $%/@") + [
-        "Dr.", "e.g.", "1,000", "3:30", "example.com", "https://x.io/a?b=1", "1.", "...", "**",
+    list("ab cd e.,;:!?—-'\")]*`[\n 0123 $%/@")
+    + [
+        "Dr.",
+        "e.g.",
+        "1,000",
+        "3:30",
+        "example.com",
+        "https://x.io/a?b=1",
+        "1.",
+        "...",
+        "**",
     ]
 )
 TEXT = st.lists(ALPHABET, max_size=120).map("".join)
@@ -32,6 +41,7 @@ CFG = st.builds(
     first_piece_words=st.integers(1, 6),
     second_piece_words=st.integers(1, 15),
     long_piece_chars=st.integers(1, 80),
+    growth=st.floats(0.5, 4.0),
     max_piece_chars=st.integers(2, 60),
 )
 
@@ -79,7 +89,10 @@ def test_sentence_end_waits_for_one_char() -> None:
 def test_numbers_abbreviations_and_urls_are_not_cut() -> None:
     text = "Dr. Smith paid $3.50 for 1,000 apples at 3:30, e.g. at example.com today."
     pieces = segment([text], SegmenterConfig(first_piece_words=50, second_piece_words=50))
-    assert pieces == ["Dr. Smith paid $3.50 for 1,000 apples at 3:30,", " e.g. at example.com today."]
+    assert pieces == [
+        "Dr. Smith paid $3.50 for 1,000 apples at 3:30,",
+        " e.g. at example.com today.",
+    ]
 
 
 def test_later_pieces_cut_at_sentences_and_long_clauses() -> None:
@@ -91,10 +104,22 @@ def test_later_pieces_cut_at_sentences_and_long_clauses() -> None:
     assert pieces == [
         "Sure,",
         " here it is.",
-        " It was built in 1889, for the fair.",  # clause too short to cut (piece 3)
+        " It was built in 1889,",  # a clause as long as all before it (17 chars)
+        " for the fair.",
         " Paris has about two million people, and it is known for art,",  # >= 60 chars
         " fashion, and food.",
     ]
+
+
+def test_early_pieces_grow_geometrically_without_punctuation() -> None:
+    text = "Yes, " + " ".join(f"word{i}" for i in range(60))
+    cfg = SegmenterConfig(second_piece_words=3, max_piece_chars=220)
+    pieces = segment([text], cfg)
+    assert "".join(pieces) == text
+    lengths = [len(p) for p in pieces]
+    assert lengths[2] <= 2 * sum(lengths[:2]) + 8  # one word past twice what came before
+    assert lengths[3] <= 2 * sum(lengths[:3]) + 8
+    assert all(n <= 220 for n in lengths)
 
 
 def test_list_lines_are_pieces_and_markers_do_not_end_sentences() -> None:

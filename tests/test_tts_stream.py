@@ -148,3 +148,35 @@ def test_spoken_share_is_whole_words() -> None:
     assert _spoken_share(" the capital of France", 0.5) == " the"  # "capital" is cut
     assert _spoken_share("Paris", 0.5) == ""
     assert _spoken_share("Paris", 1.0) == "Paris"
+
+
+async def test_first_piece_is_synthesised_before_its_end_is_confirmed() -> None:
+    synth = FakeSynth()
+    stream = make_stream(synth)
+    stream.push_text("The capital of France")  # a space would make this the first piece
+    for _ in range(100):
+        if synth.texts:
+            break
+        await asyncio.sleep(0.01)
+    assert synth.texts == ["The capital of France"]  # guessed before " is" arrived
+    stream.push_text(" is Paris.")
+    stream.finish()
+    chunks = await collect(stream)
+    assert chunks[0].text == "The capital of France"
+    assert synth.texts == ["The capital of France", "is Paris."]  # the guess was used
+    assert stream.stats.speculation_used
+
+
+async def test_a_wrong_guess_is_not_spoken() -> None:
+    synth = FakeSynth()
+    stream = make_stream(synth)
+    stream.push_text("The capital of Franc")
+    for _ in range(100):
+        if synth.texts:
+            break
+        await asyncio.sleep(0.01)
+    stream.push_text("e is Paris.")
+    stream.finish()
+    chunks = await collect(stream)
+    assert [c.text for c in chunks if c.text] == ["The capital of France", " is Paris."]
+    assert not stream.stats.speculation_used

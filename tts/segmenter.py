@@ -5,6 +5,12 @@ sentence boundary, or after ``first_piece_words`` words when no punctuation come
 pieces end at sentence ends, at clause boundaries once the piece is long enough, at line
 breaks, or at a word boundary before ``max_piece_chars``.
 
+Early pieces are kept short so that audio never runs dry: a piece's synthesis time grows with
+its length, and it can only start once its text is complete. So while little has been
+released, a piece ends at a clause once it is as long as everything released before it, and
+at a word once it is ``growth`` times that long; the allowed size grows geometrically up to
+``long_piece_chars`` (clauses) and ``max_piece_chars``.
+
 Two invariants, tested with hypothesis:
 
 * ``"".join(pieces) == "".join(deltas)``: nothing is lost, added or duplicated (whitespace
@@ -38,6 +44,7 @@ class SegmenterConfig:
     first_piece_words: int = 4  # cut the first piece after this many words if no punctuation
     second_piece_words: int = 12  # the same for the second piece (audio is still short)
     long_piece_chars: int = 60  # from the third piece on, clause cuts need this many chars
+    growth: float = 2.0  # from the third piece on, cut between words past growth x released
     max_piece_chars: int = 220  # no piece is longer (cut at a space, or hard if none)
 
 
@@ -61,11 +68,23 @@ class Segmenter:
             raise ValueError("max_piece_chars must be at least 2")
         self._buf = ""
         self.pieces_out = 0
+        self.released_chars = 0
 
     @property
     def pending(self) -> str:
         """Text received but not yet released."""
         return self._buf
+
+    def candidate(self) -> str | None:
+        """The next piece if a space came now (for speculative synthesis), without consuming.
+
+        With "The capital of France" pending, a space would release it as the first piece;
+        synthesising it before that space arrives saves a token's time.
+        """
+        if not self._buf:
+            return None
+        cut = self._find_cut(self._buf + " ", final=False)
+        return self._buf[:cut] if cut is not None and cut <= len(self._buf) else None
 
     def push(self, delta: str) -> list[str]:
         self._buf += delta
@@ -76,6 +95,7 @@ class Segmenter:
         out = self._drain(final=True)
         if self._buf:
             out.append(self._buf)
+            self.released_chars += len(self._buf)
             self._buf = ""
             self.pieces_out += 1
         return out
@@ -89,6 +109,7 @@ class Segmenter:
             out.append(self._buf[:cut])
             self._buf = self._buf[cut:]
             self.pieces_out += 1
+            self.released_chars += cut
         return out
 
     # -- the cut rules ------------------------------------------------------------------------
@@ -147,11 +168,19 @@ class Segmenter:
 
     def _word_cut(self, buf: str, i: int, index: int, words: int) -> bool:
         """A cut between words at ``i`` (the first whitespace after a word)."""
-        target = {0: self.cfg.first_piece_words, 1: self.cfg.second_piece_words}.get(index)
-        if target is None or words < target:
+        if index == 0:
+            target, extra = self.cfg.first_piece_words, words - self.cfg.first_piece_words
+        elif index == 1:
+            target, extra = self.cfg.second_piece_words, words - self.cfg.second_piece_words
+        else:
+            limit = self.cfg.growth * self.released_chars
+            if limit >= self.cfg.max_piece_chars or i < limit:
+                return False
+            target, extra = 0, 0 if i < limit + 20 else 3
+        if words < target:
             return False
         word = _word_before(buf, i).strip(CLOSERS + "\"'(").lower()
-        if words < target + 3 and word in FUNCTION_WORDS:
+        if extra < 3 and word in FUNCTION_WORDS:
             return False  # "the capital of" -> wait for "the capital of France"
         return _is_speakable(buf[:i])
 
@@ -188,7 +217,7 @@ class Segmenter:
 
     def _clause_cut(self, buf: str, i: int, final: bool, index: int) -> int | None:
         """At a clause mark at ``i``: the cut position, 0 for no cut, None to wait."""
-        if index >= 2 and i + 1 < self.cfg.long_piece_chars:
+        if index >= 2 and i + 1 < min(self.cfg.long_piece_chars, self.released_chars):
             return 0
         c = buf[i]
         if not _is_speakable(buf[:i]):

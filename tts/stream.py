@@ -2,7 +2,9 @@
 
 Text deltas go into a thread-safe inbox. A worker thread (one per stream) segments them,
 normalises each piece, synthesises it, trims silence, resamples it and hands the piece's
-audio to the event loop through an asyncio queue. ``chunks()`` slices each piece into
+audio to the event loop through an asyncio queue. While it waits for text, it synthesises the
+first piece as it would be if a space came next ("The capital of France" before " is"), and
+uses that audio if the guess is confirmed. ``chunks()`` slices each piece into
 ``chunk_ms`` chunks as it yields them, so that ``cancel()`` stops between two chunks and knows
 exactly how much audio left the stream.
 
@@ -38,6 +40,7 @@ _SILENCE = 0.01  # absolute level below which an edge sample counts as silence
 _KEEP_LEAD_S = 0.015
 _KEEP_TAIL_S = {"sentence": 0.25, "clause": 0.15, "word": 0.05}
 _IDLE_TIMEOUT_S = 600.0  # a stream nobody finishes or cancels ends on its own
+_MAX_SPECULATIONS = 3  # first-piece guesses per stream (each costs one synthesis)
 
 
 @dataclass
@@ -45,12 +48,13 @@ class StreamStats:
     """What a stream did, for metrics and the benchmark (wall times: time.monotonic())."""
 
     pieces: list[str] = field(default_factory=list)
-    synth_s: float = 0.0  # worker time spent synthesising (all pieces)
-    audio_s: float = 0.0  # seconds of audio synthesised (all pieces)
+    synth_s: float = 0.0  # worker time spent synthesising (wasted guesses included)
+    audio_s: float = 0.0  # seconds of audio delivered (all pieces)
     wall_first_text: float | None = None
     wall_first_piece: float | None = None  # the segmenter released the first piece
     wall_first_audio: float | None = None  # the first piece's audio was ready
     piece_ready: list[float] = field(default_factory=list)  # wall time each piece was ready
+    speculation_used: bool = False  # the first piece was synthesised before it was confirmed
 
     @property
     def real_time_factor(self) -> float:
@@ -112,6 +116,8 @@ class TextStream:
         self._samples_out = 0
         self._current: _Piece | None = None
         self._current_out = 0
+        self._speculated: tuple[str, np.ndarray] | None = None
+        self._speculations = 0
         self._worker = threading.Thread(target=self._run, name=f"{name}-stream", daemon=True)
         self._worker.start()
 
@@ -227,6 +233,7 @@ class TextStream:
 
     def _work(self) -> None:
         while not self._cancelled:
+            self._speculate()
             try:
                 item = self._inbox.get(timeout=_IDLE_TIMEOUT_S)
             except queue.Empty:
@@ -252,22 +259,43 @@ class TextStream:
             if done:
                 return
 
+    def _speculate(self) -> None:
+        """While waiting for text, synthesise the first piece before its end is confirmed."""
+        if self._segmenter.pieces_out or self._speculations >= _MAX_SPECULATIONS:
+            return
+        if not self._inbox.empty():
+            return
+        candidate = self._segmenter.candidate()
+        if candidate is None or (self._speculated and self._speculated[0] == candidate):
+            return
+        self._speculations += 1
+        self._speculated = (candidate, self._render(candidate))
+
+    def _render(self, piece: str) -> np.ndarray:
+        """Normalise, synthesise, trim and resample one piece: int16 at the output rate."""
+        spoken = self._normalize(piece)
+        if not any(c.isalnum() for c in spoken):
+            return np.zeros(0, np.int16)
+        start = time.monotonic()
+        audio = self._synth(spoken)
+        audio = trim_silence(audio, self.synth_rate, piece)
+        audio = resample(audio, self.synth_rate, self.sample_rate)
+        self.stats.synth_s += time.monotonic() - start
+        return float_to_int16(audio)
+
     def _speak(self, piece: str) -> None:
         stats = self.stats
-        now = time.monotonic()
         if stats.wall_first_piece is None:
-            stats.wall_first_piece = now
+            stats.wall_first_piece = time.monotonic()
         index = len(stats.pieces)
         stats.pieces.append(piece)
-        spoken = self._normalize(piece)
-        pcm = np.zeros(0, np.int16)
-        if any(c.isalnum() for c in spoken):
-            audio = self._synth(spoken)
-            audio = trim_silence(audio, self.synth_rate, piece)
-            stats.audio_s += audio.size / self.synth_rate
-            audio = resample(audio, self.synth_rate, self.sample_rate)
-            pcm = float_to_int16(audio)
-            stats.synth_s += time.monotonic() - now
+        if self._speculated and self._speculated[0] == piece:
+            pcm = self._speculated[1]
+            stats.speculation_used = True
+        else:
+            pcm = self._render(piece)
+        self._speculated = None
+        stats.audio_s += pcm.size / self.sample_rate
         ready = time.monotonic()
         stats.piece_ready.append(ready)
         if stats.wall_first_audio is None and pcm.size:
