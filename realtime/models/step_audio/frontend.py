@@ -139,11 +139,11 @@ class StreamingMel:
         self._head: list[torch.Tensor] = []  # audio before the reflection can be built
         self._buf: torch.Tensor | None = None  # padded signal from sample 160 * n_frames on
         self._frames: list[torch.Tensor] = []
-        self._max = -math.inf
+        self._max: torch.Tensor | None = None  # on the device: no host sync per push
 
     @property
     def max_value(self) -> float:
-        return self._max
+        return -math.inf if self._max is None else float(self._max)
 
     def push(self, pcm: np.ndarray | torch.Tensor) -> torch.Tensor:
         if self.finished:
@@ -181,8 +181,7 @@ class StreamingMel:
         return torch.cat(self._frames, dim=1) if self._frames else self._empty()
 
     def normalized(self) -> torch.Tensor:
-        raw = self.frames()
-        return normalize_log_mel(raw, self._max if raw.numel() else None)
+        return normalize_log_mel(self.frames(), self._max)
 
     def _emit(self, k: int) -> torch.Tensor:
         assert self._buf is not None
@@ -192,7 +191,8 @@ class StreamingMel:
         self.n_frames += k
         self._buf = self._buf[k * HOP :]
         self._frames.append(out)
-        self._max = max(self._max, float(out.max()))
+        m = out.max()
+        self._max = m if self._max is None else torch.maximum(self._max, m)
         return out
 
     def _empty(self) -> torch.Tensor:
