@@ -184,7 +184,10 @@ class StepAudioModel(nn.Module):
 @contextlib.contextmanager
 def _no_init(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     """Modules built inside get uninitialised parameters of ``dtype`` on ``device``
-    (buffers that a module computes in ``__init__`` are still computed)."""
+    (buffers that a module computes in ``__init__`` are still computed).
+
+    It patches ``torch.nn.init`` and the default dtype process-wide for the fraction of a
+    second the construction takes: no other thread should build torch modules meanwhile."""
     names = (
         "kaiming_uniform_",
         "kaiming_normal_",
