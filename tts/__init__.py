@@ -1,10 +1,10 @@
 """Streaming text-to-speech heads: text (or speech-token) deltas in, PCM chunks out.
 
-    head = load_tts(cfg.tts, output_rate=24000)   # once, at startup; then head.warmup()
-    stream = head.open_stream(voice=None, speaking_rate=None)   # one per answer
-    stream.push_text(delta) ... stream.finish()  # any thread
-    async for chunk in stream.chunks(): ...      # event loop; 20 ms int16 chunks
-    report = stream.cancel()                     # barge-in: what was really emitted
+head = load_tts(cfg.tts, output_rate=24000)   # once, at startup; then head.warmup()
+stream = head.open_stream(voice=None, speaking_rate=None)   # one per answer
+stream.push_text(delta) ... stream.finish()  # any thread
+async for chunk in stream.chunks(): ...      # event loop; 20 ms int16 chunks
+report = stream.cancel()                     # barge-in: what was really emitted
 """
 
 from __future__ import annotations

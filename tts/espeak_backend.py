@@ -58,7 +58,9 @@ def parse_wav(data: bytes) -> tuple[np.ndarray, int]:
     raise ValueError("no data chunk in espeak-ng output")
 
 
-def espeak_synthesize(text: str, voice: str = DEFAULT_VOICE, speaking_rate: float = 1.0) -> tuple[np.ndarray, int]:
+def espeak_synthesize(
+    text: str, voice: str = DEFAULT_VOICE, speaking_rate: float = 1.0
+) -> tuple[np.ndarray, int]:
     """Float32 mono audio and its sample rate (22050 Hz for the stock voices)."""
     wpm = str(max(80, min(500, round(WORDS_PER_MINUTE * speaking_rate))))
     result = subprocess.run(
@@ -79,7 +81,9 @@ class EspeakHead:
     name = "espeak"
     accepts: Literal["text", "speech_tokens"] = "text"
 
-    def __init__(self, cfg: TTSConfig | None = None, *, output_rate: int | None = None, chunk_ms: int = 20) -> None:
+    def __init__(
+        self, cfg: TTSConfig | None = None, *, output_rate: int | None = None, chunk_ms: int = 20
+    ) -> None:
         self.cfg = cfg or TTSConfig(backend="espeak")
         espeak_binary()  # fail now, with the install hint, if it is missing
         self.default_voice = self.cfg.voice if self.cfg.voice in espeak_voices() else DEFAULT_VOICE

@@ -19,40 +19,123 @@ MONTHS = (
     "January February March April May June July August September October November December"
 ).split()
 MONTH_RE = "|".join(MONTHS + [m[:3] + r"\.?" for m in MONTHS if len(m) > 3] + ["Sept\\.?"])
-CURRENCY = {"$": ("dollar", "dollars", "cent", "cents"), "€": ("euro", "euros", "cent", "cents"),
-            "£": ("pound", "pounds", "penny", "pence"), "¥": ("yen", "yen", "", "")}
-SCALE_WORDS = {"k": "thousand", "m": "million", "mn": "million", "b": "billion", "bn": "billion",
-               "thousand": "thousand", "million": "million", "billion": "billion",
-               "trillion": "trillion"}
+CURRENCY = {
+    "$": ("dollar", "dollars", "cent", "cents"),
+    "€": ("euro", "euros", "cent", "cents"),
+    "£": ("pound", "pounds", "penny", "pence"),
+    "¥": ("yen", "yen", "", ""),
+}
+SCALE_WORDS = {
+    "k": "thousand",
+    "m": "million",
+    "mn": "million",
+    "b": "billion",
+    "bn": "billion",
+    "thousand": "thousand",
+    "million": "million",
+    "billion": "billion",
+    "trillion": "trillion",
+}
 UNITS = {
-    "km": "kilometers", "kg": "kilograms", "cm": "centimeters", "mm": "millimeters",
-    "mph": "miles per hour", "km/h": "kilometers per hour", "kph": "kilometers per hour",
-    "lb": "pounds", "lbs": "pounds", "oz": "ounces", "ft": "feet", "mi": "miles",
-    "ml": "milliliters", "m": "meters",
-    "kb": "kilobytes", "mb": "megabytes", "gb": "gigabytes", "tb": "terabytes",
-    "ghz": "gigahertz", "mhz": "megahertz", "khz": "kilohertz", "hz": "hertz",
-    "ms": "milliseconds", "kw": "kilowatts", "kwh": "kilowatt hours",
-    "°c": "degrees Celsius", "°f": "degrees Fahrenheit", "°": "degrees", "x": "times",
+    "km": "kilometers",
+    "kg": "kilograms",
+    "cm": "centimeters",
+    "mm": "millimeters",
+    "mph": "miles per hour",
+    "km/h": "kilometers per hour",
+    "kph": "kilometers per hour",
+    "lb": "pounds",
+    "lbs": "pounds",
+    "oz": "ounces",
+    "ft": "feet",
+    "mi": "miles",
+    "ml": "milliliters",
+    "m": "meters",
+    "kb": "kilobytes",
+    "mb": "megabytes",
+    "gb": "gigabytes",
+    "tb": "terabytes",
+    "ghz": "gigahertz",
+    "mhz": "megahertz",
+    "khz": "kilohertz",
+    "hz": "hertz",
+    "ms": "milliseconds",
+    "kw": "kilowatts",
+    "kwh": "kilowatt hours",
+    "°c": "degrees Celsius",
+    "°f": "degrees Fahrenheit",
+    "°": "degrees",
+    "x": "times",
 }
 ABBREVIATIONS = {
-    "Dr.": "Doctor", "Mr.": "Mister", "Mrs.": "Missus", "Ms.": "Miz", "Prof.": "Professor",
-    "Jr.": "Junior", "Sr.": "Senior", "vs.": "versus", "vs": "versus", "etc.": "et cetera",
-    "e.g.": "for example", "i.e.": "that is", "approx.": "approximately", "Dept.": "Department",
-    "Inc.": "Incorporated", "Ltd.": "Limited", "Corp.": "Corporation", "Ave.": "Avenue",
-    "Blvd.": "Boulevard", "Mt.": "Mount", "Fig.": "Figure", "w/o": "without", "w/": "with",
-    "a.m.": "A M", "p.m.": "P M", "cf.": "compare", "et al.": "and others", "U.S.": "U S",
-    "U.K.": "U K", "FAQ": "F A Q",
+    "Dr.": "Doctor",
+    "Mr.": "Mister",
+    "Mrs.": "Missus",
+    "Ms.": "Miz",
+    "Prof.": "Professor",
+    "Jr.": "Junior",
+    "Sr.": "Senior",
+    "vs.": "versus",
+    "vs": "versus",
+    "etc.": "et cetera",
+    "e.g.": "for example",
+    "i.e.": "that is",
+    "approx.": "approximately",
+    "Dept.": "Department",
+    "Inc.": "Incorporated",
+    "Ltd.": "Limited",
+    "Corp.": "Corporation",
+    "Ave.": "Avenue",
+    "Blvd.": "Boulevard",
+    "Mt.": "Mount",
+    "Fig.": "Figure",
+    "w/o": "without",
+    "w/": "with",
+    "a.m.": "A M",
+    "p.m.": "P M",
+    "cf.": "compare",
+    "et al.": "and others",
+    "U.S.": "U S",
+    "U.K.": "U K",
+    "FAQ": "F A Q",
 }
-SYMBOLS = {"&": " and ", "+": " plus ", "=": " equals ", "@": " at ", "~": " about ",
-           "×": " times ", "÷": " divided by ", "→": " to ", "<": " less than ",
-           ">": " greater than ", "|": ", ", "\\": " ", "^": " ", "_": " ", "*": " ",
-           "#": " ", "[": " ", "]": " ", "{": " ", "}": " ", "`": " "}
+SYMBOLS = {
+    "&": " and ",
+    "+": " plus ",
+    "=": " equals ",
+    "@": " at ",
+    "~": " about ",
+    "×": " times ",
+    "÷": " divided by ",
+    "→": " to ",
+    "<": " less than ",
+    ">": " greater than ",
+    "|": ", ",
+    "\\": " ",
+    "^": " ",
+    "_": " ",
+    "*": " ",
+    "#": " ",
+    "[": " ",
+    "]": " ",
+    "{": " ",
+    "}": " ",
+    "`": " ",
+}
 TLDS = "com|org|net|io|ai|dev|edu|gov|co|uk|de|fr|app|info|me|ly|us|ca"
-FRACTIONS = {"1/2": "one half", "1/3": "one third", "2/3": "two thirds", "1/4": "one quarter",
-             "3/4": "three quarters", "24/7": "twenty-four seven"}
+FRACTIONS = {
+    "1/2": "one half",
+    "1/3": "one third",
+    "2/3": "two thirds",
+    "1/4": "one quarter",
+    "3/4": "three quarters",
+    "24/7": "twenty-four seven",
+}
 
 
-def _rules(pairs: list[tuple[str, Callable[[re.Match[str]], str] | str]], flags: int = 0) -> list[Rule]:
+def _rules(
+    pairs: list[tuple[str, Callable[[re.Match[str]], str] | str]], flags: int = 0
+) -> list[Rule]:
     return [(re.compile(p, flags), r) for p, r in pairs]
 
 
@@ -121,7 +204,11 @@ def _url(m: re.Match[str]) -> str:
 
 def _email(m: re.Match[str]) -> str:
     user, host = m.group(1), m.group(2)
-    return " dot ".join(re.split(r"\.", user)).replace("_", " underscore ") + " at " + _speak_host(host)
+    return (
+        " dot ".join(re.split(r"\.", user)).replace("_", " underscore ")
+        + " at "
+        + _speak_host(host)
+    )
 
 
 WEB = _rules(
@@ -152,7 +239,7 @@ def _clock(hours: int, minutes: int) -> str:
 
 
 def _keep_final_stop(m: re.Match[str], words: str) -> str:
-    """"at 9 a.m." at the end of a piece: the period also ended the sentence."""
+    """ "at 9 a.m." at the end of a piece: the period also ended the sentence."""
     if m.group(0).endswith(".") and not m.string[m.end() :].strip():
         return words + "."
     return words
@@ -225,7 +312,10 @@ TIMES_AND_DATES = _rules(
         (r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b", _iso_date),
         (r"\b(\d{1,2})/(\d{1,2})/(\d{4}|\d{2})\b", _us_date),
         (rf"\b({MONTH_RE})\s+(\d{{1,2}})(?:st|nd|rd|th)?\b(?:,?\s+(\d{{4}})\b)?", _month_day),
-        (rf"\b(\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?({MONTH_RE})(?:,?\s+(\d{{4}})\b)?", _day_month),
+        (
+            rf"\b(\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?({MONTH_RE})(?:,?\s+(\d{{4}})\b)?",
+            _day_month,
+        ),
         (rf"\b({MONTH_RE})\s+(\d{{4}})\b", _month_year),
     ],
 )
@@ -279,11 +369,15 @@ NUMBERS = _rules(
     [
         (r"#(?=\d)", "number "),
         (r"\bNo\.\s?(?=\d)", "number "),
-        (r"([$€£¥])\s?(" + NUMBER + r")(?:\s?(k|mn?|bn?|thousand|million|billion|trillion)\b)?",
-         _money),
+        (
+            r"([$€£¥])\s?(" + NUMBER + r")(?:\s?(k|mn?|bn?|thousand|million|billion|trillion)\b)?",
+            _money,
+        ),
         (r"(" + NUMBER + r")\s?%", lambda m: f"{decimal(m.group(1))} percent"),
-        (r"\b(\d{3})[-.](\d{3})[-.](\d{4})\b",
-         lambda m: ", ".join(digits(g) for g in m.groups())),  # phone numbers
+        (
+            r"\b(\d{3})[-.](\d{3})[-.](\d{4})\b",
+            lambda m: ", ".join(digits(g) for g in m.groups()),
+        ),  # phone numbers
         (r"\b(\d+)(st|nd|rd|th)\b", lambda m: ordinal(int(m.group(1)))),
         (r"\b(\d+/\d+)\b", lambda m: FRACTIONS.get(m.group(1), m.group(1).replace("/", " over "))),
         (r"(?<![\w.])(" + NUMBER + r")\s?(" + UNIT_RE + r")(?![\w/])", _unit),

@@ -103,9 +103,13 @@ class PiperVoiceModel:
         providers: list[str | tuple[str, dict[str, str]]] = ["CPUExecutionProvider"]
         if use_gpu:
             if cuda_available():
-                providers.insert(0, ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}))
+                providers.insert(
+                    0, ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"})
+                )
             else:
-                log.warning("use_gpu is set but onnxruntime has no CUDA provider: Piper runs on CPU")
+                log.warning(
+                    "use_gpu is set but onnxruntime has no CUDA provider: Piper runs on CPU"
+                )
         config = PiperConfig.from_dict(json.loads(files.config.read_text(encoding="utf-8")))
         session = onnxruntime.InferenceSession(str(files.model), options, providers=providers)
         self.files = files
@@ -114,7 +118,9 @@ class PiperVoiceModel:
         self.sample_rate = config.sample_rate
         self.length_scale = config.length_scale
 
-    def synthesize(self, text: str, speaking_rate: float = 1.0, gain: float = DEFAULT_GAIN) -> np.ndarray:
+    def synthesize(
+        self, text: str, speaking_rate: float = 1.0, gain: float = DEFAULT_GAIN
+    ) -> np.ndarray:
         """Float32 mono audio for ``text`` (already normalised), all of its sentences."""
         from piper.config import SynthesisConfig
 
@@ -146,7 +152,7 @@ class PiperHead:
         output_rate: int | None = None,
         chunk_ms: int = 20,
         threads: int | None = None,
-        spin: bool = True,
+        spin: bool = False,
     ) -> None:
         self.cfg = cfg or TTSConfig()
         if self.cfg.speaking_rate <= 0:
@@ -206,7 +212,9 @@ class PiperHead:
             name="piper",
         )
 
-    def synthesize(self, text: str, voice: str | None = None, speaking_rate: float = 1.0) -> np.ndarray:
+    def synthesize(
+        self, text: str, voice: str | None = None, speaking_rate: float = 1.0
+    ) -> np.ndarray:
         """Whole-text synthesis (blocking; not for the event loop): float32 at the voice rate."""
         from tts.normalize import normalize
 

@@ -74,7 +74,9 @@ def trim_silence(audio: np.ndarray, rate: int, piece: str) -> np.ndarray:
     if loud.size == 0:
         return audio[:0]
     end = piece.rstrip().rstrip("\"')]}’”*_»")
-    kind = "sentence" if end[-1:] in SENTENCE_END else "clause" if end[-1:] in CLAUSE_END else "word"
+    kind = (
+        "sentence" if end[-1:] in SENTENCE_END else "clause" if end[-1:] in CLAUSE_END else "word"
+    )
     start = max(0, int(loud[0]) - int(_KEEP_LEAD_S * rate))
     stop = min(audio.size, int(loud[-1]) + 1 + int(_KEEP_TAIL_S[kind] * rate))
     return audio[start:stop]
@@ -178,7 +180,9 @@ class TextStream:
             self._cancelled = True
             text = "".join(self._text_done)
             if self._current is not None and self._current.pcm.size:
-                text += _spoken_share(self._current.text, self._current_out / self._current.pcm.size)
+                text += _spoken_share(
+                    self._current.text, self._current_out / self._current.pcm.size
+                )
             report = CancelReport(text_emitted=text, audio_s=self._samples_out / self.sample_rate)
             loop, q = self._loop, self._queue
         if first:
@@ -196,7 +200,9 @@ class TextStream:
         with self._lock:
             text = "".join(self._text_done)
             if self._current is not None and self._current.pcm.size:
-                text += _spoken_share(self._current.text, self._current_out / self._current.pcm.size)
+                text += _spoken_share(
+                    self._current.text, self._current_out / self._current.pcm.size
+                )
             return text
 
     def _attach(self, loop: asyncio.AbstractEventLoop) -> asyncio.Queue[object]:
@@ -304,7 +310,9 @@ class TextStream:
             self._deliver(_Piece(index=index, text=piece, pcm=pcm))
 
 
-def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[object], None], arg: object) -> None:
+def _call_in_loop(
+    loop: asyncio.AbstractEventLoop, fn: Callable[[object], None], arg: object
+) -> None:
     try:
         running = asyncio.get_running_loop()
     except RuntimeError:
