@@ -175,7 +175,8 @@ async def feed_file(session: Any, pcm: np.ndarray, rate: int, realtime: bool, ta
     answering turn by turn (the file's later audio waits until the answer is complete)."""
     step = rate // 50
     t0 = time.monotonic()
-    silence = np.zeros(int(tail_s * rate), np.float32) if realtime else np.zeros(int(1.0 * rate), np.float32)
+    tail = int((tail_s if realtime else 1.0) * rate)
+    silence = np.zeros((tail, *pcm.shape[1:]), np.float32)  # lets the last turn end naturally
     data = np.concatenate([pcm.astype(np.float32), silence])
     for i in range(0, len(data), step):
         due = t0 + (i + step) / rate  # when a microphone would have delivered this chunk
@@ -190,19 +191,26 @@ async def feed_file(session: Any, pcm: np.ndarray, rate: int, realtime: bool, ta
             await session.wait_idle()
 
 
-async def run_mic(config: AgentConfig, printer: Printer) -> int:
+async def run_mic(config: AgentConfig, as_json: bool) -> int:
     from realtime.runtime import Runtime
-    from realtime.transports.mic import NoAudioDeviceError, check_devices
-    from realtime.transports.mic import run_mic as mic_loop
+    from realtime.transports.mic import NoAudioDeviceError, find_devices, print_event
+    from realtime.transports.mic import run_mic as converse
 
     try:
-        check_devices()
+        find_devices()  # before any model loads: no device, no wait
     except NoAudioDeviceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NO_DEVICE
+
+    def show(event: dict[str, Any]) -> None:
+        if as_json:
+            print(json.dumps(event), flush=True)
+        else:
+            print_event(event)
+
     runtime = await Runtime.create(config)
     try:
-        await mic_loop(runtime, on_frame=printer)
+        await converse(runtime, on_event=show)
     except NoAudioDeviceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NO_DEVICE
@@ -235,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             serve(config, args.host or config.server.host, args.port or config.server.port)
             return 0
         if args.mic:
-            return asyncio.run(run_mic(config, printer))
+            return asyncio.run(run_mic(config, args.json))
         return asyncio.run(run_file(config, args.file, args.out, args.realtime, printer, args.tail_s))
     except AudioFormatError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -302,6 +302,8 @@ class Output(Stage):
     async def process(self, frame: Frame) -> None:
         s = self.session
         resp = s.response
+        if isinstance(frame, InputAudio):
+            return  # the user's own audio goes no further than the pipeline
         if isinstance(frame, OutputAudio) and resp is None:
             return  # audio of an answer that was cancelled meanwhile
         if isinstance(frame, (OutputAudio, AnswerText)) and resp is not None:

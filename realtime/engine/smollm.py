@@ -172,7 +172,7 @@ class SmolLMSession:
             common += 1
         common = min(common, len(ids) - 1)  # always run at least one token for fresh logits
         if common < len(cached):
-            self._cache.crop(common)
+            self._cache.crop(common - len(cached))  # a negative count: drop that many tokens
         new = torch.tensor([ids[common:]], dtype=torch.long)
         positions = torch.arange(common, len(ids), dtype=torch.long)[None]
         out = self.engine.model(

