@@ -1,11 +1,13 @@
-"""Shared by the server tests: spoken test audio (espeak-ng), a server on a free port, and
-``FakeRuntime``, a stand-in pipeline that keeps the ``Runtime``/``Session`` contract (energy
-VAD, a fixed transcript, a spoken-length tone as the answer) for when the real one is absent."""
+"""Shared by the server tests: spoken test audio (espeak-ng), a server on a free port, and the
+runtime: the real pipeline (``load_runtime``), or with ``SERVER_TESTS_FAKE_RUNTIME=1``
+``FakeRuntime``, a stand-in that keeps the ``Runtime``/``Session`` contract (energy VAD, a fixed
+transcript, a tone as the answer) for quick work on the protocols without loading models."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import tempfile
 import time
@@ -20,7 +22,7 @@ import numpy as np
 import soxr
 from aiohttp import web
 
-from realtime.config import ServerConfig, VADConfig
+from realtime.config import ServerConfig, VADConfig, load_config
 from realtime.frames import (
     AnswerText,
     EndFrame,
@@ -262,5 +264,9 @@ class FakeRuntime:
 
 
 async def load_runtime() -> Any:
-    """The runtime the server tests use (one per test module)."""
-    return FakeRuntime()
+    """The real pipeline on the offline default config (one per test module)."""
+    if os.environ.get("SERVER_TESTS_FAKE_RUNTIME"):
+        return FakeRuntime()
+    from realtime.runtime import Runtime
+
+    return await Runtime.create(load_config("embedded"))

@@ -70,7 +70,7 @@ async def test_page_talks_and_shows_transcript(server: RunningServer, tmp_path: 
             executable_path=str(CHROMIUM), headless=True, args=chromium_args(wav)
         )
         try:
-            page = await browser.new_page()
+            page = await browser.new_page(viewport={"width": 1280, "height": 860})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             await page.goto(server.http)
@@ -94,7 +94,7 @@ async def test_page_talks_and_shows_transcript(server: RunningServer, tmp_path: 
             bars = await page.locator("#latency-chart rect").count()
             assert bars >= 1
             assert not errors, errors
-            await page.screenshot(path=str(tmp_path / "page.png"))
+            await page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         finally:
             await browser.close()
     await asyncio.sleep(0.2)

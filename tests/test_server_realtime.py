@@ -43,7 +43,6 @@ async def test_sdk_whole_turn_manual_commit(server: RunningServer) -> None:
         await conn.session.update(
             session={
                 "type": "realtime",
-                "instructions": "Answer briefly.",
                 "audio": {
                     "input": {
                         "format": {"type": "audio/pcm", "rate": 24000},

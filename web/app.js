@@ -131,7 +131,7 @@ function drawLatency() {
     return e;
   };
   svg.replaceChildren();
-  for (const tick of [0, 0.5, 1.0, 1.5, 2, 3, 4, 5].filter((t) => t <= max)) {
+  for (const tick of [0, 0.5, 1.5, 2, 3, 4, 5].filter((t) => t <= max)) {
     el("line", { x1: L, x2: W - R, y1: y(tick), y2: y(tick), stroke: "#2a3150", "stroke-width": 1 });
     el("text", { x: L - 4, y: y(tick) + 3, "text-anchor": "end" }, `${tick}s`);
   }
