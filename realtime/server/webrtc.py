@@ -277,7 +277,9 @@ def make_offer_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[
             return _bad_request(f"invalid SDP offer: {exc or type(exc).__name__}")
 
         try:
-            state.session = await ctx.open_session("webrtc", pace_output=True)
+            state.session = await ctx.open_session(
+                "webrtc", pace_output=True, output_sample_rate=RTC_RATE
+            )
         except CapacityError as exc:
             await state.close()
             return _bad_request(str(exc), 503)
