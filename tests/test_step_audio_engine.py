@@ -1,0 +1,200 @@
+"""The Step-Audio engine on CPU with tiny checkpoints in the real layout.
+
+``bigram``: every layer's output projection is zero, so the next token depends only on the
+current one; the chain ``\\n -> Hi -> " you" -> <|EOT|>`` makes every lane say "Hi you" and
+stop. ``random``: plain random weights, for isolation, exactness and cancellation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from realtime.config import EngineConfig, SamplingConfig
+from realtime.engine.base import CancelToken, Engine, EngineSession, TokenEvent, UserTurn
+from realtime.engine.step_audio import (
+    StepAudioEngine,
+    StepAudioOptions,
+    build_step_audio_engine,
+    encoding_error,
+)
+from realtime.models.step_audio.model import StepAudioModel
+from realtime.models.step_audio.testing import write_tiny_checkpoint
+from realtime.models.step_audio.tokens import TextTokenizer
+
+RATE = 16000
+
+
+def _bigram(model: StepAudioModel, tok: TextTokenizer) -> None:
+    dec = model.decoder
+    for layer in dec.model.layers:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    chain = [tok.encode("\n")[0], tok.encode("Hi")[0], tok.encode(" you")[0], 151665]
+    emb, head = dec.model.embed_tokens.weight, dec.lm_head.weight
+    head.mul_(0.01)
+    for i, (cur, nxt) in enumerate(zip(chain, chain[1:], strict=False)):
+        emb[cur].zero_()
+        emb[cur, i] = 1.0
+        head[nxt].zero_()
+        head[nxt, i] = 10.0
+
+
+@pytest.fixture(scope="module")
+def bigram_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("bigram"), modify=_bigram)
+
+
+@pytest.fixture(scope="module")
+def random_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("random"), seed=3)
+
+
+def _engine(path: Path, **kw: object) -> StepAudioEngine:
+    opts = kw.pop("opts", None)
+    cfg = EngineConfig(backend="step-audio", model=str(path), device="cpu", max_context=512, **kw)
+    engine = build_step_audio_engine(cfg, opts)  # type: ignore[arg-type]
+    assert isinstance(engine, Engine)
+    return engine
+
+
+def _speech(seconds: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * RATE)) / RATE
+    tone = 0.3 * np.sin(2 * np.pi * (180 + 60 * np.sin(3 * t)) * t)
+    return (tone + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+def _listen(session: EngineSession, pcm: np.ndarray, piece: float = 0.2) -> None:
+    step = int(piece * RATE)
+    for i in range(0, pcm.shape[0], step):
+        session.listen(pcm[i : i + step])
+
+
+def _text(events: list[TokenEvent], kind: str) -> str:
+    return "".join(e.text for e in events if e.kind == kind)
+
+
+def test_listen_then_respond_thinks_then_answers_and_stops(bigram_dir: Path) -> None:
+    engine = _engine(bigram_dir)
+    free = engine.cache.free_slots
+    s = engine.new_session("be brief", SamplingConfig(think_budget=8, max_new_tokens=20))
+    assert engine.cache.free_slots == free - 1
+    audio = _speech(1.5)
+    _listen(s, audio)
+    assert s._l.pos > 0 and s._l.committed > 0  # pre-filled while listening
+    events = list(s.respond(UserTurn(audio=audio), CancelToken()))
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "thinking" and "answer" in kinds
+    assert _text(events, "thinking") == "Hi you"
+    assert _text(events, "answer") == "Hi you"  # stopped at <|EOT|>, nothing after
+    assert s.stats.wall_first_answer_token is not None and s.stats.thinking_tokens >= 2
+    assert s.stats.generated_tokens <= 2 * 4  # two lanes, three words and <|EOT|> each
+    assert engine.cache.free_slots == free - 1  # the speaking fork was given back
+    s.commit(UserTurn(audio=audio), "Hi you", interrupted=False)
+    assert len(s.conv.turns) == 1
+    _listen(s, _speech(0.7, seed=1))  # a second turn on top of the history
+    assert _text(list(s.respond(UserTurn(), CancelToken())), "answer") == "Hi you"
+    s.close()
+    assert engine.cache.free_slots == free
+
+
+def test_budget_zero_and_think_first(bigram_dir: Path) -> None:
+    engine = _engine(bigram_dir)
+    s = engine.new_session("", SamplingConfig(think_budget=0))
+    events = list(s.respond(UserTurn(audio=_speech(1.0)), CancelToken()))
+    assert _text(events, "thinking") == "" and _text(events, "answer") == "Hi you"
+    first = _engine(bigram_dir, opts=StepAudioOptions(speak_first=False))
+    s2 = first.new_session("", SamplingConfig(think_budget=1))
+    events = list(s2.respond(UserTurn(audio=_speech(1.0)), CancelToken()))
+    assert _text(events, "thinking") == "Hi"  # one reasoning token, then </think> is forced
+    assert _text(events, "answer") == "Hi you"
+
+
+def _tokens(engine: StepAudioEngine, audio: np.ndarray, listen: bool, n: int = 6) -> list[int]:
+    s = engine.new_session("sys", SamplingConfig(think_budget=0, max_new_tokens=n))
+    got: list[int] = []
+    s.on_token = lambda role, tok, t: got.append(tok)
+    if listen:
+        _listen(s, audio, piece=0.16)
+    list(s.respond(UserTurn(audio=audio), CancelToken()))
+    s.close()
+    return got
+
+
+def test_exact_mode_equals_whole_utterance_and_chunked_error(random_dir: Path) -> None:
+    audio = _speech(2.3, seed=5)
+    exact = _engine(random_dir, exact_encoding=True)
+    whole = _tokens(exact, audio, listen=False)
+    assert _tokens(exact, audio, listen=True) == whole
+    chunked = _engine(random_dir, exact_encoding=False)
+    assert _tokens(chunked, audio, listen=False) == whole  # nothing heard before: one pass
+    err = encoding_error(chunked.model, audio, chunked.chunk_samples, lookahead=2)
+    print("chunked-vs-whole error", err)
+    assert err["embeddings"] == 29 and 0.0 <= err["rel_l2"] < 1.0 and err["mean_cosine"] > 0.5
+    late = encoding_error(chunked.model, audio, chunked.chunk_samples, lookahead=8)
+    assert late["rel_l2"] <= err["rel_l2"] + 1e-6  # more look-ahead, less error
+
+
+def test_cancel_stops_within_one_step_and_frees_slots(random_dir: Path) -> None:
+    engine = _engine(random_dir)
+    free = engine.cache.free_slots
+    s = engine.new_session("", SamplingConfig(think_budget=64, max_new_tokens=200))
+    cancel = CancelToken()
+    seen: list[int] = []
+
+    def hook(role: str, tok: int, t: float) -> None:
+        seen.append(tok)
+        if len(seen) == 6:
+            cancel.cancel()
+
+    s.on_token = hook
+    it = s.respond(UserTurn(audio=_speech(1.0)), cancel)
+    list(it)
+    assert 6 <= len(seen) <= 6 + 2  # the step in flight (two lanes) at most
+    assert engine.cache.free_slots == free - 1 and not engine.runner.lanes
+    # a cancelled speculative answer keeps the audio: more audio continues the same turn
+    pos = s._l.pos
+    s.listen(_speech(0.7, seed=2))
+    assert s._l.pos > pos
+    s.close()
+    assert engine.cache.free_slots == free
+
+
+def test_two_sessions_do_not_disturb_each_other(random_dir: Path) -> None:
+    engine = _engine(random_dir)
+    a_audio, b_audio = _speech(1.3, seed=7), _speech(1.9, seed=8)
+    alone = _tokens(engine, a_audio, listen=True)
+    a = engine.new_session("sys", SamplingConfig(think_budget=0, max_new_tokens=6))
+    b = engine.new_session("other", SamplingConfig(think_budget=4, max_new_tokens=6))
+    got: list[int] = []
+    a.on_token = lambda role, tok, t: got.append(tok)
+    step = int(0.16 * RATE)
+    for i in range(0, max(a_audio.shape[0], b_audio.shape[0]), step):
+        if i < b_audio.shape[0]:
+            b.listen(b_audio[i : i + step])
+        if i < a_audio.shape[0]:
+            a.listen(a_audio[i : i + step])
+    list(b.respond(UserTurn(audio=b_audio), CancelToken()))
+    b.commit(UserTurn(audio=b_audio), "fine", interrupted=False)
+    list(a.respond(UserTurn(audio=a_audio), CancelToken()))
+    assert got == alone
+    assert a.slot != b.slot
+
+
+@torch.inference_mode()
+def test_listening_prefill_matches_the_final_pass_for_committed_prefix(random_dir: Path) -> None:
+    """What listening wrote is the prefix of what respond conditions on (no gap, no overlap)."""
+    engine = _engine(random_dir)
+    s = engine.new_session("", SamplingConfig(think_budget=0, max_new_tokens=1))
+    audio = _speech(2.0)
+    _listen(s, audio, piece=0.64)
+    lst = s._l
+    committed = torch.cat(lst.current)
+    assert committed.shape[0] == lst.committed == lst.pos - lst.body_start - 1
+    list(s.respond(UserTurn(audio=audio), CancelToken()))
+    assert s._answered is not None
+    assert s._answered.pieces[0].shape[0] == 25  # 2 s -> 25 embeddings in all
