@@ -282,4 +282,20 @@ ui.talk.addEventListener("click", async () => {
   }
 });
 
+$("ask").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const input = $("ask-text");
+  const text = input.value.trim();
+  if (!text) return;
+  if (!state.dc || state.dc.readyState !== "open") {
+    toast("Press “Start talking” first: typed questions are answered out loud too.");
+    return;
+  }
+  state.dc.send(JSON.stringify({ type: "text", text }));
+  setText(ui.user, text, "");
+  state.freshAnswer = true;
+  setStatus("Thinking", "thinking");
+  input.value = "";
+});
+
 drawLatency();
