@@ -81,6 +81,14 @@ async def test_spoken_question_gets_spoken_answer_and_events(server: RunningServ
         turn = next(e for e in events if e["event"] == "turn")
         assert turn["first_packet_s"] is not None
         assert loud_samples[0] > 48000 * 0.3, loud_samples  # > 0.3 s of non-silent answer audio
+        # commands on the data channel: a typed question is answered; a bad one is an error
+        got_turn.clear()
+        channel.send(json.dumps({"type": "text", "text": "What is two plus two?"}))
+        channel.send("{not json")
+        await asyncio.wait_for(got_turn.wait(), 120)
+        turns = [e for e in events if e["event"] == "turn"]
+        assert len(turns) == 2 and turns[-1]["transcript"] == "What is two plus two?"
+        assert any(e["event"] == "error" and e["code"] == "bad_command" for e in events)
     finally:
         for t in readers:
             t.cancel()
