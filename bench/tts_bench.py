@@ -1,6 +1,6 @@
 """Streaming TTS benchmark: first-chunk latency, real-time factor and playback gaps.
 
-    python -m bench.tts_bench [--repeats 5] [--token-ms 30] [--gpu]
+    python bench/tts_bench.py [--repeats 5] [--token-ms 30] [--threads N] [--gpu]
 
 Answer text is pushed token by token (about 30 ms a token, faster than speech) from a
 thread, as the engine does; the event loop collects the chunks. For each run:
@@ -183,6 +183,15 @@ def machine(gpu: bool) -> dict[str, object]:
     return info
 
 
+def command() -> str:
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return " ".join(["python", str(script), *sys.argv[1:]])
+
+
 def median(values: list[float]) -> float:
     return round(statistics.median(values), 2)
 
@@ -228,7 +237,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "targets": {"first_chunk_ms": 80, "max_gap_ms": 40},
         "machine": machine(args.gpu),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.tts_bench " + " ".join(sys.argv[1:]),
+        "command": command(),
         "all_runs": [asdict(r) for r in runs],
     }
     out = Path(args.out) if args.out else RESULTS / ("tts-gpu.json" if args.gpu else "tts-cpu.json")

@@ -158,7 +158,7 @@ class PiperHead:
         if self.cfg.speaking_rate <= 0:
             raise ValueError("speaking_rate must be positive")
         self.chunk_ms = chunk_ms
-        self.threads = threads or min(4, os.cpu_count() or 1)
+        self.threads = threads or min(2, os.cpu_count() or 1)  # more steals from the LLM
         self.spin = spin
         self.segmenter = SegmenterConfig(
             first_piece_words=self.cfg.first_piece_words, max_piece_chars=self.cfg.max_piece_chars
