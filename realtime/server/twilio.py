@@ -186,7 +186,12 @@ async def _handle(call: TwilioCall, msg: dict[str, Any]) -> bool:
             )
         call.stream_sid = msg.get("streamSid") or start.get("streamSid")
         call.call_sid = start.get("callSid")
-        log.info("twilio stream %s started (call %s)", call.stream_sid, call.call_sid)
+        log.info(
+            "twilio stream %s started (call %s, parameters %s)",
+            call.stream_sid,
+            call.call_sid,
+            start.get("customParameters") or {},
+        )
         return True
     if event == "media":
         media = msg.get("media")

@@ -14,7 +14,7 @@ import fractions
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,8 +114,13 @@ class PeerState:
     inbound: MediaStreamTrack | None = None
     channel: RTCDataChannel | None = None
     pending: list[str] = field(default_factory=list)
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     closed: bool = False
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def send_event(self, event: dict[str, Any]) -> None:
         text = json.dumps(event)
@@ -138,7 +143,7 @@ class PeerState:
             return
         self.closed = True
         self.ctx.closers.discard(self.close)
-        for task in self.tasks:
+        for task in list(self.tasks):
             if task is not asyncio.current_task():
                 await cancel_task(task)
         self.out_track.stop()
@@ -258,7 +263,7 @@ def make_offer_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[
 
             @channel.on("message")
             def on_message(message: object) -> None:
-                state.tasks.append(asyncio.ensure_future(_on_message(state, message)))
+                state.spawn(_on_message(state, message))
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
@@ -284,11 +289,9 @@ def make_offer_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[
             await state.close()
             return _bad_request(str(exc), 503)
         ctx.closers.add(state.close)
-        state.tasks.append(asyncio.ensure_future(_pump_frames(state, state.session)))
-        state.tasks.append(
-            asyncio.ensure_future(_read_inbound(state, state.inbound, state.session))
-        )
-        state.tasks.append(asyncio.ensure_future(_watchdog(state)))
+        state.spawn(_pump_frames(state, state.session))
+        state.spawn(_read_inbound(state, state.inbound, state.session))
+        state.spawn(_watchdog(state))
         local = pc.localDescription
         return web.json_response({"sdp": local.sdp, "type": local.type})
 

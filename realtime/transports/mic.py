@@ -59,10 +59,10 @@ def find_devices(
         try:
             info = sd.query_devices(device, kind=kind)
         except (sd.PortAudioError, ValueError) as exc:
-            found = "none" if not _all_devices(sd) else f"devices: {_all_devices(sd)}"
-            wanted = "the default" if device is None else repr(device)
+            wanted = "no default" if device is None else f"no device {device!r}"
             raise NoAudioDeviceError(
-                f"no {kind} audio device found ({wanted} {kind} device: {exc}; {found}). {HINT}"
+                f"no {kind} audio device found ({wanted}; PortAudio says: {exc}; devices: "
+                f"{_all_devices(sd) or 'none'}). {HINT}"
             ) from None
         channels = info.get(f"max_{kind}_channels", 0)
         if channels < 1:
