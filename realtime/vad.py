@@ -8,7 +8,8 @@ All times are stream seconds of the 16 kHz input.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import collections
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -23,7 +24,8 @@ EventKind = Literal["start", "pause", "resume", "stop", "discard"]
 @dataclass(frozen=True, slots=True)
 class VadEvent:
     kind: EventKind
-    t: float  # start: first voiced sample; pause/stop/discard: end of last voiced frame; resume: now
+    t: float  # start: first voiced sample; pause: end of last voiced frame; resume: now;
+    #           stop/discard: the true end of speech (see _TurnState.true_end)
     t_decided: float  # stream time at which the decision was made
 
 
@@ -34,6 +36,20 @@ class _TurnState:
     voiced_s: float = 0.0
     paused: bool = False
     resume_run: int = 0
+    peak_rms: float = 0.0
+    # (frame end time, rms) of the last frames: enough to look back past the VAD's hangover
+    recent: collections.deque[tuple[float, float]] = field(
+        default_factory=lambda: collections.deque(maxlen=150)
+    )
+
+    def true_end(self) -> float:
+        """The end of the last frame within 30 dB of the turn's loudest: WebRTC's VAD keeps
+        calling frames voiced for a while after the words stop, which would flatter latency."""
+        floor = self.peak_rms * 10 ** (-30 / 20)
+        for t_end, rms in reversed(self.recent):
+            if t_end <= self.t_last_voiced + 1e-9 and rms >= floor:
+                return t_end
+        return self.t_last_voiced
 
 
 class Endpointer:
@@ -75,7 +91,11 @@ class Endpointer:
             frame = data[i * self._frame : (i + 1) * self._frame]
             voiced = self._vad.is_speech(frame.tobytes(), PIPELINE_RATE)
             self._t += self._frame_s
+            rms = float(np.sqrt(np.mean(frame.astype(np.float32) ** 2))) / 32768.0
             events.extend(self._step(voiced))
+            if self._turn is not None:
+                self._turn.recent.append((self._t, rms))
+                self._turn.peak_rms = max(self._turn.peak_rms, rms)
         self._pending = data[n * self._frame :]
         return events
 
@@ -130,4 +150,4 @@ class Endpointer:
     def _end(self, turn: _TurnState, t_now: float) -> VadEvent:
         self._turn = None
         kind: EventKind = "stop" if turn.voiced_s * 1000 >= self.cfg.min_speech_ms else "discard"
-        return VadEvent(kind, turn.t_last_voiced, t_now)
+        return VadEvent(kind, turn.true_end(), t_now)

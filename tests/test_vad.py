@@ -32,15 +32,16 @@ def test_start_and_stop_near_the_truth(question):
     true_start, true_end = speech_bounds(question)
     start, stop = events[0], events[-1]
     assert abs(start.t - true_start) < 0.1
-    assert abs(stop.t - true_end) < 0.1
-    assert stop.t_decided - stop.t == pytest.approx(0.4, abs=0.03)
+    assert abs(stop.t - true_end) < 0.04  # the true end, not the VAD's hangover
+    assert 0.4 - 0.03 <= stop.t_decided - stop.t < 0.4 + 0.3
 
 
 @pytest.mark.parametrize("silence_ms", [200, 600])
 def test_silence_duration_is_configurable(question, silence_ms):
     stop = [e for e in feed(Endpointer(VADConfig(silence_duration_ms=silence_ms)), question) if e.kind == "stop"]
     assert len(stop) == 1
-    assert stop[0].t_decided - stop[0].t == pytest.approx(silence_ms / 1000, abs=0.03)
+    waited = stop[0].t_decided - stop[0].t
+    assert silence_ms / 1000 - 0.03 <= waited < silence_ms / 1000 + 0.3
 
 
 def test_silence_and_short_clicks_are_not_speech():
