@@ -87,6 +87,7 @@ class StepAudioOptions:
     refresh_tokens: int = 16  # new reasoning needed before it is handed to the speaking lane
     speak_first: bool = True  # False: one lane, think up to the budget, then answer
     compile: bool = True  # torch.compile the decode step's element-wise work (CUDA only)
+    split_reductions: bool = True  # inductor setting for the compiled step (bench picks)
 
 
 # ---- audio encoding ---------------------------------------------------------------------------
@@ -164,6 +165,7 @@ class StepAudioEngine:
                 compile=graphs and self.opts.compile,
                 attention=cfg.attention,
                 batch_sizes=(1, 2, 4),
+                split_reductions=self.opts.split_reductions,
             ),
         )
         self.chunk_samples = max(1, cfg.listen_chunk_ms * SAMPLE_RATE // 1000)

@@ -46,7 +46,7 @@ from realtime.models.qwen2 import (
 
 log = logging.getLogger(__name__)
 
-PREFILL_SIZES = (8, 16, 32, 64, 128)  # pre-fill pieces padded to these sizes replay a graph
+PREFILL_SIZES = (8, 16, 32, 64, 128, 256)  # pre-fill pieces padded to these sizes replay a graph
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class RunnerOptions:
     batch_sizes: tuple[int, ...] = (1, 2, 4)
     len_buckets: tuple[int, ...] = ()  # default: 512, 1024, ... up to the cache length
     prefill_chunk: int = 512
+    split_reductions: bool = True  # inductor may split small reductions (more kernels)
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,9 @@ class DecodeRunner:
         if opts.compile and self.is_cuda:
             try:
                 import torch._dynamo as dynamo
+                import torch._inductor.config as inductor_config
+
+                inductor_config.split_reductions = opts.split_reductions
 
                 for name in ("recompile_limit", "cache_size_limit"):
                     if hasattr(dynamo.config, name):
