@@ -198,3 +198,31 @@ def test_listening_prefill_matches_the_final_pass_for_committed_prefix(random_di
     list(s.respond(UserTurn(audio=audio), CancelToken()))
     assert s._answered is not None
     assert s._answered.pieces[0].shape[0] == 25  # 2 s -> 25 embeddings in all
+
+
+def _bigram_with_period(model: StepAudioModel, tok: TextTokenizer) -> None:
+    dec = model.decoder
+    for layer in dec.model.layers:
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    words = ["\n", "Hi", ".", " you"]
+    chain = [tok.encode(w)[0] for w in words] + [151665]
+    emb, head = dec.model.embed_tokens.weight, dec.lm_head.weight
+    head.mul_(0.01)
+    for i, (cur, nxt) in enumerate(zip(chain, chain[1:], strict=False)):
+        emb[cur].zero_()
+        emb[cur, i] = 1.0
+        head[nxt].zero_()
+        head[nxt, i] = 10.0
+
+
+def test_reasoning_is_handed_to_the_speaker_at_sentence_ends(tmp_path: Path) -> None:
+    path = write_tiny_checkpoint(tmp_path / "period", modify=_bigram_with_period)
+    engine = _engine(path, opts=StepAudioOptions(refresh_tokens=1))
+    s = engine.new_session("", SamplingConfig(think_budget=16, max_new_tokens=20))
+    events = list(s.respond(UserTurn(audio=_speech(1.0)), CancelToken()))
+    answer = _text(events, "answer")
+    print("answer with hand-overs:", repr(answer), s.handovers)
+    assert _text(events, "thinking") == "Hi. you"
+    assert s.handovers >= 1 and answer.startswith("Hi.Hi.") and answer.endswith(" you")
+    assert "think" not in answer

@@ -87,7 +87,7 @@ class StepAudioOptions:
     refresh_tokens: int = 16  # new reasoning needed before it is handed to the speaking lane
     speak_first: bool = True  # False: one lane, think up to the budget, then answer
     compile: bool = True  # torch.compile the decode step's element-wise work (CUDA only)
-    split_reductions: bool = True  # inductor setting for the compiled step (bench picks)
+    split_reductions: bool = False  # inductor setting for the compiled step (measured)
 
 
 # ---- audio encoding ---------------------------------------------------------------------------

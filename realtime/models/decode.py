@@ -57,7 +57,7 @@ class RunnerOptions:
     batch_sizes: tuple[int, ...] = (1, 2, 4)
     len_buckets: tuple[int, ...] = ()  # default: 512, 1024, ... up to the cache length
     prefill_chunk: int = 512
-    split_reductions: bool = True  # inductor may split small reductions (more kernels)
+    split_reductions: bool = False  # let inductor split small reductions (more kernels)
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,7 @@ def post_attention(
 
 def layer_decode(
     x: torch.Tensor,
+    delta: torch.Tensor,
     lw: tuple[torch.Tensor | None, ...],
     kc: torch.Tensor,
     vc: torch.Tensor,
@@ -177,13 +178,16 @@ def layer_decode(
     eps: float,
     n_heads: int,
     n_kv: int,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer for one new token per row, attention written as plain reductions.
 
     Meant for ``torch.compile``: the cache rows of each lane are read through their slot index
     inside the fused reduction (no gathered copy of the cache), the new key/value is written in
     place. ``visible [B, L]``: which of the first ``L`` cache positions each row may see.
+    The residual stream is ``x + delta`` and the layer returns ``(x', delta')`` unsummed, so
+    the last residual add of one layer fuses with the first RMSNorm of the next.
     """
+    x = x + delta
     ln1, qkv_w, qkv_b, o_w, ln2, gu_w, down_w = lw
     assert ln1 is not None and qkv_w is not None and o_w is not None
     assert ln2 is not None and gu_w is not None and down_w is not None
@@ -202,7 +206,9 @@ def layer_decode(
     probs = torch.softmax(scores, dim=1)
     out = (probs[..., None] * vals[:, :, :, None, :]).sum(1)  # [B, Hkv, g, D]
     attn = out.reshape(b, 1, n_heads * d).to(x.dtype)
-    return post_attention(x, attn, o_w, ln2, gu_w, down_w, eps)
+    x = x + F.linear(attn, o_w)
+    gate, up = F.linear(_rms(x, ln2, eps), gu_w).chunk(2, dim=-1)
+    return x, F.linear(F.silu(gate) * up, down_w)
 
 
 def sample_tokens(
@@ -499,12 +505,14 @@ class DecodeRunner:
         cos, sin = rope_cos_sin(positions, self.model.inv_freq, x.dtype)
         if self._layer is not None:
             visible = torch.arange(attn_len, device=x.device)[None] <= pos[:, None]
+            delta = torch.zeros_like(x)
             for i, lw in enumerate(self.layers):
                 weights = (lw.ln1, lw.qkv_w, lw.qkv_b, lw.o_w, lw.ln2, lw.gu_w, lw.down_w)
-                x = self._layer(
-                    x, weights, self.cache.k[i], self.cache.v[i], cos, sin, pos, slots,
+                x, delta = self._layer(
+                    x, delta, weights, self.cache.k[i], self.cache.v[i], cos, sin, pos, slots,
                     visible, self.eps, self.n_heads, self.n_kv,
                 )  # fmt: skip
+            x = x + delta
         else:
             x = self._layers_unfused(x, positions, slots, cos, sin, attn_len)
         logits = self.model.lm_head(self.model.model.norm(x[:, 0]))
