@@ -184,7 +184,12 @@ class PiperHead:
 
     def warmup(self) -> None:
         model = self.model(self.default_voice)
-        for text in ("Hello.", "This warms up the voice, so the first answer is quick."):
+        for text in (
+            "Hello.",
+            "This warms up the voice, so the first answer is quick.",
+            "A long sentence sizes the memory arena once, at startup, rather than in the middle "
+            "of an answer, when a long piece arrives and must be ready before the last one ends.",
+        ):
             model.synthesize(text)
 
     def open_stream(
