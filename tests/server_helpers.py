@@ -26,6 +26,7 @@ from realtime.config import ServerConfig, VADConfig, load_config
 from realtime.frames import (
     AnswerText,
     EndFrame,
+    ErrorFrame,
     Frame,
     Interruption,
     OutputAudio,
@@ -38,6 +39,7 @@ from realtime.frames import (
 from realtime.server.app import create_app
 
 QUESTION = "What is the capital of France?"
+FAIL_PREFIX = "FAIL:"  # FakeRuntime: a text turn starting with this makes the engine fail
 
 
 @lru_cache(maxsize=8)
@@ -204,6 +206,11 @@ class FakeSession:
         if text is None:
             await self.queue.put(Transcript(transcript, final=True))
         t0 = time.monotonic()
+        if text is not None and text.startswith(FAIL_PREFIX):
+            await self.queue.put(ErrorFrame("engine_error", "the reply engine failed: test"))
+            await self.queue.put(AnswerText("", end=True))
+            await self.queue.put(TurnMetrics(self.turn, None, {}, False, transcript, ""))
+            return
         await self.queue.put(ThinkingText("The user asks a question."))
         rate = self.options.output_sample_rate or 24000
         n = rate // 50

@@ -13,7 +13,7 @@ import pytest_asyncio
 import websockets
 from aiortc import RTCPeerConnection
 from openai import AsyncOpenAI
-from server_helpers import FakeRuntime, RunningServer, start_server
+from server_helpers import FAIL_PREFIX, FakeRuntime, RunningServer, start_server
 
 from realtime.config import ServerConfig
 from realtime.server.app import CTX_KEY
@@ -134,3 +134,21 @@ async def test_session_limit_applies_to_webrtc(server: RunningServer) -> None:
         await pc.close()
         for h in holders:
             await h.close()
+
+
+async def test_engine_failure_ends_the_response_as_failed(server: RunningServer) -> None:
+    async with websockets.connect(f"{server.ws}/v1/realtime") as ws:
+        await ws.recv()
+        await ws.send(_text_item(f"{FAIL_PREFIX} anything"))
+        await ws.send(json.dumps({"type": "response.create"}))
+        events = await _events_until(ws, "response.done")
+        errors = [e["error"] for e in events if e["type"] == "error"]
+        assert (
+            errors and errors[0]["code"] == "engine_error" and errors[0]["type"] == "server_error"
+        )
+        assert events[-1]["response"]["status"] == "failed"
+        assert not [e for e in events if e["type"] == "response.output_audio_transcript.delta"]
+        # the connection goes on
+        await ws.send(_text_item("Hello?"))
+        await ws.send(json.dumps({"type": "response.create"}))
+        assert (await _events_until(ws, "response.done"))[-1]["response"]["status"] == "completed"

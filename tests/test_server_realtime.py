@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,7 @@ async def test_sdk_whole_turn_manual_commit(server: RunningServer) -> None:
             await conn.input_audio_buffer.append(audio=base64.b64encode(piece.tobytes()).decode())
         await conn.input_audio_buffer.commit()
         await conn.response.create()
+        t_commit = time.monotonic()
         types: list[str] = []
         audio = bytearray()
         transcript = answer = ""
@@ -75,6 +77,8 @@ async def test_sdk_whole_turn_manual_commit(server: RunningServer) -> None:
                     answer = event.transcript
                 elif event.type == "error":
                     pytest.fail(f"error event: {event}")
+                elif event.type == "response.created":
+                    assert time.monotonic() - t_commit < 15  # no waiting on a lost transcript
                 elif event.type == "response.done":
                     done = event
                     break
@@ -88,6 +92,8 @@ async def test_sdk_whole_turn_manual_commit(server: RunningServer) -> None:
         ):
             assert expected in types, (expected, types)
         assert done is not None and done.response.status == "completed"
+        assert types.count("input_audio_buffer.committed") == 1, types
+        assert "input_audio_buffer.speech_stopped" not in types  # manual turns: no VAD events
         assert done.response.usage is not None and done.response.usage.total_tokens > 0
         words = transcript.lower()
         assert "capital" in words and "france" in words, transcript

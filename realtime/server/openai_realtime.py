@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 TRANSPORT = "realtime"
 MIN_COMMIT_MS = 100
 TRANSCRIPT_WAIT_S = 30.0
+ANSWER_ERRORS = frozenset({"engine_error", "tts_error", "internal_error"})
 
 
 @dataclass
@@ -55,6 +56,7 @@ class ResponseState:
     audio_ms: float = 0.0
     input_text: str = ""
     input_ms: float = 0.0
+    failed: bool = False
 
 
 @dataclass
@@ -80,6 +82,7 @@ class RealtimeConnection:
     awaiting_transcript: UserTurn | None = None
     response: ResponseState | None = None
     drop_output: bool = False  # frames of a cancelled answer still in flight
+    stop_is_echo: bool = False  # the next SpeechStopped ends a turn committed by the client
     pending_user_text: list[str] = field(default_factory=list)
     last_transcript: str = ""
     resample: StreamResampler = field(default_factory=lambda: StreamResampler(24000))
@@ -250,7 +253,7 @@ async def _pump(conn: RealtimeConnection) -> None:
                 delta=base64.b64encode(fmt.encode(pcm)).decode("ascii"),
             )
         elif isinstance(frame, (AnswerText, ThinkingText)):
-            if conn.drop_output:
+            if conn.drop_output or not frame.text:
                 continue
             r = await conn.open_response()
             ids = {"response_id": r.id, "item_id": r.item_id, "output_index": 0, "content_index": 0}
@@ -260,7 +263,12 @@ async def _pump(conn: RealtimeConnection) -> None:
             else:
                 r.reasoning.append(frame.text)
                 await conn.send(rp.REASONING_DELTA, **ids, delta=frame.text)
+        elif isinstance(frame, (SpeechStarted, SpeechStopped)) and (
+            conn.settings.turn_detection is None
+        ):
+            continue  # manual turns: the client commits, VAD events are not part of the API
         elif isinstance(frame, SpeechStarted):
+            conn.stop_is_echo = False
             conn.user.audio_ms = 0.0
             start_ms = max(0, int(frame.t * 1000))
             await conn.send(
@@ -269,6 +277,9 @@ async def _pump(conn: RealtimeConnection) -> None:
                 item_id=conn.user.item_id,
             )
         elif isinstance(frame, SpeechStopped):
+            if conn.stop_is_echo:  # the end of a turn the client committed itself
+                conn.stop_is_echo = False
+                continue
             turn = conn.user
             turn.audio_ms = max(turn.audio_ms, frame.t_end * 1000)
             await conn.send(
@@ -287,14 +298,19 @@ async def _pump(conn: RealtimeConnection) -> None:
             conn.ctx.metrics.observe_turn(TRANSPORT, frame)
             if frame.transcript and conn.awaiting_transcript is not None:
                 await conn.on_transcript(frame.transcript)
-            if not frame.interrupted:
-                await conn.finish_response("completed")
+            if not frame.interrupted and conn.response is not None:
+                if conn.response.failed:
+                    await conn.finish_response("failed", "error")
+                else:
+                    await conn.finish_response("completed")
             conn.drop_output = False
         elif isinstance(frame, ErrorFrame):
             err = ClientError(frame.message, code=frame.code, kind="server_error")
             await conn.send_error(err)
             if conn.awaiting_transcript is not None:  # e.g. no_speech: no transcript will come
                 conn.awaiting_transcript.transcribed.set()
+            if conn.response is not None and frame.code in ANSWER_ERRORS:
+                conn.response.failed = True  # it ends with the turn's TurnMetrics
             if frame.fatal:
                 await conn.finish_response("failed", "error")
         elif isinstance(frame, EndFrame):
@@ -386,6 +402,7 @@ async def _handle_event(
                 f"have {conn.user.audio_ms:.0f} ms",
                 code="input_audio_buffer_commit_empty",
             )
+        conn.stop_is_echo = conn.settings.turn_detection is not None
         await s.commit()
         await conn.commit_user_turn()
     elif kind == "input_audio_buffer.clear":
