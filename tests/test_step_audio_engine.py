@@ -226,3 +226,17 @@ def test_reasoning_is_handed_to_the_speaker_at_sentence_ends(tmp_path: Path) -> 
     assert _text(events, "thinking") == "Hi. you"
     assert s.handovers >= 1 and answer.startswith("Hi.Hi.") and answer.endswith(" you")
     assert "think" not in answer
+
+
+def test_typed_turn_and_history_rebuild(bigram_dir: Path) -> None:
+    engine = _engine(bigram_dir)
+    s = engine.new_session("sys", SamplingConfig(think_budget=0))
+    events = list(s.respond(UserTurn(text="hello"), CancelToken()))
+    assert _text(events, "answer") == "Hi you"
+    s.commit(UserTurn(text="hello"), "Hi you", interrupted=False)
+    s.listen(_speech(0.7))
+    list(s.respond(UserTurn(), CancelToken()))
+    s.commit(UserTurn(), "Hi", interrupted=True)
+    hist = s._hist_len
+    s._rebuild_history()  # re-fill from the stored text and audio embeddings
+    assert s._hist_len == hist and s.conv.turns[0].user.parts == ("hello",)

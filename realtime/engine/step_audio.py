@@ -227,6 +227,7 @@ class _Answered:
     turn_end: int  # cache length just after the user turn's <|EOT|>
     pieces: list[torch.Tensor]  # the audio embeddings of the turn, one tensor per piece
     audio: np.ndarray
+    user: Message  # the user turn as the history renders it
 
 
 @dataclass
@@ -356,11 +357,17 @@ class StepAudioSession:
         gen = e.builder.generation_prompt().ids
         if self.sampling.think_budget <= 0:
             gen = gen + e._close_ids  # an empty reasoning block: answer at once
-        if e.cfg.exact_encoding:
+        ids = [e.special.audio_end, e.special.eot]
+        if audio.shape[0] == 0 and turn.text:  # a typed turn: text where the audio would be
+            pieces: list[torch.Tensor] = []
+            parts, start = [e.embed_ids(e.text_ids(turn.text))], lst.body_start
+            ids = [e.special.eot]
+            user = Message.text("human", turn.text)
+        elif e.cfg.exact_encoding:
             pieces = [encode_piece(e.model, audio[s : s + CHUNK_SAMPLES]) for s in
                       range(0, max(audio.shape[0], 1), CHUNK_SAMPLES)]  # fmt: skip
             pieces = [p for p in pieces if p.shape[0]] or [pieces[0]]
-            parts: list[torch.Tensor] = []
+            parts = []
             for i, p in enumerate(pieces):
                 if i:
                     parts.append(e.embed_ids([e.special.audio_end, e.special.audio_start]))
@@ -370,12 +377,13 @@ class StepAudioSession:
             tail = encode_piece(e.model, audio[lst.piece_start :])[lst.committed :]
             pieces = [*lst.done_pieces, torch.cat([*lst.current, tail])]
             parts, start = [tail], lst.pos
-        ids = [e.special.audio_end, e.special.eot]
+        if pieces:
+            user = Message("human", tuple(AudioSlot(p.shape[0]) for p in pieces))
         turn_end = start + sum(p.shape[0] for p in parts) + len(ids)
         embeds = torch.cat([*parts, e.embed_ids(ids + gen)])
         self.stats.prefill_tokens = embeds.shape[0]
         logits = self._prefill(embeds, start)
-        self._answered = _Answered(turn_end, pieces, audio)
+        self._answered = _Answered(turn_end, pieces, audio, user)
         return logits, turn_end + len(gen), pieces
 
     # ---- respond --------------------------------------------------------------------------------
@@ -539,8 +547,7 @@ class StepAudioSession:
         ids = e.builder.message(msg).ids
         self._prefill(e.embed_ids(ids), ans.turn_end)
         self._hist_len = ans.turn_end + len(ids)
-        user = Message("human", tuple(AudioSlot(p.shape[0]) for p in ans.pieces))
-        self.conv.turns.append(Turn(user=user, answer=answer))
+        self.conv.turns.append(Turn(user=ans.user, answer=answer))
         self._turn_embeds.append(ans.pieces)
         self._answered = None
         self._l = _Listening(pos=self._hist_len)
