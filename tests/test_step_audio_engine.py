@@ -240,3 +240,17 @@ def test_typed_turn_and_history_rebuild(bigram_dir: Path) -> None:
     hist = s._hist_len
     s._rebuild_history()  # re-fill from the stored text and audio embeddings
     assert s._hist_len == hist and s.conv.turns[0].user.parts == ("hello",)
+
+
+def test_history_is_trimmed_to_history_turns(bigram_dir: Path) -> None:
+    engine = _engine(bigram_dir, history_turns=2)
+    s = engine.new_session("sys", SamplingConfig(think_budget=0, max_new_tokens=4))
+    lengths = []
+    for i in range(4):
+        s.listen(_speech(0.7, seed=i))
+        list(s.respond(UserTurn(), CancelToken()))
+        s.commit(UserTurn(), "Hi you", interrupted=False)
+        lengths.append(s._hist_len)
+    s.listen(_speech(0.3))  # opening the fifth turn trims to the last two
+    assert len(s.conv.turns) == 2 and s._hist_len < lengths[-1]
+    assert _text(list(s.respond(UserTurn(), CancelToken())), "answer") == "Hi you"

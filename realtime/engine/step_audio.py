@@ -296,8 +296,10 @@ class StepAudioSession:
         if lst.opened:
             return
         e = self.engine
-        if self._hist_len + 64 > e.cache.max_len // 2 and self.conv.turns:
-            self._trim_history()
+        limit = e.cfg.history_turns
+        too_long = self._hist_len + 64 > e.cache.max_len // 2 and bool(self.conv.turns)
+        if too_long or (limit and len(self.conv.turns) > limit):
+            self._trim_history(len(self.conv.turns) // 2 if too_long else limit)
             lst.pos = self._hist_len
         ids = e.builder.open_turn("human").ids
         lst.body_start = lst.pos + len(ids)
@@ -305,8 +307,9 @@ class StepAudioSession:
         lst.pos += len(ids) + 1
         lst.opened = True
 
-    def _trim_history(self) -> None:
-        keep = max(0, len(self.conv.turns) // 2)
+    def _trim_history(self, keep: int) -> None:
+        """Keep the last ``keep`` turns and re-fill the cache from position 0 (the stored
+        audio embeddings are reused; this runs when the next turn starts, before it is heard)."""
         self.conv.turns = self.conv.turns[len(self.conv.turns) - keep :]
         self._turn_embeds = self._turn_embeds[len(self._turn_embeds) - keep :]
         self._rebuild_history()
