@@ -44,6 +44,7 @@ async def test_sdk_whole_turn_manual_commit(server: RunningServer) -> None:
         await conn.session.update(
             session={
                 "type": "realtime",
+                "instructions": "You are a terse voice assistant. Answer in one short sentence.",
                 "audio": {
                     "input": {
                         "format": {"type": "audio/pcm", "rate": 24000},
@@ -56,6 +57,7 @@ async def test_sdk_whole_turn_manual_commit(server: RunningServer) -> None:
         updated = await conn.recv()
         assert updated.type == "session.updated", updated
         assert updated.session.audio.input.turn_detection is None
+        assert updated.session.instructions.startswith("You are a terse voice assistant")
         pcm = speech(QUESTION, 24000)
         for piece in chunks(pcm, 2400):
             await conn.input_audio_buffer.append(audio=base64.b64encode(piece.tobytes()).decode())
