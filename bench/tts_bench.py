@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -151,6 +152,11 @@ async def one_run(head: PiperHead, name: str, text: str, token_s: float) -> Run:
     )
 
 
+def _burn() -> None:
+    while True:  # a stand-in for the LLM decoding on another core
+        pass
+
+
 def machine(gpu: bool) -> dict[str, object]:
     cpu = platform.processor()
     try:
@@ -202,6 +208,9 @@ async def main_async(args: argparse.Namespace) -> int:
     head = PiperHead(cfg, threads=args.threads or None, spin=args.spin)
     head.warmup()
     load_s = time.perf_counter() - load_start
+    burners = [multiprocessing.Process(target=_burn, daemon=True) for _ in range(args.busy)]
+    for p in burners:
+        p.start()
     load_before = os.getloadavg()
     runs: list[Run] = []
     for repeat in range(args.repeats):
@@ -214,6 +223,8 @@ async def main_async(args: argparse.Namespace) -> int:
             )
             await asyncio.sleep(0.2)
     load_after = os.getloadavg()
+    for p in burners:
+        p.terminate()
     result = {
         "first_chunk_ms": median([r.first_chunk_ms for r in runs]),
         "real_time_factor": round(statistics.median([r.real_time_factor for r in runs]), 4),
@@ -230,6 +241,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "runs": len(runs),
         "repeats": args.repeats,
         "token_ms": args.token_ms,
+        "busy_processes": args.busy,
         "provider": head.provider,
         "threads": head.threads,
         "load_s": round(load_s, 2),
@@ -265,8 +277,8 @@ async def main_async(args: argparse.Namespace) -> int:
         )
     print(
         f"\nStreaming TTS: Piper {args.voice}, {head.provider}, {head.threads} threads, "
-        f"{len(runs)} runs, tokens every {args.token_ms} ms, load {load_before[0]:.2f} -> "
-        f"{load_after[0]:.2f}; wrote {out}"
+        f"{len(runs)} runs, tokens every {args.token_ms} ms, {args.busy} busy processes, "
+        f"load {load_before[0]:.2f} -> {load_after[0]:.2f}; wrote {out}"
     )
     width = max(len(r[0]) for r in rows)
     print(f"| {'metric':{width}s} | {'value':>16s} | target   |")
@@ -284,6 +296,7 @@ def main() -> int:
     parser.add_argument("--gpu", action="store_true", help="onnxruntime CUDA provider if present")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
     parser.add_argument("--spin", action="store_true", help="let onnxruntime threads spin")
+    parser.add_argument("--busy", type=int, default=0, help="CPU-burning processes alongside")
     parser.add_argument("--out", default="", help="result file (default bench/results/tts-*.json)")
     return asyncio.run(main_async(parser.parse_args()))
 
