@@ -140,3 +140,14 @@ def test_no_cut_inside_code_or_link_text() -> None:
     pieces = segment(["Run `a, b, c` now. See [this, that](http://x.y/z?q=1). Done."], cfg)
     assert pieces[0] == "Run `a, b, c` now."
     assert pieces[1] == " See [this, that](http://x.y/z?q=1)."
+
+
+@settings(max_examples=200, deadline=None)
+@given(TEXT, CFG)
+def test_candidate_is_what_a_space_would_release(text: str, cfg: SegmenterConfig) -> None:
+    seg = Segmenter(cfg)
+    released = seg.push(text)
+    guess = seg.candidate()
+    assert seg.pending == text[len("".join(released)) :]  # candidate() consumed nothing
+    after_space = seg.push(" ")
+    assert after_space[:1] == ([guess] if guess is not None else [])
