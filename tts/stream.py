@@ -319,8 +319,11 @@ def _call_in_loop(
         running = None
     if running is loop:
         fn(arg)
-    elif not loop.is_closed():
+        return
+    try:
         loop.call_soon_threadsafe(fn, arg)
+    except RuntimeError:
+        pass  # the loop has closed: nobody is listening any more
 
 
 def _spoken_share(text: str, fraction: float) -> str:
