@@ -33,6 +33,7 @@ async def test_espeak_head_streams() -> None:
     assert [c.text for c in chunks if c.text] == ["Hi,", " it costs $3.50."]
     with pytest.raises(ValueError):
         head.open_stream(voice="no-such-voice")
+    assert 0.5 < EspeakHead(output_rate=16000).synthesize("Hello there.").size / 16000 < 3.0
 
 
 def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -117,3 +117,10 @@ async def test_streamed_speech_is_understood(head: PiperHead) -> None:
     heard = " ".join(s.text for s in segments).lower()
     for word in ("think", "best", "way", "learn", "honestly", "practi", "every day"):
         assert word in heard, heard
+
+
+def test_whole_text_synthesis_comes_at_the_head_rate() -> None:
+    head16 = PiperHead(TTSConfig(), output_rate=16000)
+    assert head16.sample_rate == 16000
+    audio = head16.synthesize("One, two, three.")
+    assert 0.8 < audio.size / 16000 < 3.0

@@ -13,6 +13,8 @@ from typing import Literal
 import numpy as np
 
 from realtime.config import TTSConfig
+from tts.normalize import normalize
+from tts.resample import resample
 from tts.segmenter import SegmenterConfig
 from tts.stream import TextStream
 
@@ -97,6 +99,13 @@ class EspeakHead:
 
     def voices(self) -> list[str]:
         return list(espeak_voices())
+
+    def synthesize(
+        self, text: str, voice: str | None = None, speaking_rate: float = 1.0
+    ) -> np.ndarray:
+        """Whole-text synthesis (blocking; not for the event loop): float32 at ``sample_rate``."""
+        audio, rate = espeak_synthesize(normalize(text), voice or self.default_voice, speaking_rate)
+        return resample(audio, rate, self.sample_rate)
 
     def warmup(self) -> None:
         espeak_synthesize("Hello.", self.default_voice)

@@ -22,6 +22,8 @@ from typing import Literal
 import numpy as np
 
 from realtime.config import TTSConfig
+from tts.normalize import normalize
+from tts.resample import resample
 from tts.segmenter import SegmenterConfig
 from tts.stream import TextStream
 
@@ -220,11 +222,11 @@ class PiperHead:
     def synthesize(
         self, text: str, voice: str | None = None, speaking_rate: float = 1.0
     ) -> np.ndarray:
-        """Whole-text synthesis (blocking; not for the event loop): float32 at the voice rate."""
-        from tts.normalize import normalize
-
+        """Whole-text synthesis (blocking; not for the event loop): float32 at ``sample_rate``."""
         files = resolve_voice(voice) if voice else self.default_voice
-        return self.model(files).synthesize(normalize(text), speaking_rate)
+        model = self.model(files)
+        audio = model.synthesize(normalize(text), speaking_rate)
+        return resample(audio, model.sample_rate, self.sample_rate)
 
 
 def _voice_rate(files: VoiceFiles) -> int:
