@@ -80,6 +80,13 @@ def test_first_piece_after_n_words_without_punctuation() -> None:
     assert out == ["The capital city of France"]  # "of" is not a good place to stop
 
 
+def test_a_word_cut_does_not_separate_a_number_from_its_unit() -> None:
+    pieces = segment(
+        ["It costs about $3 million to build it."], SegmenterConfig(first_piece_words=4)
+    )
+    assert pieces[0] == "It costs about $3 million"
+
+
 def test_sentence_end_waits_for_one_char() -> None:
     seg = Segmenter()
     assert seg.push("Hi there.") == []  # could be "there.com"
@@ -112,7 +119,7 @@ def test_later_pieces_cut_at_sentences_and_long_clauses() -> None:
 
 
 def test_early_pieces_grow_geometrically_without_punctuation() -> None:
-    text = "Yes, " + " ".join(f"word{i}" for i in range(60))
+    text = "Yes, " + " ".join("abcdefghij"[i % 10] * (3 + i % 4) for i in range(60))
     cfg = SegmenterConfig(second_piece_words=3, max_piece_chars=220)
     pieces = segment([text], cfg)
     assert "".join(pieces) == text

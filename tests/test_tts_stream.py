@@ -147,6 +147,7 @@ def test_spoken_share_is_whole_words() -> None:
     assert _spoken_share(" the capital of France", 0.6) == " the capital"
     assert _spoken_share(" the capital of France", 0.5) == " the"  # "capital" is cut
     assert _spoken_share("Paris", 0.5) == ""
+    assert _spoken_share("First,", 0.9) == "First"  # the word is done, only the mark is left
     assert _spoken_share("Paris", 1.0) == "Paris"
 
 

@@ -180,8 +180,9 @@ class Segmenter:
         if words < target:
             return False
         word = _word_before(buf, i).strip(CLOSERS + "\"'(").lower()
-        if extra < 3 and word in FUNCTION_WORDS:
-            return False  # "the capital of" -> wait for "the capital of France"
+        if extra < 3 and (word in FUNCTION_WORDS or any(c.isdigit() for c in word)):
+            # "the capital of" -> wait for "France"; "$3" or "3:30" -> wait for "million", "pm"
+            return False
         return _is_speakable(buf[:i])
 
     def _sentence_cut(self, buf: str, i: int, final: bool) -> int | None:

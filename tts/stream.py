@@ -181,7 +181,7 @@ class TextStream:
             text = "".join(self._text_done)
             if self._current is not None and self._current.pcm.size:
                 text += _spoken_share(
-                    self._current.text, self._current_out / self._current.pcm.size
+                    self._current.text, _voiced_fraction(self._current.pcm, self._current_out)
                 )
             report = CancelReport(text_emitted=text, audio_s=self._samples_out / self.sample_rate)
             loop, q = self._loop, self._queue
@@ -201,7 +201,7 @@ class TextStream:
             text = "".join(self._text_done)
             if self._current is not None and self._current.pcm.size:
                 text += _spoken_share(
-                    self._current.text, self._current_out / self._current.pcm.size
+                    self._current.text, _voiced_fraction(self._current.pcm, self._current_out)
                 )
             return text
 
@@ -326,13 +326,20 @@ def _call_in_loop(
         pass  # the loop has closed: nobody is listening any more
 
 
+def _voiced_fraction(pcm: np.ndarray, emitted: int) -> float:
+    """How much of the piece's speech (its pcm without the edge silences) was emitted."""
+    loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > int(_SILENCE * 32768))
+    if loud.size == 0:
+        return emitted / max(1, pcm.size)
+    start, stop = int(loud[0]), int(loud[-1]) + 1
+    return min(1.0, max(0.0, (emitted - start) / max(1, stop - start)))
+
+
 def _spoken_share(text: str, fraction: float) -> str:
-    """The words of ``text`` that ``fraction`` of its audio has spoken (whole words only)."""
+    """The words of ``text`` that ``fraction`` of its speech has said (whole words only)."""
     if fraction >= 1.0:
         return text
     cut = int(len(text) * fraction)
-    if cut < len(text) and not text[cut].isspace():
-        cut = text.rfind(" ", 0, cut)
-        if cut <= 0:
-            return ""
+    while 0 < cut < len(text) and text[cut - 1].isalnum() and text[cut].isalnum():
+        cut -= 1  # inside a word: that word was not finished
     return text[:cut].rstrip()
