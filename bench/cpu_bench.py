@@ -97,7 +97,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", default="embedded")
     ap.add_argument("--repeats", type=int, default=2, help="passes over the question list")
     ap.add_argument("--out", default="bench/results/cpu-embedded.json")
@@ -111,7 +113,13 @@ async def main() -> None:
     for q in QUESTIONS:
         spoken = to_float32(runtime.tts.synthesize(q, speaking_rate=1.05))  # type: ignore[attr-defined]
         pcm = resample(spoken, runtime.tts.sample_rate, RATE)
-        pcm = np.concatenate([np.zeros(int(LEAD_S * RATE), np.float32), pcm, np.zeros(int(TAIL_S * RATE), np.float32)])
+        pcm = np.concatenate(
+            [
+                np.zeros(int(LEAD_S * RATE), np.float32),
+                pcm,
+                np.zeros(int(TAIL_S * RATE), np.float32),
+            ]
+        )
         questions.append((q, pcm, speech_end(pcm)))
 
     turns = []
@@ -122,18 +130,39 @@ async def main() -> None:
             res["repeat"] = r
             turns.append(res)
             fp = res["first_packet_true_s"]
-            print(f"  {fp if fp is None else round(fp, 3)!s:>6} s  {q!r} -> {res['answer']!r}", flush=True)
+            print(
+                f"  {fp if fp is None else round(fp, 3)!s:>6} s  {q!r} -> {res['answer']!r}",
+                flush=True,
+            )
     await runtime.close()
 
     fps = [t["first_packet_true_s"] for t in turns if t["first_packet_true_s"] is not None]
-    keys = ["endpoint_s", "transcript_s", "response_start_s", "first_token_s", "first_answer_token_s",
-            "first_audio_ready_s", "released_s", "first_audio_packet_s"]
+    keys = [
+        "endpoint_s",
+        "transcript_s",
+        "response_start_s",
+        "first_token_s",
+        "first_answer_token_s",
+        "first_audio_ready_s",
+        "released_s",
+        "first_audio_packet_s",
+    ]
     breakdown = {
-        k: statistics.median([t["breakdown"][k] for t in turns if "breakdown" in t and t["breakdown"].get(k) is not None])
+        k: statistics.median(
+            [
+                t["breakdown"][k]
+                for t in turns
+                if "breakdown" in t and t["breakdown"].get(k) is not None
+            ]
+        )
         for k in keys
     }
     result = {
-        "first_packet_s": {"p50": pct(fps, 50), "max": max(fps) if fps else None, "min": min(fps) if fps else None},
+        "first_packet_s": {
+            "p50": pct(fps, 50),
+            "max": max(fps) if fps else None,
+            "min": min(fps) if fps else None,
+        },
         "first_packet_from": "true end of speech (synthesis ground truth), live-paced input",
         "turns": len(turns),
         "answered": len(fps),
@@ -149,8 +178,10 @@ async def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=float) + "\n")
 
-    print(f"\nfirst-packet latency, {len(fps)}/{len(turns)} turns answered, config {args.config} "
-          f"(end-of-speech detection {config.vad.silence_duration_ms} ms included)")
+    print(
+        f"\nfirst-packet latency, {len(fps)}/{len(turns)} turns answered, config {args.config} "
+        f"(end-of-speech detection {config.vad.silence_duration_ms} ms included)"
+    )
     print(f"{'what':34} {'p50 (s)':>8}")
     for k in keys:
         print(f"{k:34} {breakdown[k]:8.3f}")

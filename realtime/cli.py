@@ -43,13 +43,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--mic", action="store_true", help="talk through the microphone and speakers")
     src.add_argument("--serve", action="store_true", help="serve the browser demo and the APIs")
     p.add_argument("--out", metavar="OUT.wav", help="with --file: write the agent's audio here")
-    p.add_argument("--realtime", action="store_true", help="with --file: pace input like a live mic")
+    p.add_argument(
+        "--realtime", action="store_true", help="with --file: pace input like a live mic"
+    )
     p.add_argument("--config", default="embedded", help="configs/NAME.yaml or a path")
     p.add_argument("--model", help="engine model path or hub id (overrides engine.model)")
     p.add_argument("--json", action="store_true", help="one JSON event per line on stdout")
     p.add_argument("--host", help="with --serve (default from config)")
     p.add_argument("--port", type=int, help="with --serve (default from config)")
-    p.add_argument("--tail-s", type=float, default=8.0, help="with --realtime: silence fed after the file")
+    p.add_argument(
+        "--tail-s", type=float, default=8.0, help="with --realtime: silence fed after the file"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.out and not args.file:
@@ -111,9 +115,13 @@ class Printer:
             else:
                 verdict = "beats" if fp < TARGET_S else "misses"
                 parts = ", ".join(
-                    f"{k[:-2]} {v:+.2f}" for k, v in frame.breakdown.items() if v is not None and k.endswith("_s")
+                    f"{k[:-2]} {v:+.2f}"
+                    for k, v in frame.breakdown.items()
+                    if v is not None and k.endswith("_s")
                 )
-                w(f"turn {frame.turn}: first packet {fp:.2f} s after end of speech ({verdict} the {TARGET_S} s target)\n")
+                w(
+                    f"turn {frame.turn}: first packet {fp:.2f} s after end of speech ({verdict} the {TARGET_S} s target)\n"
+                )
                 w(f"          breakdown (s from end of speech): {parts}\n")
         elif isinstance(frame, ErrorFrame):
             self._close_line()
@@ -170,7 +178,9 @@ async def _drain(session: Any, printer: Printer) -> None:
             return
 
 
-async def feed_file(session: Any, pcm: np.ndarray, rate: int, realtime: bool, tail_s: float) -> None:
+async def feed_file(
+    session: Any, pcm: np.ndarray, rate: int, realtime: bool, tail_s: float
+) -> None:
     """Push a file in 20 ms chunks: paced like a microphone, or as fast as the pipeline goes,
     answering turn by turn (the file's later audio waits until the answer is complete)."""
     step = rate // 50
@@ -185,7 +195,12 @@ async def feed_file(session: Any, pcm: np.ndarray, rate: int, realtime: bool, ta
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if i >= len(pcm) and not session.busy and session.response is None and not session.listener.active:
+            if (
+                i >= len(pcm)
+                and not session.busy
+                and session.response is None
+                and not session.listener.active
+            ):
                 break  # the file is over and the last answer has been spoken
         elif session.busy:
             await session.wait_idle()
@@ -244,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.mic:
             return asyncio.run(run_mic(config, args.json))
-        return asyncio.run(run_file(config, args.file, args.out, args.realtime, printer, args.tail_s))
+        return asyncio.run(
+            run_file(config, args.file, args.out, args.realtime, printer, args.tail_s)
+        )
     except AudioFormatError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -174,7 +174,9 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config file not found: {name_or_path}")
 
 
-def load_config(name_or_path: str | Path = "embedded", overrides: dict[str, Any] | None = None) -> AgentConfig:
+def load_config(
+    name_or_path: str | Path = "embedded", overrides: dict[str, Any] | None = None
+) -> AgentConfig:
     """Load ``configs/NAME.yaml`` (or a path), then apply dotted ``overrides``."""
     path = resolve_config_path(name_or_path)
     try:

@@ -140,15 +140,23 @@ def frame_to_event(frame: Frame) -> dict[str, Any] | None:
     if isinstance(frame, SpeechStarted):
         return {"event": "speech_started", "t": round(frame.t, 3)}
     if isinstance(frame, SpeechStopped):
-        return {"event": "speech_stopped", "t": round(frame.t_end, 3), "t_decided": round(frame.t_decided, 3)}
+        return {
+            "event": "speech_stopped",
+            "t": round(frame.t_end, 3),
+            "t_decided": round(frame.t_decided, 3),
+        }
     if isinstance(frame, Interruption):
         return {"event": "interrupted", "spoken": frame.spoken_text}
     if isinstance(frame, TurnMetrics):
         return {
             "event": "turn",
             "turn": frame.turn,
-            "first_packet_s": None if frame.first_packet_s is None else round(frame.first_packet_s, 3),
-            "breakdown": {k: (None if v is None else round(v, 3)) for k, v in frame.breakdown.items()},
+            "first_packet_s": None
+            if frame.first_packet_s is None
+            else round(frame.first_packet_s, 3),
+            "breakdown": {
+                k: (None if v is None else round(v, 3)) for k, v in frame.breakdown.items()
+            },
             "interrupted": frame.interrupted,
             "transcript": frame.transcript,
             "answer": frame.answer,

@@ -65,13 +65,22 @@ class Runtime:
         loop = asyncio.get_running_loop()
         asr_f = loop.run_in_executor(
             None,
-            lambda: None
-            if config.asr.backend == "none"
-            else timed("asr_load_s", lambda: WhisperRecognizer(config.asr)),
+            lambda: (
+                None
+                if config.asr.backend == "none"
+                else timed("asr_load_s", lambda: WhisperRecognizer(config.asr))
+            ),
         )
-        tts_f = loop.run_in_executor(None, lambda: timed("tts_load_s", lambda: load_tts(config.tts)))
+        tts_f = loop.run_in_executor(
+            None,
+            lambda: timed(
+                "tts_load_s", lambda: load_tts(config.tts, chunk_ms=config.audio.output_frame_ms)
+            ),
+        )
         try:
-            engine = await worker.call(lambda: timed("engine_load_s", lambda: build_engine(config.engine)))
+            engine = await worker.call(
+                lambda: timed("engine_load_s", lambda: build_engine(config.engine))
+            )
             asr, tts = await asr_f, await tts_f
         except BaseException:
             worker.close()
@@ -89,11 +98,16 @@ class Runtime:
         await asyncio.get_running_loop().run_in_executor(None, self.tts.warmup)
         if self.asr is not None:
             silence = np.zeros(16000, np.float32)
-            await asyncio.get_running_loop().run_in_executor(self.asr_executor, self.asr.transcribe, silence)
+            await asyncio.get_running_loop().run_in_executor(
+                self.asr_executor, self.asr.transcribe, silence
+            )
         self.load_times["warmup_s"] = time.monotonic() - t0
 
     def new_session(
-        self, options: SessionOptions | None = None, pace_output: bool = True, session_id: str | None = None
+        self,
+        options: SessionOptions | None = None,
+        pace_output: bool = True,
+        session_id: str | None = None,
     ) -> Session:
         return Session(self, options, pace_output=pace_output, session_id=session_id)
 

@@ -217,7 +217,9 @@ class Session:
 
     def add_message(self, role: str, text: str) -> None:
         if role == "user":
-            self._pending_text = text if self._pending_text is None else f"{self._pending_text} {text}"
+            self._pending_text = (
+                text if self._pending_text is None else f"{self._pending_text} {text}"
+            )
         elif role == "system":
             self.update(instructions=f"{self.system_prompt}\n{text}")
         elif role == "assistant":

@@ -60,8 +60,12 @@ class TurnDetector(Stage):
 
     def __init__(self, session: Session) -> None:
         super().__init__(session)
-        self.endpointer = Endpointer(session.options.vad, session.runtime.config.asr.speculative_after_ms)
-        self._arrivals: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=500)
+        self.endpointer = Endpointer(
+            session.options.vad, session.runtime.config.asr.speculative_after_ms
+        )
+        self._arrivals: collections.deque[tuple[float, float, float]] = collections.deque(
+            maxlen=500
+        )
 
     def reconfigure(self) -> None:
         self.endpointer = Endpointer(
@@ -101,7 +105,9 @@ class TurnDetector(Stage):
             await self.push(SpeechPaused(t, resumed=True))
         else:
             await self.push(
-                SpeechStopped(t, t_decided, self.wall_at(t), time.monotonic(), noise=kind == "discard")
+                SpeechStopped(
+                    t, t_decided, self.wall_at(t), time.monotonic(), noise=kind == "discard"
+                )
             )
 
     async def force_stop(self) -> None:
@@ -158,7 +164,9 @@ class ListenerStage(Stage):
         """Audio from ``prefix_padding_ms`` before speech started up to now."""
         if not self._recent:
             return t_speech, np.zeros(0, np.float32)
-        t0 = max(self._recent[0].t_start, t_speech - self.session.options.vad.prefix_padding_ms / 1000)
+        t0 = max(
+            self._recent[0].t_start, t_speech - self.session.options.vad.prefix_padding_ms / 1000
+        )
         pcm = np.concatenate([f.pcm for f in self._recent])
         k = int(round((t0 - self._recent[0].t_start) * PIPELINE_RATE))
         return t0, pcm[max(0, k) :]
@@ -249,7 +257,11 @@ class Speaker(Stage):
         resp = s.response
         if isinstance(frame, AnswerText) and resp is not None and not resp.cancel.cancelled:
             if resp.tts is None:
-                resp.tts = s.runtime.tts.open_stream(s.options.voice, s.options.speaking_rate)
+                resp.tts = s.runtime.tts.open_stream(
+                    s.options.voice,
+                    s.options.speaking_rate,
+                    output_rate=s.options.output_sample_rate,
+                )  # resampled to the transport's rate on the TTS thread
                 resp.tts_task = s.spawn(self._pump(resp))
             if frame.end:
                 resp.tts.finish()
@@ -260,28 +272,20 @@ class Speaker(Stage):
     async def _pump(self, resp: Response) -> None:
         s = self.session
         assert resp.tts is not None
-        out_rate = s.options.output_sample_rate
         frame_s = s.runtime.config.audio.output_frame_ms / 1000
-        resampler = None
         try:
             async for chunk in resp.tts.chunks():
                 if resp.cancel.cancelled:
                     break
-                pcm = chunk.pcm
-                rate = chunk.sample_rate
-                if out_rate and out_rate != rate:
-                    import soxr
-
-                    if resampler is None:
-                        resampler = soxr.ResampleStream(rate, out_rate, 1, dtype="int16")
-                    pcm, rate = resampler.resample_chunk(pcm), out_rate
                 resp.clock.on_audio_ready()
-                n = max(1, int(rate * frame_s))
-                for i in range(0, len(pcm), n):
+                n = max(1, int(chunk.sample_rate * frame_s))
+                for i in range(0, len(chunk.pcm), n):
                     if resp.cancel.cancelled:
                         return
                     text = chunk.text if i == 0 else ""
-                    await self.push(OutputAudio(to_int16(pcm[i : i + n]), rate, text))
+                    await self.push(
+                        OutputAudio(to_int16(chunk.pcm[i : i + n]), chunk.sample_rate, text)
+                    )
         except Exception as exc:
             log.exception("TTS failed")
             if not resp.cancel.cancelled:

@@ -31,13 +31,19 @@ def say(tts_head) -> Callable[..., np.ndarray]:
 
     cache: dict[tuple[str, float], np.ndarray] = {}
 
-    def _say(text: str, lead_s: float = 0.3, tail_s: float = 1.0, rate: int = 16000, speed: float = 1.05):
+    def _say(
+        text: str, lead_s: float = 0.3, tail_s: float = 1.0, rate: int = 16000, speed: float = 1.05
+    ):
         key = (text, speed)
         if key not in cache:
             cache[key] = to_float32(tts_head.synthesize(text, speaking_rate=speed))
         pcm = resample(cache[key], tts_head.sample_rate, rate)
         return np.concatenate(
-            [np.zeros(int(lead_s * rate), np.float32), pcm, np.zeros(int(tail_s * rate), np.float32)]
+            [
+                np.zeros(int(lead_s * rate), np.float32),
+                pcm,
+                np.zeros(int(tail_s * rate), np.float32),
+            ]
         )
 
     return _say

@@ -72,7 +72,13 @@ async def test_spoken_question_gets_a_spoken_answer(runtime, say):
     (metrics,) = of(seen, TurnMetrics)
     assert metrics.first_packet_s is not None and metrics.first_packet_s > 0
     assert not metrics.interrupted and metrics.answer == answer.strip()
-    for key in ("endpoint_s", "transcript_s", "first_token_s", "first_answer_token_s", "first_audio_packet_s"):
+    for key in (
+        "endpoint_s",
+        "transcript_s",
+        "first_token_s",
+        "first_answer_token_s",
+        "first_audio_packet_s",
+    ):
         assert metrics.breakdown[key] is not None, key
 
 
@@ -82,7 +88,9 @@ async def test_barge_in_stops_audio_and_cancels_the_answer(runtime, say):
     seen = await converse(runtime, np.concatenate([story, interruption]), 16000, realtime=True)
 
     interrupts = of(seen, Interruption)
-    assert len(interrupts) == 1, [type(f).__name__ for _, f in seen if not isinstance(f, OutputAudio)]
+    assert len(interrupts) == 1, [
+        type(f).__name__ for _, f in seen if not isinstance(f, OutputAudio)
+    ]
     metrics = of(seen, TurnMetrics)
     first = metrics[0]
     assert first.interrupted
@@ -135,7 +143,9 @@ async def test_two_sessions_do_not_disturb_each_other(runtime, say):
     assert of(seen_a, OutputAudio) and of(seen_b, OutputAudio)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((10, 3, 2), np.float32), np.array([np.inf] * 320, np.float32)])
+@pytest.mark.parametrize(
+    "bad", [np.zeros((10, 3, 2), np.float32), np.array([np.inf] * 320, np.float32)]
+)
 async def test_bad_audio_raises_a_clear_error_and_the_session_goes_on(runtime, say, bad):
     from realtime.audio import AudioFormatError
 

@@ -47,9 +47,22 @@ def test_run_agent_with_a_step_audio_checkpoint(tmp_path, checkpoint, say):
     write_wav(wav, say("What is the weather like today?"), 16000)
     out = tmp_path / "a.wav"
     r = subprocess.run(
-        [sys.executable, "run_agent.py", "--config", str(cfg), "--model", str(checkpoint),
-         "--file", str(wav), "--out", str(out), "--json"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "run_agent.py",
+            "--config",
+            str(cfg),
+            "--model",
+            str(checkpoint),
+            "--file",
+            str(wav),
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     events = [json.loads(line) for line in r.stdout.splitlines()]
@@ -66,9 +79,19 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, say):
     wav = tmp_path / "q.wav"
     write_wav(wav, say("Hello there."), 16000)
     r = subprocess.run(
-        [sys.executable, "run_agent.py", "--config", "step-audio-r1", "--model", str(tmp_path / "nope"),
-         "--file", str(wav)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "run_agent.py",
+            "--config",
+            "step-audio-r1",
+            "--model",
+            str(tmp_path / "nope"),
+            "--file",
+            str(wav),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode != 0
     assert "nope" in r.stderr and "Traceback" not in r.stderr

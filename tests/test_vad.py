@@ -38,7 +38,11 @@ def test_start_and_stop_near_the_truth(question):
 
 @pytest.mark.parametrize("silence_ms", [200, 600])
 def test_silence_duration_is_configurable(question, silence_ms):
-    stop = [e for e in feed(Endpointer(VADConfig(silence_duration_ms=silence_ms)), question) if e.kind == "stop"]
+    stop = [
+        e
+        for e in feed(Endpointer(VADConfig(silence_duration_ms=silence_ms)), question)
+        if e.kind == "stop"
+    ]
     assert len(stop) == 1
     waited = stop[0].t_decided - stop[0].t
     assert silence_ms / 1000 - 0.03 <= waited < silence_ms / 1000 + 0.3
@@ -48,7 +52,9 @@ def test_silence_and_short_clicks_are_not_speech():
     ep = Endpointer(VADConfig())
     assert feed(ep, np.zeros(16000 * 3, np.float32)) == []
     rng = np.random.default_rng(0)
-    click = np.concatenate([np.zeros(8000), rng.normal(0, 0.3, 1600), np.zeros(16000)]).astype(np.float32)
+    click = np.concatenate([np.zeros(8000), rng.normal(0, 0.3, 1600), np.zeros(16000)]).astype(
+        np.float32
+    )
     kinds = [e.kind for e in feed(Endpointer(VADConfig(min_speech_ms=300)), click)]
     assert "stop" not in kinds
 
@@ -56,7 +62,9 @@ def test_silence_and_short_clicks_are_not_speech():
 def test_pause_then_resume_inside_a_turn(say):
     a = say("Tell me", lead_s=0.3, tail_s=0.25)
     b = say("a joke about cats.", lead_s=0.0, tail_s=1.0)
-    events = feed(Endpointer(VADConfig(silence_duration_ms=500), pause_ms=120), np.concatenate([a, b]))
+    events = feed(
+        Endpointer(VADConfig(silence_duration_ms=500), pause_ms=120), np.concatenate([a, b])
+    )
     kinds = [e.kind for e in events]
     assert kinds[0] == "start" and kinds[-1] == "stop"
     assert "pause" in kinds and "resume" in kinds

@@ -57,7 +57,11 @@ def _load_converted(source: Path, cache_dir: Path) -> tuple[Any, Any]:
 
     target = cache_dir / f"smollm2-135m-instruct-v{CACHE_VERSION}"
     stamp = target / "source.json"
-    source_id = {"path": str(source), "size": source.stat().st_size, "mtime": source.stat().st_mtime}
+    source_id = {
+        "path": str(source),
+        "size": source.stat().st_size,
+        "mtime": source.stat().st_mtime,
+    }
     if stamp.exists() and json.loads(stamp.read_text()) == source_id:
         try:
             model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
@@ -176,7 +180,11 @@ class SmolLMSession:
         new = torch.tensor([ids[common:]], dtype=torch.long)
         positions = torch.arange(common, len(ids), dtype=torch.long)[None]
         out = self.engine.model(
-            input_ids=new, position_ids=positions, cache=self._cache, use_cache=True, logits_to_keep=1
+            input_ids=new,
+            position_ids=positions,
+            cache=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         self._conv.cached_ids = list(ids)
         self.stats.prefill_tokens = len(ids) - common
