@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -77,6 +78,8 @@ async def one_turn(runtime: Runtime, pcm: np.ndarray, true_end_s: float) -> dict
             await asyncio.sleep(delay)
         if metrics is not None:
             break
+        if first_audio is not None and time.monotonic() - first_audio > 0.5:
+            await session.cancel()  # the first packet is what we measure: skip the rest
     await session.end()
     await reader
     await session.close()
@@ -103,9 +106,17 @@ async def main() -> None:
     ap.add_argument("--config", default="embedded")
     ap.add_argument("--repeats", type=int, default=2, help="passes over the question list")
     ap.add_argument("--out", default="bench/results/cpu-embedded.json")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. engine.speculative=false (YAML value)",
+    )
     args = ap.parse_args()
 
-    config = load_config(args.config)
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    config = load_config(args.config, overrides)
     t0 = time.monotonic()
     runtime = await Runtime.create(config)
     load_s = time.monotonic() - t0
@@ -169,6 +180,7 @@ async def main() -> None:
         "breakdown_p50_s": breakdown,
         "load_s": round(load_s, 2),
         "config": args.config,
+        "overrides": args.set,
         "vad_silence_duration_ms": config.vad.silence_duration_ms,
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
         "date": dt.date.today().isoformat(),

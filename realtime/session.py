@@ -71,6 +71,7 @@ class Session:
         self.engine_listens = runtime.engine.input_kind == "audio"
         self.clock = TurnClock()
         self.response: Response | None = None
+        self._last_response: Response | None = None  # the last finished one (for truncate)
         self.history: list[HistoryEntry] = []
         self.last_turn_audio = np.zeros(0, np.float32)
         self.turns = 0
@@ -251,11 +252,8 @@ class Session:
             await self.interrupt()
 
     # -- turn logic (called by the stages) ------------------------------------------------
-    _last_response: Response | None = None
-
     def start_response(self, turn: UserTurn, speculative: bool) -> Response:
-        if self.response is not None:
-            self.drop_speculation() if not self.response.released.is_set() else None
+        self.drop_speculation()  # a newer speculative answer replaces an older one
         if self.engine_listens and turn.audio is None:
             turn.audio = self.last_turn_audio if not speculative else self.listener.turn_audio()
         resp = Response(next(self._ids), turn, self.clock, speculative)
