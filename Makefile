@@ -34,6 +34,7 @@ test: install system-deps
 
 bench: install system-deps
 	$(BIN)/python bench/cpu_bench.py
+	$(BIN)/python bench/asr_bench.py
 	$(BIN)/python bench/tts_bench.py
 
 serve: install
