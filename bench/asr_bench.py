@@ -20,21 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jiwer  # noqa: E402
 
+from bench.questions import QUESTIONS  # noqa: E402
 from realtime.asr import WhisperRecognizer  # noqa: E402
 from realtime.audio import resample, to_float32  # noqa: E402
 from realtime.config import ASRConfig, TTSConfig  # noqa: E402
 from tts import load_tts  # noqa: E402
-
-QUESTIONS = [
-    "What is the capital of France?",
-    "How many legs does a spider have?",
-    "What is the tallest mountain in the world?",
-    "Can you recommend a good book for the weekend?",
-    "Why is the sky blue?",
-    "What is the boiling point of water?",
-    "Who wrote Romeo and Juliet?",
-    "How far away is the moon?",
-]
 
 
 def norm(text: str) -> str:

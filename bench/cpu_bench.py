@@ -25,21 +25,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.questions import QUESTIONS  # noqa: E402
 from realtime.audio import resample, to_float32  # noqa: E402
 from realtime.config import load_config  # noqa: E402
 from realtime.frames import EndFrame, OutputAudio, TurnMetrics  # noqa: E402
 from realtime.runtime import Runtime  # noqa: E402
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "How many legs does a spider have?",
-    "What is the tallest mountain in the world?",
-    "Can you recommend a good book for the weekend?",
-    "Why is the sky blue?",
-    "What is the boiling point of water?",
-    "Who wrote Romeo and Juliet?",
-    "How far away is the moon?",
-]
 LEAD_S, TAIL_S, STEP_S = 0.5, 6.0, 0.02
 RATE = 16000
 

@@ -21,31 +21,14 @@ from realtime.engine.step_audio import (
     build_step_audio_engine,
     encoding_error,
 )
-from realtime.models.step_audio.model import StepAudioModel
-from realtime.models.step_audio.testing import write_tiny_checkpoint
-from realtime.models.step_audio.tokens import TextTokenizer
+from realtime.models.step_audio.testing import scripted, write_tiny_checkpoint
 
 RATE = 16000
 
 
-def _bigram(model: StepAudioModel, tok: TextTokenizer) -> None:
-    dec = model.decoder
-    for layer in dec.model.layers:
-        layer.self_attn.o_proj.weight.zero_()
-        layer.mlp.down_proj.weight.zero_()
-    chain = [tok.encode("\n")[0], tok.encode("Hi")[0], tok.encode(" you")[0], 151665]
-    emb, head = dec.model.embed_tokens.weight, dec.lm_head.weight
-    head.mul_(0.01)
-    for i, (cur, nxt) in enumerate(zip(chain, chain[1:], strict=False)):
-        emb[cur].zero_()
-        emb[cur, i] = 1.0
-        head[nxt].zero_()
-        head[nxt, i] = 10.0
-
-
 @pytest.fixture(scope="module")
 def bigram_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("bigram"), modify=_bigram)
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("bigram"), modify=scripted("Hi", " you"))
 
 
 @pytest.fixture(scope="module")
@@ -200,24 +183,8 @@ def test_listening_prefill_matches_the_final_pass_for_committed_prefix(random_di
     assert s._answered.pieces[0].shape[0] == 25  # 2 s -> 25 embeddings in all
 
 
-def _bigram_with_period(model: StepAudioModel, tok: TextTokenizer) -> None:
-    dec = model.decoder
-    for layer in dec.model.layers:
-        layer.self_attn.o_proj.weight.zero_()
-        layer.mlp.down_proj.weight.zero_()
-    words = ["\n", "Hi", ".", " you"]
-    chain = [tok.encode(w)[0] for w in words] + [151665]
-    emb, head = dec.model.embed_tokens.weight, dec.lm_head.weight
-    head.mul_(0.01)
-    for i, (cur, nxt) in enumerate(zip(chain, chain[1:], strict=False)):
-        emb[cur].zero_()
-        emb[cur, i] = 1.0
-        head[nxt].zero_()
-        head[nxt, i] = 10.0
-
-
 def test_reasoning_is_handed_to_the_speaker_at_sentence_ends(tmp_path: Path) -> None:
-    path = write_tiny_checkpoint(tmp_path / "period", modify=_bigram_with_period)
+    path = write_tiny_checkpoint(tmp_path / "period", modify=scripted("Hi", ".", " you"))
     engine = _engine(path, opts=StepAudioOptions(refresh_tokens=1))
     s = engine.new_session("", SamplingConfig(think_budget=16, max_new_tokens=20))
     events = list(s.respond(UserTurn(audio=_speech(1.0)), CancelToken()))

@@ -12,29 +12,12 @@ from pathlib import Path
 import pytest
 
 from realtime.audio import write_wav
-from realtime.models.step_audio.testing import write_tiny_checkpoint
-from realtime.models.step_audio.tokens import TextTokenizer
-
-
-def _say_hi(model, tok: TextTokenizer) -> None:
-    """Zero the layers' outputs and chain the embeddings: "\\n" -> "Hi" -> " you" -> <|EOT|>."""
-    dec = model.decoder
-    for layer in dec.model.layers:
-        layer.self_attn.o_proj.weight.zero_()
-        layer.mlp.down_proj.weight.zero_()
-    chain = [tok.encode("\n")[0], tok.encode("Hi")[0], tok.encode(" you")[0], 151665]
-    emb, head = dec.model.embed_tokens.weight, dec.lm_head.weight
-    head.mul_(0.01)
-    for i, (cur, nxt) in enumerate(zip(chain, chain[1:], strict=False)):
-        emb[cur].zero_()
-        emb[cur, i] = 1.0
-        head[nxt].zero_()
-        head[nxt, i] = 10.0
+from realtime.models.step_audio.testing import scripted, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-step-audio"), modify=_say_hi)
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-step-audio"), modify=scripted("Hi", " you"))
 
 
 def test_run_agent_with_a_step_audio_checkpoint(tmp_path, checkpoint, say):

@@ -14,34 +14,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from realtime.models.qwen2 import Qwen2Config
+
 ARCHITECTURES = ("StepAudioForCausalLMV2", "StepAudio2ForCausalLM")
 MODEL_TYPES = ("step_audio_qwen2", "step_audio_2")
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory or its config is wrong; the message names what and where."""
-
-
-@dataclass(frozen=True)
-class TextConfig:
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    rope_theta: float = 1_000_000.0
-    rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 65536
-    tie_word_embeddings: bool = False
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    def decoder_dict(self) -> dict[str, Any]:
-        """What ``Qwen2Config.from_text_config`` takes (q/k/v bias always on for Qwen2)."""
-        return {**asdict(self), "attention_bias": True}
 
 
 @dataclass(frozen=True)
@@ -60,7 +40,7 @@ class AudioEncoderConfig:
 class StepAudioConfig:
     architectures: tuple[str, ...]
     model_type: str
-    text: TextConfig
+    text: Qwen2Config  # the decoder's shape (Qwen2.5: q/k/v bias on)
     audio: AudioEncoderConfig
 
     @classmethod
@@ -122,7 +102,7 @@ def _require(d: Any, key: str, where: str) -> Any:
     return d[key]
 
 
-def _text_config(d: Any, where: str) -> TextConfig:
+def _text_config(d: Any, where: str) -> Qwen2Config:
     kv = (
         d.get("num_key_value_heads", d.get("num_attention_groups")) if isinstance(d, dict) else None
     )
@@ -131,7 +111,7 @@ def _text_config(d: Any, where: str) -> TextConfig:
     rope = d.get("rope_theta")
     if rope is None:
         rope = (d.get("rope_parameters") or {}).get("rope_theta", 1_000_000.0)
-    cfg = TextConfig(
+    cfg = Qwen2Config(
         hidden_size=int(_require(d, "hidden_size", where)),
         intermediate_size=int(_require(d, "intermediate_size", where)),
         num_hidden_layers=int(_require(d, "num_hidden_layers", where)),
@@ -173,7 +153,7 @@ def step_audio_r1_config() -> StepAudioConfig:
     return StepAudioConfig(
         architectures=("StepAudioForCausalLMV2",),
         model_type="step_audio_qwen2",
-        text=TextConfig(
+        text=Qwen2Config(
             hidden_size=5120,
             intermediate_size=27648,
             num_hidden_layers=64,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from realtime.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
+from realtime.models.qwen2 import KVCache, Qwen2ForCausalLM
 from realtime.models.step_audio.adapter import AudioAdapter
 from realtime.models.step_audio.config import StepAudioConfig, step_audio_r1_config
 from realtime.models.step_audio.encoder import AudioEncoder
@@ -49,7 +49,7 @@ class StepAudioModel(nn.Module):
     def __init__(self, cfg: StepAudioConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.decoder_cfg = Qwen2Config.from_text_config(cfg.text.decoder_dict())
+        self.decoder_cfg = cfg.text
         self.encoder = AudioEncoder(cfg.audio)
         self.adapter = AudioAdapter(cfg.audio)
         self.decoder = Qwen2ForCausalLM(self.decoder_cfg)

@@ -12,15 +12,17 @@ the same range; the real ones are always read from the real tokenizer by name.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from realtime.models.step_audio.config import AudioEncoderConfig, StepAudioConfig, TextConfig
+from realtime.models.qwen2 import Qwen2Config
+from realtime.models.step_audio.config import AudioEncoderConfig, StepAudioConfig
 from realtime.models.step_audio.model import StepAudioModel, checkpoint_name, fill_random
-from realtime.models.step_audio.tokens import TextTokenizer
+from realtime.models.step_audio.tokens import EOT, KNOWN_IDS, TextTokenizer
 
 TINY_SPECIAL_TOKENS = {
     "<|endoftext|>": 151643,
@@ -46,7 +48,7 @@ def tiny_config() -> StepAudioConfig:
     return StepAudioConfig(
         architectures=("StepAudioForCausalLMV2",),
         model_type="step_audio_qwen2",
-        text=TextConfig(
+        text=Qwen2Config(
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=2,
@@ -160,3 +162,26 @@ def write_tiny_checkpoint(
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return path
+
+
+def scripted(*words: str) -> Callable[[StepAudioModel, TextTokenizer], None]:
+    """A ``modify`` for :func:`write_tiny_checkpoint`: the model deterministically continues
+    ``"\\n"`` with ``words`` and then ``<|EOT|>``. Every layer's output is zeroed, so the next
+    token depends only on the current one, and embeddings and ``lm_head`` chain each token to
+    the next (each word must be one token of the tiny vocabulary)."""
+
+    def modify(model: StepAudioModel, tok: TextTokenizer) -> None:
+        dec = model.decoder
+        for layer in dec.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        chain = [tok.encode(w)[0] for w in ("\n", *words)] + [KNOWN_IDS[EOT]]
+        emb, head = dec.model.embed_tokens.weight, dec.lm_head.weight
+        head.mul_(0.01)
+        for i, (cur, nxt) in enumerate(itertools.pairwise(chain)):
+            emb[cur].zero_()
+            emb[cur, i] = 1.0
+            head[nxt].zero_()
+            head[nxt, i] = 10.0
+
+    return modify
