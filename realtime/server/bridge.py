@@ -96,3 +96,26 @@ async def cancel_task(task: asyncio.Task[Any] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
+
+
+async def run_connection(
+    ctx: ServerContext,
+    transport: str,
+    session: AgentSession,
+    ws: Any,
+    pump: Awaitable[None],
+    read: Awaitable[None],
+) -> None:
+    """Drive one WebSocket connection: ``pump`` (session -> client) runs beside ``read``
+    (client -> session) until the read side ends; then, however it ended, the pump stops and
+    the session and the socket are closed."""
+    pump_task = asyncio.ensure_future(pump)
+    try:
+        await read
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        await cancel_task(pump_task)
+        await ctx.close_session(transport, session)
+        with contextlib.suppress(Exception):
+            await ws.close()

@@ -35,7 +35,12 @@ from realtime.frames import (
     TurnMetrics,
 )
 from realtime.server import realtime_protocol as rp
-from realtime.server.bridge import AgentSession, CapacityError, ServerContext, cancel_task
+from realtime.server.bridge import (
+    AgentSession,
+    CapacityError,
+    ServerContext,
+    run_connection,
+)
 from realtime.server.codecs import AudioDecodeError, StreamResampler, b64decode_strict
 from realtime.server.realtime_protocol import ClientError
 
@@ -566,19 +571,14 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
         conn = RealtimeConnection(
             ctx=ctx, ws=ws, session=session, settings=settings, voices=voices, beta=beta
         )
-        pump = asyncio.ensure_future(_pump(conn))
-        try:
+
+        async def greet_then_read() -> None:
             await conn.send(
                 "session.created", session=rp.session_json(conn.session_id, settings, beta)
             )
             await _read_loop(conn, base_vad)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
-        finally:
-            await cancel_task(pump)
-            await ctx.close_session(TRANSPORT, session)
-            with contextlib.suppress(Exception):
-                await ws.close()
+
+        await run_connection(ctx, TRANSPORT, session, ws, _pump(conn), greet_then_read())
         return ws
 
     async def _read_loop(conn: RealtimeConnection, base_vad: VADConfig) -> None:

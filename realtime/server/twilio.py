@@ -25,7 +25,12 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from realtime.frames import EndFrame, Interruption, OutputAudio, SpeechStarted, TurnMetrics
-from realtime.server.bridge import AgentSession, CapacityError, ServerContext, cancel_task
+from realtime.server.bridge import (
+    AgentSession,
+    CapacityError,
+    ServerContext,
+    run_connection,
+)
 from realtime.server.codecs import (
     AudioDecodeError,
     StreamResampler,
@@ -245,16 +250,7 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
             await ws.close(code=1013, message=b"server full")
             return ws
         call = TwilioCall(ctx=ctx, ws=ws, session=session)
-        pump = asyncio.ensure_future(_pump(call))
-        try:
-            await _read_loop(call)
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
-        finally:
-            await cancel_task(pump)
-            await ctx.close_session(TRANSPORT, session)
-            with contextlib.suppress(Exception):
-                await ws.close()
+        await run_connection(ctx, TRANSPORT, session, ws, _pump(call), _read_loop(call))
         return ws
 
     async def _read_loop(call: TwilioCall) -> None:
