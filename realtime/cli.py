@@ -276,7 +276,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from transformers.utils import logging as hf_logging
 
