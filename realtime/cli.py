@@ -68,6 +68,7 @@ class Printer:
     """Shows a session's frames: JSON lines, or a readable transcript."""
 
     as_json: bool
+    paced: bool = True  # False: a file fed faster than real time (no endpoint wait to measure)
     stream: TextIO = sys.stdout
     audio: list[np.ndarray] = field(default_factory=list)
     rate: int = 0
@@ -123,6 +124,11 @@ class Printer:
                     f"turn {frame.turn}: first packet {fp:.2f} s after end of speech ({verdict} the {TARGET_S} s target)\n"
                 )
                 w(f"          breakdown (s from end of speech): {parts}\n")
+                if not self.paced:
+                    w(
+                        "          (the file was fed faster than real time, so the end-of-speech"
+                        " wait is not in this figure; --realtime measures what a live user hears)\n"
+                    )
         elif isinstance(frame, ErrorFrame):
             self._close_line()
             w(f"error: {frame.message}\n")
@@ -250,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    printer = Printer(as_json=args.json)
+    printer = Printer(as_json=args.json, paced=args.realtime or not args.file)
     try:
         if args.serve:
             from realtime.server.app import serve

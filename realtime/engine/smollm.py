@@ -12,6 +12,7 @@ safetensors in ``EngineConfig.cache_dir`` so later starts load in well under a s
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -51,17 +52,25 @@ def bundled_gguf() -> Path:
     return path
 
 
+def _fingerprint(path: Path) -> dict[str, object]:
+    """Identifies the GGUF file by content (size and hashes of its head and tail), so that
+    every virtual environment holding the same package shares one converted cache."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return {"name": path.name, "size": size, "sha256_head_tail": h.hexdigest()}
+
+
 def _load_converted(source: Path, cache_dir: Path) -> tuple[Any, Any]:
     """Load model + tokenizer, converting the GGUF once and caching the result."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_dir / f"smollm2-135m-instruct-v{CACHE_VERSION}"
     stamp = target / "source.json"
-    source_id = {
-        "path": str(source),
-        "size": source.stat().st_size,
-        "mtime": source.stat().st_mtime,
-    }
+    source_id = _fingerprint(source)
     if stamp.exists() and json.loads(stamp.read_text()) == source_id:
         try:
             model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
