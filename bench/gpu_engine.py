@@ -218,6 +218,9 @@ def bench_decode(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, 
     slots = cache.allocate(2)
     variants: dict[str, RunnerOptions] = {
         "graph+compile": RunnerOptions(cuda_graphs=True, compile=True, batch_sizes=(1, 2)),
+        "graph+compile(reduction attention)": RunnerOptions(
+            cuda_graphs=True, compile=True, batch_sizes=(1, 2), triton_attention=False
+        ),
         "graph+compile(split reductions)": RunnerOptions(
             cuda_graphs=True, compile=True, batch_sizes=(1, 2), split_reductions=True
         ),
@@ -225,7 +228,7 @@ def bench_decode(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, 
     }
     if args.eager:
         variants["eager"] = RunnerOptions(cuda_graphs=False, compile=False, batch_sizes=(1, 2))
-    timings: dict[str, dict[str, float]] = {}
+    timings: dict[str, dict[str, Any]] = {}
     runner = None
     for name, opts in variants.items():
         runner = None
@@ -237,13 +240,12 @@ def bench_decode(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, 
         runner.step()
         runner.sync()
         setup = time.perf_counter() - t0
-        row = {"setup_s": setup}
+        row: dict[str, Any] = {"setup_s": setup, "attention": runner.attention_name}
         for bs in (1, 2):
             reset_lanes(runner, slots[:bs], 300, model)
             row[f"ms_b{bs}"] = 1e3 * time_steps(runner, args.steps)
         runner.clear()
         timings[name] = row
-        result["attention"] = runner.attention_name
         log(f"{name}: {row} attention={runner.attention_name} compiled={runner.compiled}")
     result["step_variants"] = timings
     probe = DecodeRunner(model, cache, RunnerOptions(cuda_graphs=True, compile=False))
@@ -260,6 +262,7 @@ def bench_decode(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, 
         probe.clear()
     best = min(timings, key=lambda k: timings[k]["ms_b1"])
     result["step_variant"] = best
+    result["attention"] = timings[best]["attention"]
     result["split_reductions"] = variants[best].split_reductions
     result["ms_per_token_b1"] = timings[best]["ms_b1"]
     result["ms_per_token_b2"] = timings[best]["ms_b2"]

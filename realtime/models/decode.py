@@ -58,6 +58,7 @@ class RunnerOptions:
     len_buckets: tuple[int, ...] = ()  # default: 512, 1024, ... up to the cache length
     prefill_chunk: int = 512
     split_reductions: bool = False  # let inductor split small reductions (more kernels)
+    triton_attention: bool = True  # the one-kernel decode attention (needs Triton and compile)
 
 
 @dataclass(frozen=True)
@@ -178,8 +179,10 @@ def layer_decode(
     eps: float,
     n_heads: int,
     n_kv: int,
+    fused_attention: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoder layer for one new token per row, attention written as plain reductions.
+    """One decoder layer for one new token per row, attention written as plain reductions
+    (or, with ``fused_attention``, the one-kernel ``realtime::decode_attention`` Triton op).
 
     Meant for ``torch.compile``: the cache rows of each lane are read through their slot index
     inside the fused reduction (no gathered copy of the cache), the new key/value is written in
@@ -195,17 +198,21 @@ def layer_decode(
     q, k, v = pre_attention(x, ln1, qkv_w, qkv_b, cos, sin, eps, n_heads, n_kv)
     kc.index_put_((slots, pos), k[:, 0])
     vc.index_put_((slots, pos), v[:, 0])
-    length = visible.shape[1]
     d = q.shape[-1]
-    g = n_heads // n_kv
-    keys = kc[slots, :length].float()  # [B, L, Hkv, D]
-    vals = vc[slots, :length].float()
-    qg = q[:, 0].reshape(b, 1, n_kv, g, d).float() * (d**-0.5)
-    scores = (qg * keys[:, :, :, None, :]).sum(-1)  # [B, L, Hkv, g]
-    scores = scores.masked_fill(~visible[:, :, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=1)
-    out = (probs[..., None] * vals[:, :, :, None, :]).sum(1)  # [B, Hkv, g, D]
-    attn = out.reshape(b, 1, n_heads * d).to(x.dtype)
+    if fused_attention:
+        out = torch.ops.realtime.decode_attention(q[:, 0], kc, vc, slots, pos, d**-0.5)
+        attn = out.reshape(b, 1, n_heads * d)
+    else:
+        length = visible.shape[1]
+        g = n_heads // n_kv
+        keys = kc[slots, :length].float()  # [B, L, Hkv, D]
+        vals = vc[slots, :length].float()
+        qg = q[:, 0].reshape(b, 1, n_kv, g, d).float() * (d**-0.5)
+        scores = (qg * keys[:, :, :, None, :]).sum(-1)  # [B, L, Hkv, g]
+        scores = scores.masked_fill(~visible[:, :, None, None], float("-inf"))
+        probs = torch.softmax(scores, dim=1)
+        out = (probs[..., None] * vals[:, :, :, None, :]).sum(1)  # [B, Hkv, g, D]
+        attn = out.reshape(b, 1, n_heads * d).to(x.dtype)
     x = x + F.linear(attn, o_w)
     gate, up = F.linear(_rms(x, ln2, eps), gu_w).chunk(2, dim=-1)
     return x, F.linear(F.silu(gate) * up, down_w)
@@ -239,6 +246,15 @@ def sample_tokens(
     return torch.where(temperature > 0, sampled, greedy)
 
 
+def _triton_attention() -> bool:
+    """Whether the Triton decode-attention op can be used (Triton importable)."""
+    try:
+        from realtime.models import decode_attention
+    except Exception:  # noqa: BLE001 - any import problem means: not available
+        return False
+    return decode_attention.available()
+
+
 class DecodeRunner:
     """Prefill and the batched one-token step over a :class:`KVCache`."""
 
@@ -265,6 +281,7 @@ class DecodeRunner:
         self._pre: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = pre_attention
         self._post: Callable[..., torch.Tensor] = post_attention
         self._layer: Callable[..., torch.Tensor] | None = None  # fused decode layer (compiled)
+        self.fused_attention = False  # the decode step's attention is the Triton kernel
         self.compiled = False
         if opts.compile and self.is_cuda:
             try:
@@ -280,6 +297,9 @@ class DecodeRunner:
                 self._post = torch.compile(post_attention, fullgraph=True, dynamic=False)
                 if not self.use_flash:
                     self._layer = torch.compile(layer_decode, fullgraph=True, dynamic=False)
+                    self.fused_attention = opts.triton_attention and _triton_attention()
+                    if self.fused_attention:
+                        self.attention_name += "; decode step: triton decode_attention kernel"
                 self.compiled = True
             except Exception as exc:  # noqa: BLE001 - fall back to eager pieces
                 log.warning("torch.compile unavailable (%s): eager layer pieces", exc)
@@ -510,7 +530,7 @@ class DecodeRunner:
                 weights = (lw.ln1, lw.qkv_w, lw.qkv_b, lw.o_w, lw.ln2, lw.gu_w, lw.down_w)
                 x, delta = self._layer(
                     x, delta, weights, self.cache.k[i], self.cache.v[i], cos, sin, pos, slots,
-                    visible, self.eps, self.n_heads, self.n_kv,
+                    visible, self.eps, self.n_heads, self.n_kv, self.fused_attention,
                 )  # fmt: skip
             x = x + delta
         else:
