@@ -17,7 +17,9 @@ from realtime.models.step_audio.testing import scripted, write_tiny_checkpoint
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-step-audio"), modify=scripted("Hi", " you"))
+    return write_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny-step-audio"), modify=scripted("Hi", " you")
+    )
 
 
 def test_run_agent_with_a_step_audio_checkpoint(tmp_path, checkpoint, say):
