@@ -1,0 +1,68 @@
+"""The listener's incremental decoding: audio before a committed pause is never decoded again,
+and at the endpoint only the tail since the last pause is left (or nothing at all)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from realtime.config import ASRConfig
+from realtime.listener import Listener
+
+RATE = 16000
+
+
+class RecordingASR:
+    """Stands in for whisper: 'hears' the seconds of audio it is given, and records each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, str]] = []
+
+    def transcribe(self, audio: np.ndarray, prompt: str = "") -> str:
+        seconds = round(len(audio) / RATE, 2)
+        self.calls.append((seconds, prompt))
+        return f"<{seconds}s>"
+
+
+def chunk(seconds: float) -> np.ndarray:
+    return np.ones(int(seconds * RATE), np.float32) * 0.1
+
+
+async def test_pause_decode_is_the_final_transcript_when_the_user_stops():
+    asr = RecordingASR()
+    lis = Listener(asr, ASRConfig(partial_interval_ms=10_000), ThreadPoolExecutor(1))
+    lis.start(0.0, np.zeros(0, np.float32))
+    lis.append(chunk(2.0))
+    lis.on_pause(2.0)
+    assert await lis.candidate() == "<2.0s>"
+    assert await lis.final() == "<2.0s>"
+    assert len(asr.calls) == 1  # the endpoint cost no decoding at all
+
+
+async def test_after_a_resumed_pause_only_the_tail_is_decoded():
+    asr = RecordingASR()
+    lis = Listener(asr, ASRConfig(partial_interval_ms=10_000), ThreadPoolExecutor(1))
+    lis.start(0.0, np.zeros(0, np.float32))
+    lis.append(chunk(3.0))
+    lis.on_pause(3.0)
+    await lis.candidate()
+    lis.on_resume()  # the user went on: "<3.0s>" is committed, its audio dropped
+    lis.append(chunk(1.0))
+    text = await lis.final()
+    last_seconds, last_prompt = asr.calls[-1]
+    assert last_seconds < 1.2  # only the audio after the pause (plus the silence margin)
+    assert last_prompt == "<3.0s>"  # the committed words prompt the tail's decoding
+    assert text.startswith("<3.0s> ") and len(asr.calls) == 2
+    assert len(lis.turn_audio()) == 4 * RATE  # the turn's whole audio is still kept
+
+
+async def test_partials_are_rate_limited():
+    asr = RecordingASR()
+    lis = Listener(asr, ASRConfig(partial_interval_ms=500), ThreadPoolExecutor(1))
+    lis.start(0.0, np.zeros(0, np.float32))
+    lis.append(chunk(0.2))
+    assert await lis.maybe_partial() is None  # not due yet
+    lis.append(chunk(0.4))
+    assert await lis.maybe_partial() == "<0.6s>"
+    assert await lis.maybe_partial() is None  # nothing new since
