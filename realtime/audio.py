@@ -36,9 +36,12 @@ def to_float32(pcm: np.ndarray) -> np.ndarray:
 
 
 def to_int16(pcm: np.ndarray) -> np.ndarray:
+    """float in [-1, 1] (clipped) or any integer type -> int16."""
     if pcm.dtype == np.int16:
         return pcm
-    return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
+    if np.issubdtype(pcm.dtype, np.floating):
+        return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
+    return pcm.astype(np.int16)
 
 
 def downmix(pcm: np.ndarray) -> np.ndarray:
@@ -54,11 +57,17 @@ def downmix(pcm: np.ndarray) -> np.ndarray:
     raise AudioFormatError(f"audio must be 1-D or (samples, channels), got shape {pcm.shape}")
 
 
-def resample(pcm: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    """Whole-buffer resampling of mono float32 audio."""
+def resample(pcm: np.ndarray, rate_in: int, rate_out: int, quality: str = "HQ") -> np.ndarray:
+    """Whole-buffer resampling of mono audio (float in [-1, 1], or int16); the dtype is kept.
+    ``quality`` is a soxr quality name ("QQ", "LQ", "MQ", "HQ", "VHQ")."""
+    if rate_in <= 0 or rate_out <= 0:
+        raise AudioFormatError(f"sample rates must be positive, got {rate_in} -> {rate_out}")
+    if pcm.ndim != 1:
+        raise AudioFormatError(f"expected mono audio, got shape {pcm.shape}")
     if rate_in == rate_out or pcm.size == 0:
-        return pcm.astype(np.float32, copy=False)
-    return soxr.resample(pcm.astype(np.float32, copy=False), rate_in, rate_out, quality="HQ")
+        return pcm
+    out = soxr.resample(to_float32(pcm), rate_in, rate_out, quality)
+    return to_int16(out) if pcm.dtype == np.int16 else out
 
 
 def check_rate(sample_rate: int) -> None:

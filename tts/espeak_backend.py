@@ -12,9 +12,9 @@ from typing import Literal
 
 import numpy as np
 
+from realtime.audio import resample
 from realtime.config import TTSConfig
 from tts.normalize import normalize
-from tts.resample import resample
 from tts.segmenter import SegmenterConfig
 from tts.stream import TextStream
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from realtime.audio import resample, to_int16
 from tts.base import AudioChunk, CancelReport
 from tts.normalize import normalize
-from tts.resample import float_to_int16, resample
 from tts.segmenter import CLAUSE_END, SENTENCE_END, Segmenter, SegmenterConfig
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ class TextStream:
         audio = trim_silence(audio, self.synth_rate, piece)
         audio = resample(audio, self.synth_rate, self.sample_rate)
         self.stats.synth_s += time.monotonic() - start
-        return float_to_int16(audio)
+        return to_int16(audio)
 
     def _speak(self, piece: str) -> None:
         stats = self.stats

@@ -14,6 +14,8 @@ import binascii
 import numpy as np
 import soxr
 
+from realtime.audio import to_int16
+
 _SEG_ULAW_END = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF], dtype=np.int32)
 _SEG_ALAW_END = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF], dtype=np.int32)
 
@@ -106,15 +108,6 @@ def pcm16_from_bytes(data: bytes) -> np.ndarray:
 
 def pcm16_to_b64(pcm: np.ndarray) -> str:
     return base64.b64encode(np.asarray(pcm, dtype="<i2").tobytes()).decode("ascii")
-
-
-def to_int16(pcm: np.ndarray) -> np.ndarray:
-    """float in [-1, 1] or int16 -> int16."""
-    if pcm.dtype == np.int16:
-        return pcm
-    if np.issubdtype(pcm.dtype, np.floating):
-        return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
-    return pcm.astype(np.int16)
 
 
 class StreamResampler:
