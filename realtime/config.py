@@ -39,6 +39,11 @@ class ASRConfig:
     beam_size: int = 1
     partial_interval_ms: int = 700  # how often to re-decode while the user speaks
     speculative_after_ms: int = 120  # silence after which the tail is decoded ahead of the endpoint
+    # A pause at least this long is a phrase boundary: the words before it are committed and their
+    # audio is never decoded again. Shorter gaps (a stop consonant, a breath inside a phrase) are
+    # not: a word cut off from its phrase is often misheard ("of | France" -> "friends").
+    commit_pause_ms: int = 300
+    max_tail_s: float = 8.0  # a tail longer than this is committed at any pause
 
 
 @dataclass

@@ -2,9 +2,12 @@
 at the end of speech at most the tail since the last pause is left to decode.
 
 The turn's audio is split at pauses (short silences the endpointer reports). When a pause
-begins, the audio since the last committed pause is decoded right away; if the user goes on,
-that text is committed and the audio before the pause is never decoded again; if the user
-stops, that decode *is* the final transcript and nothing is left to do at the endpoint.
+begins, the audio since the last committed pause is decoded right away; if the user stops, that
+decode *is* the final transcript and nothing is left to do at the endpoint. If the user goes on
+after a phrase boundary (a pause of ``commit_pause_ms`` or more, or any pause once the tail is
+longer than ``max_tail_s``), that text is committed and the audio before the pause is never
+decoded again; after a shorter gap the tail keeps growing, so words inside one phrase are always
+decoded together.
 Between pauses, partial transcripts are decoded every ``partial_interval_ms``.
 """
 
@@ -124,11 +127,15 @@ class Listener:
         text = await pause.task
         return self._join(text) if self._pause is pause else None
 
-    def on_resume(self) -> None:
-        """The user went on: commit the text decoded at the pause, drop its audio."""
+    def on_resume(self, t: float) -> None:
+        """The user went on at stream time ``t``: at a phrase boundary, commit the text decoded
+        at the pause and drop its audio."""
         pause, self._pause = self._pause, None
         if pause is None or self._tail is None or not pause.task.done() or pause.task.exception():
             return  # an unfinished decode: its audio stays in the tail and is decoded later
+        boundary = t - pause.t >= self.cfg.commit_pause_ms / 1000
+        if not boundary and self._tail.n < self.cfg.max_tail_s * PIPELINE_RATE:
+            return  # a gap inside a phrase: the tail goes on growing
         text = pause.task.result().strip()
         if text:
             self._committed.append(text)

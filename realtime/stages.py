@@ -142,7 +142,7 @@ class ListenerStage(Stage):
             self.listener.start(*self._prefix(frame.t))
         elif isinstance(frame, SpeechPaused):
             if frame.resumed:
-                self.listener.on_resume()
+                self.listener.on_resume(frame.t)
             else:
                 self.listener.on_pause(frame.t)
                 s.spawn(self._candidate())

@@ -47,7 +47,7 @@ async def test_after_a_resumed_pause_only_the_tail_is_decoded():
     lis.append(chunk(3.0))
     lis.on_pause(3.0)
     await lis.candidate()
-    lis.on_resume()  # the user went on: "<3.0s>" is committed, its audio dropped
+    lis.on_resume(3.4)  # the user went on after a phrase boundary: "<3.0s>" is committed
     lis.append(chunk(1.0))
     text = await lis.final()
     last_seconds, last_prompt = asr.calls[-1]
@@ -55,6 +55,36 @@ async def test_after_a_resumed_pause_only_the_tail_is_decoded():
     assert last_prompt == "<3.0s>"  # the committed words prompt the tail's decoding
     assert text.startswith("<3.0s> ") and len(asr.calls) == 2
     assert len(lis.turn_audio()) == 4 * RATE  # the turn's whole audio is still kept
+
+
+async def test_a_short_gap_inside_a_phrase_commits_nothing():
+    asr = RecordingASR()
+    lis = Listener(
+        asr, ASRConfig(partial_interval_ms=10_000, commit_pause_ms=300), ThreadPoolExecutor(1)
+    )
+    lis.start(0.0, np.zeros(0, np.float32))
+    lis.append(chunk(1.0))
+    lis.on_pause(1.0)  # e.g. the silent closure before "France"
+    await lis.candidate()
+    lis.on_resume(1.2)  # 200 ms: the same phrase goes on
+    lis.append(chunk(0.5))
+    text = await lis.final()
+    assert asr.calls[-1] == (1.5, "")  # the phrase is decoded whole, not "of | France"
+    assert text == "<1.5s>"
+
+
+async def test_a_long_tail_is_committed_even_at_a_short_gap():
+    asr = RecordingASR()
+    cfg = ASRConfig(partial_interval_ms=10_000, commit_pause_ms=300, max_tail_s=2.0)
+    lis = Listener(asr, cfg, ThreadPoolExecutor(1))
+    lis.start(0.0, np.zeros(0, np.float32))
+    lis.append(chunk(2.5))
+    lis.on_pause(2.5)
+    await lis.candidate()
+    lis.on_resume(2.6)
+    lis.append(chunk(0.5))
+    assert (await lis.final()).startswith("<2.5s> ")
+    assert asr.calls[-1][0] < 0.6  # only the new audio
 
 
 async def test_partials_are_rate_limited():

@@ -134,12 +134,20 @@ async def test_silence_gives_no_turn_and_long_input_keeps_memory_flat(runtime):
 
 
 async def test_two_sessions_do_not_disturb_each_other(runtime, say):
-    a = say("What is the capital of France?")
-    b = say("How many legs does a spider have?")
-    seen_a, seen_b = await asyncio.gather(converse(runtime, a, 16000), converse(runtime, b, 16000))
-    ta = [t.text for t in of(seen_a, Transcript) if t.final][0]
-    tb = [t.text for t in of(seen_b, Transcript) if t.final][0]
-    assert "france" in normalise(ta) and "spider" in normalise(tb)
+    qa, qb = "What is the capital of France?", "How many legs does a spider have?"
+    seen_a, seen_b = await asyncio.gather(
+        converse(runtime, say(qa), 16000), converse(runtime, say(qb), 16000)
+    )
+    ta = [t.text for t in of(seen_a, Transcript) if t.final]
+    tb = [t.text for t in of(seen_b, Transcript) if t.final]
+    assert len(ta) == len(tb) == 1  # one turn each: no audio crossed over
+    # Each session hears its own question (tiny.en may mishear a word on another CPU, so this
+    # is a WER bound, not an exact match) and none of the other's.
+    for heard, own, other in ((ta[0], qa, qb), (tb[0], qb, qa)):
+        assert jiwer.wer(normalise(own), normalise(heard)) <= 0.34, heard
+        assert jiwer.wer(normalise(own), normalise(heard)) < jiwer.wer(
+            normalise(other), normalise(heard)
+        ), heard
     assert of(seen_a, OutputAudio) and of(seen_b, OutputAudio)
 
 
