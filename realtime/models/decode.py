@@ -39,9 +39,9 @@ from realtime.models.qwen2 import (
     Qwen2ForCausalLM,
     apply_rope,
     attend_cache,
-    attention_mask,
     flash_attn_available,
     rope_cos_sin,
+    torch_flash_available,
 )
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ PREFILL_SIZES = (8, 16, 32, 64, 128, 256)  # pre-fill pieces padded to these siz
 class RunnerOptions:
     cuda_graphs: bool = True
     compile: bool = True  # torch.compile the per-layer element-wise pieces (CUDA only)
-    attention: str = "auto"  # auto | flash_attn | sdpa
+    attention: str = "auto"  # auto | flash_attn | torch_flash (pre-fill) | sdpa (bool mask only)
     batch_sizes: tuple[int, ...] = (1, 2, 4)
     len_buckets: tuple[int, ...] = ()  # default: 512, 1024, ... up to the cache length
     prefill_chunk: int = 512
@@ -276,7 +276,16 @@ class DecodeRunner:
         if opts.attention == "flash_attn" and not self.use_flash:
             log.warning("flash_attn requested but not importable (or not on CUDA): using SDPA")
         model.use_flash = self.use_flash
+        want_torch_flash = opts.attention in ("auto", "torch_flash")
+        self.torch_flash = (
+            not self.use_flash
+            and want_torch_flash
+            and torch_flash_available(self.device, self.dtype)
+        )
+        model.torch_flash = self.torch_flash
         self.attention_name = "flash_attn" if self.use_flash else self._sdpa_name()
+        if self.torch_flash:
+            self.attention_name += "; pre-fill: torch flash kernel (varlen, causal bottom-right)"
 
         self._pre: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = pre_attention
         self._post: Callable[..., torch.Tensor] = post_attention
@@ -551,8 +560,10 @@ class DecodeRunner:
         sin: torch.Tensor,
         attn_len: int,
     ) -> torch.Tensor:
-        mask = None if self.use_flash else attention_mask(positions, attn_len, self.group)
-        ctx = AttnContext(positions, slots, cos, sin, attn_len, mask, self.use_flash)
+        ctx = AttnContext.build(
+            positions, slots, cos, sin, attn_len, self.group, max_len=self.cache.max_len,
+            use_flash=self.use_flash, torch_flash=self.torch_flash,
+        )  # fmt: skip
         for i, lw in enumerate(self.layers):
             q, k, v = self._pre(
                 x, lw.ln1, lw.qkv_w, lw.qkv_b, cos, sin, self.eps, self.n_heads, self.n_kv

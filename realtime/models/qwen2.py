@@ -187,6 +187,50 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+def torch_flash_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """PyTorch's own flash kernel (the one SDPA's flash backend runs) serves this device/dtype."""
+    return (
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and hasattr(torch.ops.aten, "_flash_attention_forward")
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
+
+
+@dataclass
+class VarlenFlash:
+    """One sequence's queries against its own slot of the cache, in place, through PyTorch's
+    flash kernel in its variable-length form.
+
+    SDPA's public flash backend cannot serve a pre-fill after earlier context: queries at
+    positions ``p..p+T-1`` must see keys ``0..p+i`` (causal aligned to the bottom right), and a
+    CUDA graph needs the key count to live on the device. The variable-length call takes both:
+    the keys of slot ``s`` are rows ``s*max_len ..`` of the flattened cache (``cu_k``), the
+    number in use is ``used_k`` (a device tensor), and causal masking aligns to that number.
+    Nothing is copied or repeated per KV-head group."""
+
+    cu_q: torch.Tensor  # [2] int32: 0, T
+    cu_k: torch.Tensor  # [2] int32: slot*max_len, (slot+1)*max_len
+    used_k: torch.Tensor  # [1] int32: last position + 1
+    max_q: int
+    max_k: int
+
+    @classmethod
+    def for_prefill(
+        cls, positions: torch.Tensor, slots: torch.Tensor, max_len: int, attn_len: int
+    ) -> VarlenFlash:
+        """Built from device tensors only, so that it can be captured in a CUDA graph."""
+        two = torch.arange(2, device=positions.device, dtype=torch.int32)
+        t = positions.shape[1]
+        return cls(
+            cu_q=two * t,
+            cu_k=((slots[:1] + two) * max_len).to(torch.int32),
+            used_k=(positions[:1, -1] + 1).to(torch.int32),
+            max_q=t,
+            max_k=attn_len,
+        )
+
+
 @dataclass
 class AttnContext:
     """What every layer of one forward shares (built once per forward)."""
@@ -198,6 +242,32 @@ class AttnContext:
     attn_len: int  # keys 0..attn_len-1 of each slot are read
     mask: torch.Tensor | None  # [B, 1, group*T, attn_len] bool (SDPA path)
     use_flash: bool
+    varlen: VarlenFlash | None = None  # pre-fill through PyTorch's flash kernel
+
+    @classmethod
+    def build(
+        cls,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_len: int,
+        group: int,
+        *,
+        max_len: int,
+        use_flash: bool,
+        torch_flash: bool,
+    ) -> AttnContext:
+        """The attention path for one forward: ``flash_attn`` when wanted; PyTorch's flash
+        kernel for a one-sequence pre-fill when available; else SDPA with a bool mask."""
+        b, t = positions.shape
+        if use_flash:
+            return cls(positions, slots, cos, sin, attn_len, None, True)
+        if torch_flash and b == 1 and t > 1:
+            varlen = VarlenFlash.for_prefill(positions, slots, max_len, attn_len)
+            return cls(positions, slots, cos, sin, attn_len, None, False, varlen)
+        mask = attention_mask(positions, attn_len, group)
+        return cls(positions, slots, cos, sin, attn_len, mask, False)
 
 
 class Attention(nn.Module):
@@ -252,6 +322,22 @@ def attend_cache(
     rows = ctx.slots[:, None].expand(b, t)
     kc.index_put_((rows, ctx.positions), k)
     vc.index_put_((rows, ctx.positions), v)
+    if ctx.varlen is not None:
+        fv = ctx.varlen
+        out = torch.ops.aten._flash_attention_forward(
+            q.reshape(t, n_heads, head_dim),
+            kc.view(-1, n_kv, head_dim),
+            vc.view(-1, n_kv, head_dim),
+            fv.cu_q,
+            fv.cu_k,
+            fv.max_q,
+            fv.max_k,
+            0.0,  # dropout
+            True,  # causal, aligned to the bottom right (to used_k)
+            False,
+            seqused_k=fv.used_k,
+        )[0]
+        return out.reshape(b, t, n_heads * head_dim)
     keys = kc[:, : ctx.attn_len].index_select(0, ctx.slots).transpose(1, 2)  # [B, Hkv, L, D]
     vals = vc[:, : ctx.attn_len].index_select(0, ctx.slots).transpose(1, 2)
     g = n_heads // n_kv
@@ -314,6 +400,7 @@ class Qwen2ForCausalLM(nn.Module):
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
         self.register_buffer("inv_freq", inv, persistent=False)
         self.use_flash = False  # set by the runner when flash_attn is importable and wanted
+        self.torch_flash = False  # set by the runner: pre-fill through PyTorch's flash kernel
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
@@ -349,8 +436,10 @@ class Qwen2ForCausalLM(nn.Module):
         use_flash = self.use_flash and flash_attn_with_kvcache is not None
         cos, sin = rope_cos_sin(positions, self.inv_freq, embeds.dtype)
         group = cfg.num_attention_heads // cfg.num_key_value_heads
-        mask = None if use_flash else attention_mask(positions, length, group)
-        ctx = AttnContext(positions, slots, cos, sin, length, mask, use_flash)
+        ctx = AttnContext.build(
+            positions, slots, cos, sin, length, group,
+            max_len=cache.max_len, use_flash=use_flash, torch_flash=self.torch_flash,
+        )  # fmt: skip
         x = embeds
         for layer in self.model.layers:
             x = layer(x, cache, ctx)
