@@ -10,7 +10,9 @@ the repetition loops a short window can otherwise fall into.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import re
 import threading
 from pathlib import Path
 
@@ -91,4 +93,32 @@ class WhisperRecognizer:
                 repetition_penalty=1.1,
                 no_repeat_ngram_size=4,
             )
-        return self._tokenizer.decode(result[0].sequences_ids[0]).strip()
+        return drop_repeated_tail(self._tokenizer.decode(result[0].sequences_ids[0]).strip())
+
+
+def _words(text: str) -> list[str]:
+    return re.sub(r"[^\w\s']", " ", text.lower()).split()
+
+
+def drop_repeated_tail(text: str, min_words: int = 3, similarity: float = 0.75) -> str:
+    """Cut a decoding loop: when the last ``k >= min_words`` words nearly repeat the words
+    before them (same first word, ``k`` words give or take one), drop the repeat.
+
+    With a short encoder window Whisper sometimes reads a phrase twice, the second time with a
+    word or two changed ("and why it has so many colours and why there are so many colours"),
+    which ``no_repeat_ngram_size`` cannot catch. A person repeating three or more words in a row
+    is rarer than this, and shorter repeats ("no, no") are kept."""
+    words = text.split()
+    norm = _words(text)
+    if len(words) != len(norm):  # punctuation-only tokens: keep the mapping simple
+        return text
+    # same length first; then a word more or less ("there's" read again as "there are")
+    for shift in (0, -1, 1):
+        for k in range(len(norm) - min_words, min_words - 1, -1):
+            j = k + shift
+            if j < min_words or j + k > len(norm) or norm[-k - j] != norm[-k]:
+                continue
+            if difflib.SequenceMatcher(None, norm[-k:], norm[-k - j : -k]).ratio() >= similarity:
+                kept = " ".join(words[:-k]).rstrip(",;:")
+                return drop_repeated_tail(kept, min_words, similarity)
+    return text
