@@ -36,6 +36,7 @@ bench: install system-deps
 	$(BIN)/python bench/cpu_bench.py
 	$(BIN)/python bench/asr_bench.py
 	$(BIN)/python bench/tts_bench.py
+	$(BIN)/python bench/listener_bench.py
 
 serve: install
 	$(BIN)/python run_agent.py --serve
