@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_CHUNK_S = 10.0  # one push_audio call may carry at most this much audio
+MAX_ITEM_AUDIO_S = 28.0  # a clip transcribed whole fits one Whisper window (with its padding)
 
 
 @dataclass
@@ -171,6 +172,21 @@ class Session:
     @property
     def stream_time(self) -> float:
         return self._t
+
+    async def transcribe(self, pcm: np.ndarray, sample_rate: int) -> str:
+        """Words in a whole clip sent outside the stream (a conversation item's audio),
+        decoded on the recognition thread. The clip does not enter the turn in flight."""
+        asr = self.runtime.asr
+        if asr is None:
+            raise ValueError(
+                "this configuration has no speech recognition (the model hears streamed audio "
+                "itself): stream the audio with input_audio_buffer.append instead"
+            )
+        mono = InputConverter(sample_rate)(pcm, last=True)
+        if len(mono) > MAX_ITEM_AUDIO_S * PIPELINE_RATE:
+            raise AudioFormatError(f"an audio item may hold at most {MAX_ITEM_AUDIO_S:.0f} s")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.runtime.asr_executor, asr.transcribe, mono)
 
     async def commit(self) -> None:
         """End the user's turn now (manual turn detection)."""

@@ -256,6 +256,35 @@ async def test_text_turn_g711_and_beta_names(server: RunningServer) -> None:
         assert (await _recv_until(ws, "input_audio_buffer.committed"))["item_id"]
 
 
+async def test_audio_item_is_transcribed_then_answered(server: RunningServer) -> None:
+    def user_item(part: dict[str, Any]) -> str:
+        item = {"type": "message", "role": "user", "content": [part]}
+        return json.dumps({"type": "conversation.item.create", "item": item})
+
+    async with websockets.connect(f"{server.ws}/v1/realtime?model=x", max_size=None) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        clip = base64.b64encode(speech(QUESTION, 24000).tobytes()).decode()  # audio/pcm 24 kHz
+        await ws.send(user_item({"type": "input_audio", "audio": clip}))
+        added = await _recv_until(ws, "conversation.item.added")
+        (part,) = added["item"]["content"]
+        assert part["type"] == "input_audio" and "capital" in part["transcript"].lower(), part
+        await ws.send(json.dumps({"type": "response.create"}))
+        done = await _recv_until(ws, "response.done", 120)
+        assert done["response"]["status"] == "completed"
+        assert done["response"]["output"][0]["content"][0]["transcript"].strip()
+        # a broken or misplaced audio part: a clear error, and the connection goes on
+        err = await _expect_error(
+            ws, user_item({"type": "input_audio", "audio": "%%%"}), "invalid_audio"
+        )
+        assert err["param"] == "item.content[0].audio"
+        odd = base64.b64encode(b"\x01\x02\x03").decode()
+        await _expect_error(ws, user_item({"type": "input_audio", "audio": odd}), "invalid_audio")
+        err = await _expect_error(ws, user_item({"type": "input_image"}), "invalid_value")
+        assert err["param"] == "item.content[0].type"
+        await ws.send(user_item({"type": "input_text", "text": "Thanks."}))
+        assert (await _recv_until(ws, "conversation.item.added"))["item"]["role"] == "user"
+
+
 async def test_disconnect_mid_answer_leaves_server_and_other_sessions(
     server: RunningServer,
 ) -> None:

@@ -359,24 +359,51 @@ def _apply_settings(conn: RealtimeConnection, new: rp.Settings, base_vad: VADCon
     conn.settings = new
 
 
-def _content_text(item: dict[str, Any]) -> str:
+AUDIO_PARTS = ("input_audio", "audio", "output_audio")
+
+
+async def _content_text(conn: RealtimeConnection, item: dict[str, Any], role: str) -> str:
+    """The words of a message item: text parts as they are; a user's ``input_audio`` part
+    (base64 in the session's input format) transcribed; an assistant's audio part by its
+    transcript."""
     content = item.get("content")
     if not isinstance(content, list) or not content:
         raise ClientError("item.content must be a non-empty list", param="item.content")
     parts = []
     for i, part in enumerate(content):
+        param = f"item.content[{i}]"
         if not isinstance(part, dict):
-            raise ClientError("each content part must be an object", param=f"item.content[{i}]")
+            raise ClientError("each content part must be an object", param=param)
         kind = part.get("type")
+        transcript = part.get("transcript")
         if kind in ("input_text", "text", "output_text") and isinstance(part.get("text"), str):
             parts.append(part["text"])
+        elif kind == "input_audio" and role == "user" and isinstance(part.get("audio"), str):
+            parts.append(await _transcribe_part(conn, part["audio"], f"{param}.audio"))
+        elif kind in AUDIO_PARTS and isinstance(transcript, str):
+            parts.append(transcript)  # audio already heard (e.g. an earlier answer): its words
         else:
             raise ClientError(
-                f"content type {kind!r} is not supported here: send text parts, and stream "
-                "audio with input_audio_buffer.append",
-                param=f"item.content[{i}].type",
+                f"content part of type {kind!r} is not supported here: send input_text/text "
+                "parts, input_audio with base64 'audio' (user items), or audio with a "
+                "'transcript'",
+                param=f"{param}.type",
             )
-    return " ".join(parts)
+    return " ".join(p.strip() for p in parts if p.strip())
+
+
+async def _transcribe_part(conn: RealtimeConnection, audio: str, param: str) -> str:
+    fmt = conn.settings.input_format
+    try:
+        pcm = fmt.decode(b64decode_strict(audio))
+    except AudioDecodeError as exc:
+        raise ClientError(str(exc), code="invalid_audio", param=param) from None
+    if pcm.size == 0:
+        raise ClientError("the audio part is empty", code="invalid_audio", param=param)
+    try:
+        return await conn.session.transcribe(pcm, fmt.rate)
+    except ValueError as exc:  # AudioFormatError too
+        raise ClientError(str(exc), code="invalid_audio", param=param) from None
 
 
 async def _handle_event(
@@ -460,13 +487,20 @@ async def _handle_event(
         role = item.get("role")
         if role not in ("user", "assistant", "system"):
             raise ClientError("item.role must be user, assistant or system", param="item.role")
-        text = _content_text(item)
+        text = await _content_text(conn, item, role)
         if role == "user":
             conn.pending_user_text.append(text)
         else:
             s.add_message(role, text)
         item_id = item.get("id") if isinstance(item.get("id"), str) else rp.new_id("item")
-        full = rp.text_item(item_id, role, text, conn.beta)
+        heard = role == "user" and any(
+            isinstance(p, dict) and p.get("type") == "input_audio" for p in item["content"]
+        )
+        full = (
+            rp.user_audio_item(item_id, text, conn.beta)
+            if heard
+            else rp.text_item(item_id, role, text, conn.beta)
+        )
         await conn.add_item(full)
         await conn.send("conversation.item.done", item=full)
     elif kind == "conversation.item.truncate":
