@@ -85,7 +85,7 @@ class TTSConfig:
     backend: Literal["piper", "espeak"] = "piper"
     voice: str = "joe"  # piper voice name found in installed packages, or an .onnx path
     speaking_rate: float = 1.0  # 1.0 = the voice's natural speed
-    first_piece_words: int = 4  # release this many words early when no punctuation comes
+    first_piece_words: int = 3  # release this many words early when no punctuation comes
     max_piece_chars: int = 220
     use_gpu: bool = False  # onnxruntime CUDA provider when available
 

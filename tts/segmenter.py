@@ -41,7 +41,7 @@ ABBREVIATIONS = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class SegmenterConfig:
-    first_piece_words: int = 4  # cut the first piece after this many words if no punctuation
+    first_piece_words: int = 3  # cut the first piece after this many words if no punctuation
     second_piece_words: int = 12  # the same for the second piece (audio is still short)
     long_piece_chars: int = 60  # from the third piece on, clause cuts need this many chars
     growth: float = 2.0  # from the third piece on, cut between words past growth x released
