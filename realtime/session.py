@@ -45,6 +45,7 @@ class SessionOptions:
     create_response: bool = True  # answer automatically at the end of a turn
     interrupt_response: bool = True  # the user's speech cancels the answer (barge-in)
     output_sample_rate: int | None = None  # None = the TTS head's own rate
+    speak: bool = True  # False: answers are text only (no TTS, no audio frames)
 
 
 @dataclass
@@ -318,7 +319,7 @@ class Session:
         if resp is None:
             return
         self._cancel_response(resp)
-        spoken = resp.spoken_text(self.pace_output)
+        spoken = self._delivered(resp, interrupted=True)
         self.emit(Interruption(spoken))
         await self.finish_response(resp, interrupted=True)
 
@@ -351,13 +352,20 @@ class Session:
         if self.response is resp:
             self.response = None
         self._last_response = resp
-        spoken = resp.spoken_text(self.pace_output) if interrupted else resp.answer.strip()
+        spoken = self._delivered(resp, interrupted)
         self.turns += 1
         self.history.append(HistoryEntry(resp.turn.text, resp.answer, spoken, interrupted))
         self.emit(self._metrics(resp, interrupted, spoken))
         es, turn = self.engine_session, resp.turn
         await self.runtime.worker.call(lambda: es.commit(turn, spoken, interrupted))
         self._close_turn()
+
+    def _delivered(self, resp: Response, interrupted: bool) -> str:
+        """What reached the user: the whole answer, unless speech was cut off (then the pieces
+        they began to hear). A text-only answer was delivered as far as it was written."""
+        if interrupted and self.options.speak:
+            return resp.spoken_text(self.pace_output)
+        return resp.answer.strip()
 
     def _metrics(self, resp: Response, interrupted: bool, spoken: str) -> TurnMetrics:
         tc, rc = resp.turn_clock, resp.clock

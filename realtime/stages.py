@@ -250,12 +250,18 @@ class Responder(Stage):
 
 
 class Speaker(Stage):
-    """Streams answer text into the TTS head and its audio on in output-sized frames."""
+    """Streams answer text into the TTS head and its audio on in output-sized frames (a
+    text-only session, ``speak=False``, passes the text on untouched)."""
 
     async def process(self, frame: Frame) -> None:
         s = self.session
         resp = s.response
-        if isinstance(frame, AnswerText) and resp is not None and not resp.cancel.cancelled:
+        if (
+            isinstance(frame, AnswerText)
+            and resp is not None
+            and not resp.cancel.cancelled
+            and s.options.speak
+        ):
             if resp.tts is None:
                 resp.tts = s.runtime.tts.open_stream(
                     s.options.voice,

@@ -26,9 +26,10 @@ def normalise(text: str) -> str:
     return "".join(c for c in text.lower() if c.isalnum() or c.isspace()).strip()
 
 
-async def converse(runtime, pcm, rate, realtime=False):
-    """Run one session over ``pcm``; returns [(wall_time, frame)]."""
+async def converse(runtime, pcm, rate, realtime=False, **options):
+    """Run one session (with ``options`` applied) over ``pcm``; returns [(wall_time, frame)]."""
     session = runtime.new_session(pace_output=realtime)
+    session.update(**options)
     await session.start()
     seen = []
 
@@ -131,6 +132,15 @@ async def test_silence_gives_no_turn_and_long_input_keeps_memory_flat(runtime):
     assert not any(isinstance(f, TurnMetrics) for f in frames)
     assert all(f.noise for f in frames if isinstance(f, SpeechStopped))  # at most a false start
     await session.close()
+
+
+async def test_a_text_only_session_writes_the_answer_and_speaks_nothing(runtime, say):
+    seen = await converse(runtime, say("What is the capital of France?"), 16000, speak=False)
+    answer = "".join(a.text for a in of(seen, AnswerText)).strip()
+    assert answer and not of(seen, OutputAudio)
+    (metrics,) = of(seen, TurnMetrics)
+    assert metrics.first_packet_s is None  # no audio packet: the latency figure is not faked
+    assert metrics.answer == answer and metrics.spoken == answer  # delivered as written
 
 
 async def test_two_sessions_do_not_disturb_each_other(runtime, say):

@@ -165,6 +165,9 @@ async def test_bad_input_gets_error_events_and_connection_goes_on(server: Runnin
             "session": {"input_audio_format": {"type": "audio/pcm", "rate": 16000}},
         }
         await _expect_error(ws, json.dumps(bad_rate), "invalid_value")
+        bad_modes = {"type": "session.update", "session": {"output_modalities": ["video"]}}
+        err = await _expect_error(ws, json.dumps(bad_modes), "invalid_value")
+        assert err["param"] == "session.output_modalities"
         odd = {
             "type": "input_audio_buffer.append",
             "audio": base64.b64encode(b"\x01\x02\x03").decode(),
@@ -283,6 +286,51 @@ async def test_audio_item_is_transcribed_then_answered(server: RunningServer) ->
         assert err["param"] == "item.content[0].type"
         await ws.send(user_item({"type": "input_text", "text": "Thanks."}))
         assert (await _recv_until(ws, "conversation.item.added"))["item"]["role"] == "user"
+
+
+async def test_text_only_output_and_a_per_response_override(server: RunningServer) -> None:
+    client = AsyncOpenAI(api_key="x", websocket_base_url=f"{server.ws}/v1")
+    async with client.realtime.connect(model="local-agent") as conn:
+        assert (await conn.recv()).type == "session.created"
+        await conn.session.update(session={"type": "realtime", "output_modalities": ["text"]})
+        updated = await conn.recv()
+        assert updated.type == "session.updated" and updated.session.output_modalities == ["text"]
+
+        async def ask(question: str, **response: Any) -> tuple[list[str], Any]:
+            await conn.conversation.item.create(
+                item={
+                    "type": "message",
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": question}],
+                }
+            )
+            if response:
+                await conn.response.create(response=response)
+            else:
+                await conn.response.create()
+            types: list[str] = []
+            async with asyncio.timeout(120):
+                async for event in conn:
+                    types.append(event.type)
+                    assert event.type != "error", event
+                    if event.type == "response.done":
+                        return types, event.response
+            raise AssertionError("no response.done")
+
+        types, done = await ask("What is the capital of France?")
+        assert "response.output_text.delta" in types and "response.output_text.done" in types
+        assert not any(t.startswith("response.output_audio") for t in types)
+        assert done.status == "completed" and done.output_modalities == ["text"]
+        part = done.output[0].content[0]
+        assert part.type == "output_text" and part.text.strip()
+
+        # one spoken answer on request, then the session's text-only setting again
+        types, done = await ask("And of Italy?", output_modalities=["audio"])
+        assert "response.output_audio.delta" in types and done.output_modalities == ["audio"]
+        assert done.output[0].content[0].type == "output_audio"
+        types, done = await ask("And of Spain?")
+        assert "response.output_text.delta" in types
+        assert not any(t.startswith("response.output_audio") for t in types)
 
 
 async def test_disconnect_mid_answer_leaves_server_and_other_sessions(

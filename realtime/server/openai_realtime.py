@@ -62,6 +62,15 @@ class ResponseState:
     input_text: str = ""
     input_ms: float = 0.0
     failed: bool = False
+    text_only: bool = False  # written, not spoken (output_modalities ["text"])
+
+    def ids(self) -> dict[str, Any]:
+        return {
+            "response_id": self.id,
+            "item_id": self.item_id,
+            "output_index": 0,
+            "content_index": 0,
+        }
 
 
 @dataclass
@@ -128,13 +137,15 @@ class RealtimeConnection:
     async def open_response(self) -> ResponseState:
         if self.response is None:
             self.response = ResponseState(
-                input_text=self.last_transcript, input_ms=self.user.audio_ms
+                input_text=self.last_transcript,
+                input_ms=self.user.audio_ms,
+                text_only=self.settings.text_only,
             )
             await self.send("response.created", response=self._response_json("in_progress"))
         r = self.response
         if not r.item_open:
             r.item_open = True
-            item = rp.assistant_item(r.item_id, "in_progress", None, self.beta)
+            item = rp.assistant_item(r.item_id, "in_progress", None, self.beta, r.text_only)
             await self.send(
                 "response.output_item.added", response_id=r.id, output_index=0, item=item
             )
@@ -145,7 +156,7 @@ class RealtimeConnection:
                 item_id=r.item_id,
                 output_index=0,
                 content_index=0,
-                part={"type": "audio", "transcript": ""},
+                part=_part("", r.text_only),
             )
         return r
 
@@ -155,7 +166,8 @@ class RealtimeConnection:
         out = []
         if r.item_open:
             item_status = "completed" if status == "completed" else "incomplete"
-            out.append(rp.assistant_item(r.item_id, item_status, "".join(r.transcript), self.beta))
+            text = "".join(r.transcript)
+            out.append(rp.assistant_item(r.item_id, item_status, text, self.beta, r.text_only))
         body: dict[str, Any] = {
             "object": "realtime.response",
             "id": r.id,
@@ -163,7 +175,7 @@ class RealtimeConnection:
             "status_details": None if reason is None else {"type": status, "reason": reason},
             "output": out,
             "conversation_id": self.session_id,
-            "output_modalities": ["audio"],
+            "output_modalities": ["text"] if r.text_only else ["audio"],
             "audio": {
                 "output": {
                     "format": self.settings.output_format.to_json(self.beta),
@@ -184,22 +196,25 @@ class RealtimeConnection:
             return
         text = "".join(r.transcript)
         if r.item_open:
-            ids = {"response_id": r.id, "item_id": r.item_id, "output_index": 0, "content_index": 0}
+            ids = r.ids()
             if r.reasoning:
                 await self.send(rp.REASONING_DONE, **ids, text="".join(r.reasoning))
-            await self.send("response.output_audio.done", **ids)
-            await self.send("response.output_audio_transcript.done", **ids, transcript=text)
-            await self.send(
-                "response.content_part.done", **ids, part={"type": "audio", "transcript": text}
-            )
+            if r.text_only:
+                await self.send("response.output_text.done", **ids, text=text)
+            else:
+                await self.send("response.output_audio.done", **ids)
+                await self.send("response.output_audio_transcript.done", **ids, transcript=text)
+            await self.send("response.content_part.done", **ids, part=_part(text, r.text_only))
             item_status = "completed" if status == "completed" else "incomplete"
-            item = rp.assistant_item(r.item_id, item_status, text, self.beta)
+            item = rp.assistant_item(r.item_id, item_status, text, self.beta, r.text_only)
             await self.send(
                 "response.output_item.done", response_id=r.id, output_index=0, item=item
             )
             await self.send("conversation.item.done", item=item)
         await self.send("response.done", response=self._response_json(status, reason))
         self.response = None
+        if r.text_only != self.settings.text_only:  # a per-response override ends here
+            self.session.update(speak=not self.settings.text_only)
 
     # ---- user turns ----------------------------------------------------------------------
     async def commit_user_turn(self) -> None:
@@ -237,11 +252,16 @@ class RealtimeConnection:
         )
 
 
+def _part(text: str, text_only: bool) -> dict[str, Any]:
+    """A content part as the ``response.content_part.*`` events carry it."""
+    return {"type": "text", "text": text} if text_only else {"type": "audio", "transcript": text}
+
+
 # ---- session frames -> server events ---------------------------------------------------------
 async def _pump(conn: RealtimeConnection) -> None:
     async for frame in conn.session.frames():
         if isinstance(frame, OutputAudio):
-            if conn.drop_output:
+            if conn.drop_output or (conn.response is not None and conn.response.text_only):
                 continue
             r = await conn.open_response()
             fmt = conn.settings.output_format
@@ -261,10 +281,15 @@ async def _pump(conn: RealtimeConnection) -> None:
             if conn.drop_output or not frame.text:
                 continue
             r = await conn.open_response()
-            ids = {"response_id": r.id, "item_id": r.item_id, "output_index": 0, "content_index": 0}
+            ids = r.ids()
             if isinstance(frame, AnswerText):
                 r.transcript.append(frame.text)
-                await conn.send("response.output_audio_transcript.delta", **ids, delta=frame.text)
+                kind = (
+                    "response.output_text.delta"
+                    if r.text_only
+                    else "response.output_audio_transcript.delta"
+                )
+                await conn.send(kind, **ids, delta=frame.text)
             else:
                 r.reasoning.append(frame.text)
                 await conn.send(rp.REASONING_DELTA, **ids, delta=frame.text)
@@ -335,6 +360,8 @@ def _apply_settings(conn: RealtimeConnection, new: rp.Settings, base_vad: VADCon
         changes["speaking_rate"] = new.speed
     if new.output_format.rate != old.output_format.rate:
         changes["output_sample_rate"] = new.output_format.rate
+    if new.text_only != old.text_only:
+        changes["speak"] = not new.text_only
     if new.turn_detection != old.turn_detection:
         td = new.turn_detection
         if td is None:
@@ -406,6 +433,18 @@ async def _transcribe_part(conn: RealtimeConnection, audio: str, param: str) -> 
         raise ClientError(str(exc), code="invalid_audio", param=param) from None
 
 
+def _response_text_only(body: Any, default: bool) -> bool:
+    """``response.create``'s own ``output_modalities`` (beta ``modalities``), if it has one."""
+    if body is None:
+        return default
+    if not isinstance(body, dict):
+        raise ClientError("response must be an object", param="response")
+    for key in ("output_modalities", "modalities"):
+        if body.get(key) is not None:
+            return rp.parse_modalities(body[key], f"response.{key}")
+    return default
+
+
 async def _handle_event(
     conn: RealtimeConnection, event: dict[str, Any], base_vad: VADConfig
 ) -> None:
@@ -456,8 +495,13 @@ async def _handle_event(
             # the committed audio is still being transcribed: answer it once it is
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(turn.transcribed.wait(), TRANSCRIPT_WAIT_S)
+        text_only = _response_text_only(event.get("response"), conn.settings.text_only)
         conn.drop_output = False
-        conn.response = rp_response = ResponseState(input_text=" ".join(conn.pending_user_text))
+        conn.response = rp_response = ResponseState(
+            input_text=" ".join(conn.pending_user_text), text_only=text_only
+        )
+        if text_only != conn.settings.text_only:
+            s.update(speak=not text_only)  # for this response only: restored when it is done
         await conn.send("response.created", response=conn._response_json("in_progress"))
         text = " ".join(conn.pending_user_text) or None
         conn.pending_user_text.clear()

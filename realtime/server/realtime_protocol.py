@@ -154,6 +154,22 @@ class Settings:
     input_format: AudioFormat = PCM24
     output_format: AudioFormat = PCM24
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
+    text_only: bool = False  # output_modalities ["text"]: answers are written, not spoken
+
+    @property
+    def output_modalities(self) -> list[str]:
+        return ["text"] if self.text_only else ["audio"]
+
+
+def parse_modalities(value: Any, param: str) -> bool:
+    """``output_modalities`` (GA: ``["audio"]`` or ``["text"]``) or beta ``modalities``
+    (``["text"]`` or ``["audio", "text"]``) -> text only?"""
+    if not isinstance(value, list) or not value or not all(m in ("audio", "text") for m in value):
+        raise ClientError(
+            f'{param} must be ["audio"], ["text"] or ["audio", "text"], got {value!r}',
+            param=param,
+        )
+    return "audio" not in value
 
 
 def _number(value: Any, param: str, lo: float, hi: float) -> float:
@@ -240,6 +256,9 @@ def parse_session_update(session: Any, current: Settings, voices: set[str]) -> S
                 a_in["turn_detection"], s.turn_detection, "session.audio.input.turn_detection"
             ),
         )
+    for key in ("output_modalities", "modalities"):
+        if session.get(key) is not None:
+            s = replace(s, text_only=parse_modalities(session[key], f"session.{key}"))
     voice = a_out.get("voice", session.get("voice"))
     if isinstance(voice, dict):
         voice = voice.get("id")
@@ -265,7 +284,7 @@ def session_json(sid: str, s: Settings, beta: bool) -> dict[str, Any]:
             "id": sid,
             "object": "realtime.session",
             "model": s.model,
-            "modalities": ["audio", "text"],
+            "modalities": ["text"] if s.text_only else ["audio", "text"],
             "instructions": s.instructions,
             "voice": s.voice,
             "input_audio_format": s.input_format.beta,
@@ -282,7 +301,7 @@ def session_json(sid: str, s: Settings, beta: bool) -> dict[str, Any]:
         "object": "realtime.session",
         "id": sid,
         "model": s.model,
-        "output_modalities": ["audio"],
+        "output_modalities": s.output_modalities,
         "instructions": s.instructions,
         "audio": {
             "input": {
@@ -326,12 +345,17 @@ def text_item(item_id: str, role: str, text: str, beta: bool) -> dict[str, Any]:
     }
 
 
-def assistant_item(item_id: str, status: str, transcript: str | None, beta: bool) -> dict[str, Any]:
-    content = (
-        []
-        if transcript is None
-        else [{"type": "audio" if beta else "output_audio", "transcript": transcript}]
-    )
+def assistant_part(text: str, text_only: bool, beta: bool) -> dict[str, Any]:
+    """The content part of an answer: spoken audio with its transcript, or written text."""
+    if text_only:
+        return {"type": "text" if beta else "output_text", "text": text}
+    return {"type": "audio" if beta else "output_audio", "transcript": text}
+
+
+def assistant_item(
+    item_id: str, status: str, transcript: str | None, beta: bool, text_only: bool = False
+) -> dict[str, Any]:
+    content = [] if transcript is None else [assistant_part(transcript, text_only, beta)]
     return {
         "id": item_id,
         "object": "realtime.item",
