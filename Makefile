@@ -37,6 +37,7 @@ bench: install system-deps
 	$(BIN)/python bench/asr_bench.py
 	$(BIN)/python bench/tts_bench.py
 	$(BIN)/python bench/listener_bench.py
+	$(BIN)/python bench/concurrent_bench.py
 
 serve: install
 	$(BIN)/python run_agent.py --serve

@@ -42,7 +42,11 @@ def speech_end(pcm: np.ndarray) -> float:
     return (loud[-1] + 1) * 0.01
 
 
-async def one_turn(runtime: Runtime, pcm: np.ndarray, true_end_s: float) -> dict[str, object]:
+async def one_turn(
+    runtime: Runtime, pcm: np.ndarray, true_end_s: float, whole_answer: bool = False
+) -> dict[str, object]:
+    """One session, one spoken question fed live; ``whole_answer``: let the answer play out
+    (by default it is cancelled 0.5 s after the first packet, which is what is measured)."""
     session = runtime.new_session(pace_output=True)
     await session.start()
     first_audio: float | None = None
@@ -69,7 +73,7 @@ async def one_turn(runtime: Runtime, pcm: np.ndarray, true_end_s: float) -> dict
             await asyncio.sleep(delay)
         if metrics is not None:
             break
-        if first_audio is not None and time.monotonic() - first_audio > 0.5:
+        if not whole_answer and first_audio is not None and time.monotonic() - first_audio > 0.5:
             await session.cancel()  # the first packet is what we measure: skip the rest
     await session.end()
     await reader

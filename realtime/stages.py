@@ -226,7 +226,8 @@ class Responder(Stage):
         s = self.session
         try:
             stream = s.runtime.worker.stream(
-                lambda: s.engine_session.respond(resp.turn, resp.cancel)
+                lambda: s.engine_session.respond(resp.turn, resp.cancel),
+                exclusive=not getattr(s.runtime.engine, "interleaved_responses", False),
             )
             async for ev in stream:
                 if resp.cancel.cancelled:

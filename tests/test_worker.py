@@ -53,3 +53,48 @@ async def test_a_slow_model_step_does_not_block_the_event_loop():
         assert time.monotonic() - t0 >= 0.45
     finally:
         w.close()
+
+
+def _slow(tag: str, n: int, log: list[str], step_s: float = 0.005):
+    def gen():
+        for i in range(n):
+            time.sleep(step_s)  # one decoding step
+            log.append(f"{tag}{i}")
+            yield None if i % 2 else f"{tag}{i}"  # None: a step that produced no token
+
+    return gen
+
+
+async def test_shared_streams_take_turns_and_jobs_run_between_steps():
+    w = EngineWorker()
+    log: list[str] = []
+    try:
+        a = w.stream(_slow("a", 40, log), exclusive=False)
+        first = await a.__anext__()  # A is answering
+        b = asyncio.ensure_future(_collect(w.stream(_slow("b", 6, log), exclusive=False)))
+        job = await w.call(lambda: log.append("job") or len(log))
+        rest = [x async for x in a]
+        got_b = await b
+        assert first == "a0" and rest[-1] == "a38" and "a1" not in rest  # None is skipped
+        assert got_b == ["b0", "b2", "b4"]
+        # the second answer and the job ran while the first was still being written
+        assert log.index("b5") < log.index("a39") and job < log.index("a39")
+    finally:
+        w.close()
+
+
+async def test_an_exclusive_stream_runs_to_its_end_first():
+    w = EngineWorker()
+    log: list[str] = []
+    try:
+        a = w.stream(_slow("a", 20, log), exclusive=True)
+        await a.__anext__()
+        await w.call(lambda: log.append("job"))
+        await _collect(a)
+        assert log.index("job") > log.index("a19")
+    finally:
+        w.close()
+
+
+async def _collect(stream):
+    return [x async for x in stream]

@@ -99,6 +99,9 @@ class EngineSession(Protocol):
 class Engine(Protocol):
     name: str
     input_kind: Literal["text", "audio"]
+    # True when sessions keep all their decoding state apart, so that the worker may advance
+    # several sessions' answers step by step in turn (see realtime.engine.worker)
+    interleaved_responses: bool
 
     def new_session(self, system_prompt: str, sampling: SamplingConfig) -> EngineSession: ...
 

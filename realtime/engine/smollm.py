@@ -101,6 +101,7 @@ def _load_converted(source: Path, cache_dir: Path) -> tuple[Any, Any]:
 class SmolLMEngine:
     name = "smollm2"
     input_kind = "text"
+    interleaved_responses = True  # each session has its own KV cache
 
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
@@ -222,7 +223,7 @@ class SmolLMSession:
         text_so_far = ""
         max_new = min(self.sampling.max_new_tokens, budget)
         for _ in range(max_new):
-            if cancel.cancelled:
+            if cancel.cancelled or self._cache is None:  # cancelled, or closed between steps
                 break
             next_id = sample_next(logits, self.sampling, self._generator)
             if stats.wall_first_token is None:

@@ -39,7 +39,7 @@ articulation lane ``answer`` events (and ``thinking`` ones if it opens a block i
 **Sessions** own cache slots (one while listening, two while speaking with reasoning), the
 history and their sampling settings; the model, cache and decode runner belong to the engine.
 Lanes of several sessions can share one step later; today one ``respond`` runs at a time on the
-engine's worker thread. ``commit`` rewrites the assistant turn to what was really spoken
+engine's worker thread (``interleaved_responses = False``). ``commit`` rewrites the assistant turn to what was really spoken
 (reasoning is not kept in history, as in the Step-Audio chat format).
 """
 
@@ -137,6 +137,9 @@ def encoding_error(
 # ---- engine -----------------------------------------------------------------------------------
 class StepAudioEngine:
     input_kind: Literal["text", "audio"] = "audio"
+    # one decode runner for all sessions: an answer runs to its end before the next starts
+    # (its lanes would share the runner's step; see the module docstring)
+    interleaved_responses = False
 
     def __init__(
         self,

@@ -3,6 +3,13 @@
 One worker thread owns the model: every blocking engine call is a job on its queue, and
 token streams come back to the loop through ``loop.call_soon_threadsafe``. A slow decoding
 step therefore delays only other model work, never audio I/O.
+
+Token streams are advanced one item (one decoding step) at a time. A *shared* stream
+(``exclusive=False``, for engines whose sessions keep separate state) takes turns with the
+other shared streams, and queued jobs (another session's pre-fill, a new session) run between
+its steps: a second caller's answer starts while the first one is still being written, instead
+of after it. An *exclusive* stream (an engine whose sessions share one decode runner) runs to
+its end before anything else. A stream may yield ``None`` to give way without producing an item.
 """
 
 from __future__ import annotations
@@ -10,12 +17,52 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 _STOP = object()
+
+
+def _finished() -> Iterator[Any]:
+    return iter(())
+
+
+class _Stream:
+    """A generator run on the worker, handing each item to the loop."""
+
+    def __init__(self, make_iter: Callable[[], Iterator[Any]], emit: Callable[[Any], None]):
+        self.make_iter = make_iter
+        self.emit = emit
+        self.it: Iterator[Any] | None = None
+        self.done: Future[None] = Future()
+
+    def advance(self) -> bool:
+        """Run the generator to its next item; False once it is finished."""
+        try:
+            if self.it is None:
+                if not self.done.set_running_or_notify_cancel():
+                    return False
+                self.it = self.make_iter()
+            item = next(self.it)
+        except StopIteration:
+            self._finish()
+            return False
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the loop
+            self.emit(_Raise(exc))
+            self._finish()
+            return False
+        if item is not None:
+            self.emit(item)
+        return True
+
+    def _finish(self) -> None:
+        self.emit(_STOP)
+        self.done.set_result(None)
+        self.it = None  # let go of the generator and what it holds (the session)
+        self.make_iter = _finished
 
 
 class EngineWorker:
@@ -25,15 +72,37 @@ class EngineWorker:
         self._thread.start()
 
     def _run(self) -> None:
+        shared: deque[_Stream] = deque()  # streams taking turns, one item each
         while True:
-            job = self._jobs.get()
+            try:
+                job = self._jobs.get(block=not shared)
+            except queue.Empty:
+                job = None
             if job is _STOP:
                 return
-            fn, fut = job
-            if not fut.set_running_or_notify_cancel():
-                continue
+            if job is not None:
+                self._do(job, shared)
+                job = None  # hold nothing between jobs: a finished session can be freed
+            if shared:  # one job, then one step: neither side can starve the other
+                stream = shared.popleft()
+                if stream.advance():
+                    shared.append(stream)
+                del stream
+
+    @staticmethod
+    def _do(job: tuple[Any, Any], shared: deque[_Stream]) -> None:
+        first, second = job
+        if isinstance(first, _Stream):
+            if second:  # exclusive: to its end now
+                while first.advance():
+                    pass
+            else:
+                shared.append(first)
+            return
+        fut: Future[Any] = second
+        if fut.set_running_or_notify_cancel():
             try:
-                fut.set_result(fn())
+                fut.set_result(first())
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 fut.set_exception(exc)
 
@@ -46,21 +115,15 @@ class EngineWorker:
         """Run ``fn`` on the worker thread and await its result."""
         return await asyncio.wrap_future(self.submit(fn))
 
-    async def stream(self, make_iter: Callable[[], Iterator[T]]) -> AsyncIterator[T]:
-        """Run a blocking generator on the worker thread, yielding its items on the loop."""
+    async def stream(
+        self, make_iter: Callable[[], Iterator[T | None]], exclusive: bool = True
+    ) -> AsyncIterator[T]:
+        """Run a blocking generator on the worker thread, yielding its items on the loop.
+        ``exclusive=False``: other work and other shared streams run between its items."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Any] = asyncio.Queue()
-
-        def pump() -> None:
-            try:
-                for item in make_iter():
-                    loop.call_soon_threadsafe(q.put_nowait, item)
-            except BaseException as exc:  # noqa: BLE001 - re-raised on the loop
-                loop.call_soon_threadsafe(q.put_nowait, _Raise(exc))
-            finally:
-                loop.call_soon_threadsafe(q.put_nowait, _STOP)
-
-        fut = self.submit(pump)
+        stream = _Stream(make_iter, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        self._jobs.put((stream, exclusive))
         while True:
             item = await q.get()
             if item is _STOP:
@@ -68,7 +131,7 @@ class EngineWorker:
             if isinstance(item, _Raise):
                 raise item.exc
             yield item
-        await asyncio.wrap_future(fut)
+        await asyncio.wrap_future(stream.done)
 
     def close(self) -> None:
         self._jobs.put(_STOP)
