@@ -7,6 +7,7 @@ stop. ``random``: plain random weights, for isolation, exactness and cancellatio
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,11 @@ def _listen(session: EngineSession, pcm: np.ndarray, piece: float = 0.2) -> None
         session.listen(pcm[i : i + step])
 
 
+def _events(it: Iterator[TokenEvent | None]) -> list[TokenEvent]:
+    """A whole answer's events (``None`` marks a step: the worker's cue to run other work)."""
+    return [e for e in it if e is not None]
+
+
 def _text(events: list[TokenEvent], kind: str) -> str:
     return "".join(e.text for e in events if e.kind == kind)
 
@@ -69,7 +75,7 @@ def test_listen_then_respond_thinks_then_answers_and_stops(bigram_dir: Path) -> 
     audio = _speech(1.5)
     _listen(s, audio)
     assert s._l.pos > 0 and s._l.committed > 0  # pre-filled while listening
-    events = list(s.respond(UserTurn(audio=audio), CancelToken()))
+    events = _events(s.respond(UserTurn(audio=audio), CancelToken()))
     kinds = [e.kind for e in events]
     assert kinds[0] == "thinking" and "answer" in kinds
     assert _text(events, "thinking") == "Hi you"
@@ -80,7 +86,7 @@ def test_listen_then_respond_thinks_then_answers_and_stops(bigram_dir: Path) -> 
     s.commit(UserTurn(audio=audio), "Hi you", interrupted=False)
     assert len(s.conv.turns) == 1
     _listen(s, _speech(0.7, seed=1))  # a second turn on top of the history
-    assert _text(list(s.respond(UserTurn(), CancelToken())), "answer") == "Hi you"
+    assert _text(_events(s.respond(UserTurn(), CancelToken())), "answer") == "Hi you"
     s.close()
     assert engine.cache.free_slots == free
 
@@ -88,11 +94,11 @@ def test_listen_then_respond_thinks_then_answers_and_stops(bigram_dir: Path) -> 
 def test_budget_zero_and_think_first(bigram_dir: Path) -> None:
     engine = _engine(bigram_dir)
     s = engine.new_session("", SamplingConfig(think_budget=0))
-    events = list(s.respond(UserTurn(audio=_speech(1.0)), CancelToken()))
+    events = _events(s.respond(UserTurn(audio=_speech(1.0)), CancelToken()))
     assert _text(events, "thinking") == "" and _text(events, "answer") == "Hi you"
     first = _engine(bigram_dir, opts=StepAudioOptions(speak_first=False))
     s2 = first.new_session("", SamplingConfig(think_budget=1))
-    events = list(s2.respond(UserTurn(audio=_speech(1.0)), CancelToken()))
+    events = _events(s2.respond(UserTurn(audio=_speech(1.0)), CancelToken()))
     assert _text(events, "thinking") == "Hi"  # one reasoning token, then </think> is forced
     assert _text(events, "answer") == "Hi you"
 
@@ -187,7 +193,7 @@ def test_reasoning_is_handed_to_the_speaker_at_sentence_ends(tmp_path: Path) -> 
     path = write_tiny_checkpoint(tmp_path / "period", modify=scripted("Hi", ".", " you"))
     engine = _engine(path, opts=StepAudioOptions(refresh_tokens=1))
     s = engine.new_session("", SamplingConfig(think_budget=16, max_new_tokens=20))
-    events = list(s.respond(UserTurn(audio=_speech(1.0)), CancelToken()))
+    events = _events(s.respond(UserTurn(audio=_speech(1.0)), CancelToken()))
     answer = _text(events, "answer")
     print("answer with hand-overs:", repr(answer), s.handovers)
     assert _text(events, "thinking") == "Hi. you"
@@ -198,7 +204,7 @@ def test_reasoning_is_handed_to_the_speaker_at_sentence_ends(tmp_path: Path) -> 
 def test_typed_turn_and_history_rebuild(bigram_dir: Path) -> None:
     engine = _engine(bigram_dir)
     s = engine.new_session("sys", SamplingConfig(think_budget=0))
-    events = list(s.respond(UserTurn(text="hello"), CancelToken()))
+    events = _events(s.respond(UserTurn(text="hello"), CancelToken()))
     assert _text(events, "answer") == "Hi you"
     s.commit(UserTurn(text="hello"), "Hi you", interrupted=False)
     s.listen(_speech(0.7))
@@ -220,4 +226,46 @@ def test_history_is_trimmed_to_history_turns(bigram_dir: Path) -> None:
         lengths.append(s._hist_len)
     s.listen(_speech(0.3))  # opening the fifth turn trims to the last two
     assert len(s.conv.turns) == 2 and s._hist_len < lengths[-1]
-    assert _text(list(s.respond(UserTurn(), CancelToken())), "answer") == "Hi you"
+    assert _text(_events(s.respond(UserTurn(), CancelToken())), "answer") == "Hi you"
+
+
+def _round_robin(*its: Iterator[TokenEvent | None]) -> None:
+    """Advance the answers one item at a time in turn, as the engine worker does."""
+    live = list(its)
+    while live:
+        for it in list(live):
+            if next(it, StopIteration) is StopIteration:
+                live.remove(it)
+
+
+def test_two_answers_at_once_share_each_step(random_dir: Path) -> None:
+    engine = _engine(random_dir, max_batch=4)
+    a_audio, b_audio = _speech(1.3, seed=7), _speech(1.9, seed=8)
+    alone = {"a": _tokens(engine, a_audio, True, n=12), "b": _tokens(engine, b_audio, True, n=8)}
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    sessions = {}
+    for name, audio, n in (("a", a_audio, 12), ("b", b_audio, 8)):
+        s = engine.new_session("sys", SamplingConfig(think_budget=0, max_new_tokens=n))
+        s.on_token = lambda role, tok, t, name=name: got[name].append(tok)
+        _listen(s, audio, piece=0.16)
+        sessions[name] = (s, audio)
+    steps = engine.steps.steps
+    _round_robin(*(s.respond(UserTurn(audio=au), CancelToken()) for s, au in sessions.values()))
+    assert got == alone  # each answer is what it is alone
+    taken = engine.steps.steps - steps
+    assert taken < len(got["a"]) + len(got["b"])  # steps were shared, not taken one by one
+    assert taken >= max(len(got["a"]), len(got["b"]))
+    assert not engine.runner.lanes  # both answers left the runner
+
+
+def test_audio_heard_while_answering_is_listened_after_the_answer(random_dir: Path) -> None:
+    engine = _engine(random_dir)
+    s = engine.new_session("sys", SamplingConfig(think_budget=0, max_new_tokens=6))
+    _listen(s, _speech(1.0))
+    it = s.respond(UserTurn(audio=_speech(1.0)), CancelToken())
+    next(it)  # the answer is under way: its lane sits on this session's slot
+    pos, heard = s._l.pos, s._l.audio.shape[0]
+    s.listen(_speech(0.7, seed=2))  # the caller talks over it (barge-in off)
+    assert (s._l.pos, s._l.audio.shape[0]) == (pos, heard)  # nothing written over the answer
+    list(it)
+    assert s._l.audio.shape[0] == heard + int(0.7 * RATE)  # heard once the answer was done

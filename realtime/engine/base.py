@@ -80,9 +80,10 @@ class EngineSession(Protocol):
     def listen(self, pcm16k: np.ndarray) -> None:
         """Audio of the current user turn as it arrives. Text engines may ignore it."""
 
-    def respond(self, turn: UserTurn, cancel: CancelToken) -> Iterator[TokenEvent]:
+    def respond(self, turn: UserTurn, cancel: CancelToken) -> Iterator[TokenEvent | None]:
         """Generate the reply to ``turn``. Stops at the end-of-turn token, at
-        ``max_new_tokens`` or within one decoding step of ``cancel``."""
+        ``max_new_tokens`` or within one decoding step of ``cancel``. A ``None`` item carries
+        no event: it marks a step, where the worker may run other work."""
         ...
 
     def commit(self, turn: UserTurn, spoken_answer: str, interrupted: bool) -> None:

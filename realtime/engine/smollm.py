@@ -209,7 +209,7 @@ class SmolLMSession:
         """Text engine: the transcript comes from the listener, audio is not used."""
 
     @torch.inference_mode()
-    def respond(self, turn: UserTurn, cancel: CancelToken) -> Iterator[TokenEvent]:
+    def respond(self, turn: UserTurn, cancel: CancelToken) -> Iterator[TokenEvent | None]:
         self.stats = stats = TurnStats()
         tok = self.engine.tokenizer
         prompt_ids = self._ids(self._messages(turn.text), generation=True)

@@ -38,9 +38,12 @@ articulation lane ``answer`` events (and ``thinking`` ones if it opens a block i
 
 **Sessions** own cache slots (one while listening, two while speaking with reasoning), the
 history and their sampling settings; the model, cache and decode runner belong to the engine.
-Lanes of several sessions can share one step later; today one ``respond`` runs at a time on the
-engine's worker thread (``interleaved_responses = False``). ``commit`` rewrites the assistant turn to what was really spoken
-(reasoning is not kept in history, as in the Step-Audio chat format).
+Several sessions answer at once: the worker advances their ``respond`` generators in turn and
+their lanes share each batched step (:class:`~realtime.engine.batching.SharedSteps`), so a
+second caller costs one more row of the step, not a wait for the first caller's answer. Audio a
+session hears while it is answering is listened to after the answer (its lanes occupy the
+positions the audio would be written to). ``commit`` rewrites the assistant turn to what was
+really spoken (reasoning is not kept in history, as in the Step-Audio chat format).
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ import torch
 
 from realtime.config import EngineConfig, SamplingConfig
 from realtime.engine.base import CancelToken, EngineInfo, TokenEvent, TurnStats, UserTurn
+from realtime.engine.batching import SharedSteps
 from realtime.engine.parser import ReasoningParser
-from realtime.models.decode import DecodeRunner, LaneSampling, RunnerOptions
+from realtime.models.decode import DecodeRunner, Lane, LaneSampling, RunnerOptions
 from realtime.models.step_audio.lengths import CHUNK_SAMPLES, SAMPLE_RATE, embeddings_for_samples
 from realtime.models.step_audio.model import StepAudioModel
 from realtime.models.step_audio.prompt import (
@@ -137,9 +141,8 @@ def encoding_error(
 # ---- engine -----------------------------------------------------------------------------------
 class StepAudioEngine:
     input_kind: Literal["text", "audio"] = "audio"
-    # one decode runner for all sessions: an answer runs to its end before the next starts
-    # (its lanes would share the runner's step; see the module docstring)
-    interleaved_responses = False
+    # sessions' answers advance in turn and share each batched step (SharedSteps)
+    interleaved_responses = True
 
     def __init__(
         self,
@@ -171,6 +174,7 @@ class StepAudioEngine:
                 split_reductions=self.opts.split_reductions,
             ),
         )
+        self.steps = SharedSteps(self.runner)
         self.chunk_samples = max(1, cfg.listen_chunk_ms * SAMPLE_RATE // 1000)
         self.info = EngineInfo(
             name=name,
@@ -236,7 +240,7 @@ class _Answered:
 @dataclass
 class _LaneState:
     role: Role
-    slot: int
+    lane: Lane  # its row on the engine's runner (shared with other sessions' lanes)
     parser: ReasoningParser
     ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -257,6 +261,9 @@ class StepAudioSession:
         self._hist_len = 0
         self._answered: _Answered | None = None
         self._extra_slots: list[int] = []
+        self._lanes: list[Lane] = []  # this session's lanes on the runner while it answers
+        self._deferred: list[np.ndarray] = []  # audio heard while answering, listened after
+        self._closed = False
         self.on_token: Callable[[Role, int, float], None] | None = None  # bench/debug hook
         self.handovers = 0  # reasoning blocks handed to the speaking lane (all turns)
         self._rebuild_history()
@@ -285,6 +292,9 @@ class StepAudioSession:
     # ---- listening ----------------------------------------------------------------------------
     @torch.inference_mode()
     def listen(self, pcm16k: np.ndarray) -> None:
+        if self._lanes:  # answering: the answer's tokens sit where this audio would go
+            self._deferred.append(np.asarray(pcm16k, dtype=np.float32).reshape(-1))
+            return
         lst = self._l
         if self._answered is not None:  # a speculative answer was not committed: more audio
             self._answered = None
@@ -394,34 +404,49 @@ class StepAudioSession:
 
     # ---- respond --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def respond(self, turn: UserTurn, cancel: CancelToken) -> Iterator[TokenEvent]:
+    def respond(self, turn: UserTurn, cancel: CancelToken) -> Iterator[TokenEvent | None]:
+        """The answer's events; ``None`` items mark a step (or a wait for other sessions to
+        take their tokens) so that the worker can run other work in between."""
         self.stats = stats = TurnStats()
         e = self.engine
-        runner = e.runner
-        runner.clear()
         logits, gen_end, _ = self._close_turn(turn)
         budget = max(0, self.sampling.think_budget)
         sampling = LaneSampling(self.sampling.temperature, self.sampling.top_p, self.sampling.top_k)
         lanes: list[_LaneState] = []
         try:
             if budget == 0:
-                lanes.append(_LaneState("articulation", self.slot, ReasoningParser(False)))
-                runner.add_lane(self.slot, gen_end, sampling, logits=logits)
+                lane = self._add_lane(self.slot, gen_end, sampling, logits)
+                lanes.append(_LaneState("articulation", lane, ReasoningParser(False)))
             else:
-                lanes.append(_LaneState("formulation", self.slot, ReasoningParser(True)))
-                runner.add_lane(self.slot, gen_end, sampling, logits=logits)
+                lane = self._add_lane(self.slot, gen_end, sampling, logits)
+                lanes.append(_LaneState("formulation", lane, ReasoningParser(True)))
                 fork = self._fork(gen_end) if e.opts.speak_first else None
                 lanes[0].solo = fork is None
                 if fork is not None:
                     slot, fork_logits = fork
-                    lanes.append(_LaneState("articulation", slot, ReasoningParser(False)))
-                    runner.add_lane(slot, gen_end + len(e._close_ids), sampling, logits=fork_logits)
+                    lane = self._add_lane(slot, gen_end + len(e._close_ids), sampling, fork_logits)
+                    lanes.append(_LaneState("articulation", lane, ReasoningParser(False)))
             stats.wall_prefill_done = time.monotonic()
             yield from self._decode(lanes, budget, cancel)
         finally:
-            runner.clear()
-            e.cache.free(self._extra_slots)
-            self._extra_slots = []
+            self._release_lanes()
+            if self._deferred and not self._closed:  # what was heard meanwhile, in order
+                pcm, self._deferred = np.concatenate(self._deferred), []
+                self.listen(pcm)
+
+    def _add_lane(
+        self, slot: int, position: int, sampling: LaneSampling, logits: torch.Tensor
+    ) -> Lane:
+        lane = self.engine.steps.add(slot, position, sampling, logits=logits)
+        self._lanes.append(lane)
+        return lane
+
+    def _release_lanes(self) -> None:
+        for lane in self._lanes:
+            self.engine.steps.remove(lane)
+        self._lanes = []
+        self.engine.cache.free(self._extra_slots)
+        self._extra_slots = []
 
     def _fork(self, gen_end: int) -> tuple[int, torch.Tensor] | None:
         e = self.engine
@@ -434,23 +459,25 @@ class StepAudioSession:
 
     def _decode(
         self, lanes: list[_LaneState], budget: int, cancel: CancelToken
-    ) -> Iterator[TokenEvent]:
-        e, stats, runner = self.engine, self.stats, self.engine.runner
+    ) -> Iterator[TokenEvent | None]:
+        e, stats = self.engine, self.stats
         max_answer = self.sampling.max_new_tokens
         form = next((ln for ln in lanes if ln.role == "formulation"), None)
         answer_tokens = 0
         while lanes:
-            if cancel.cancelled:
+            if cancel.cancelled or self._closed:
                 return
-            if max(ln.position for ln in runner.lanes) + 1 >= e.cache.max_len:
+            if max(ln.lane.position for ln in lanes) + 1 >= e.cache.max_len:
                 log.warning("context full: the answer is cut")
                 break
-            fed = runner.step()
+            fed = e.steps.take([ln.lane for ln in lanes])
+            if fed is None:
+                yield None  # other sessions take their tokens of the last step first
+                continue
             now = time.monotonic()
             if stats.wall_first_token is None:
                 stats.wall_first_token = now
-            for k, tok in enumerate(fed):
-                lane = lanes[k]
+            for lane, tok in zip(lanes, fed, strict=True):
                 if self.on_token is not None:
                     self.on_token(lane.role, tok, now)
                 stats.generated_tokens += 1
@@ -466,11 +493,11 @@ class StepAudioSession:
             if any(ln.done and ln.role == "articulation" for ln in lanes):
                 break
             self._schedule(lanes, form, budget)
-            for k in reversed(range(len(lanes))):
-                if lanes[k].done:
-                    runner.remove_lane(k)
-                    lanes[k] = lanes[-1]
-                    lanes.pop()
+            for ln in [ln for ln in lanes if ln.done]:
+                e.steps.remove(ln.lane)
+                self._lanes.remove(ln.lane)
+                lanes.remove(ln)
+            yield None  # one step done: other work may run before the next
         for lane in lanes:
             for ev in lane.parser.close():
                 yield from self._route(lane, ev)
@@ -501,29 +528,28 @@ class StepAudioSession:
 
     def _schedule(self, lanes: list[_LaneState], form: _LaneState | None, budget: int) -> None:
         """Think budget, think-first close, hand-over of reasoning to the speaking lane."""
-        e, runner = self.engine, self.engine.runner
+        e = self.engine
         if form is None:
             return
         if form.role == "formulation" and not form.done and len(form.ids) >= budget:
             if form.solo:  # think-first: close the block on the same lane, then answer
-                runner.inject(lanes.index(form), e.embed_ids(e._close_ids))
+                e.steps.inject(form.lane, e.embed_ids(e._close_ids))
                 form.parser.feed(THINK_CLOSE_TEXT)
                 form.role = "articulation"
             else:
                 form.done = True
-        speak_k = next((k for k, ln in enumerate(lanes) if ln.role == "articulation"), None)
-        if form.solo or speak_k is None:
+        speaker = next((ln for ln in lanes if ln.role == "articulation"), None)
+        if form.solo or speaker is None:
             return
-        speaker = lanes[speak_k]
         fresh = self._reasoning_ids(form)[form.handed :]
         ready = len(fresh) >= e.opts.refresh_tokens or (form.done and bool(fresh))
         at_sentence_end = speaker.text.rstrip(" ").endswith(SENTENCE_ENDS)
         if not (ready and at_sentence_end and len(speaker.ids) > speaker.handover_at):
             return
         block = e.embed_ids([*e._open_ids, *fresh, *e._close_ids])
-        if runner.lanes[speak_k].position + block.shape[0] + 1 >= e.cache.max_len:
+        if speaker.lane.position + block.shape[0] + 1 >= e.cache.max_len:
             return
-        runner.inject(speak_k, block)
+        e.steps.inject(speaker.lane, block)
         form.handed += len(fresh)
         speaker.handover_at = len(speaker.ids)
         self.handovers += 1
@@ -563,8 +589,12 @@ class StepAudioSession:
         self._l = _Listening(pos=self._hist_len)
 
     def close(self) -> None:
-        self.engine.cache.free([self.slot, *self._extra_slots])
-        self._extra_slots = []
+        """Free the slots; an answer still running stops at its next step (its lanes leave
+        the runner now, so no later step writes into a slot that another session may get)."""
+        self._closed = True
+        self._deferred = []
+        self._release_lanes()
+        self.engine.cache.free([self.slot])
 
 
 # ---- factory --------------------------------------------------------------------------------------

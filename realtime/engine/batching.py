@@ -1,0 +1,74 @@
+"""Several sessions' lanes in one batched decode step.
+
+Each answering session owns some lanes of the engine's :class:`DecodeRunner` (one, or two while
+it reasons and speaks at once) and runs its own generator on the engine worker, which advances
+the generators in turn (``realtime.engine.worker``). :meth:`SharedSteps.take` gives a session the
+tokens its lanes were fed at the next step. The first session to ask runs ``runner.step()`` for
+*every* lane and keeps the other sessions' tokens for them; a session that asks again before the
+others have taken theirs waits (gets ``None`` and gives way). So all sessions move in lockstep
+and each step reads the weights once for all of them: when decoding is bound by reading the
+weights, two callers cost about what one does.
+
+Lanes are addressed by identity, never by row: the runner moves rows when a lane leaves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from realtime.models.decode import DecodeRunner, Lane, LaneSampling
+
+
+class SharedSteps:
+    def __init__(self, runner: DecodeRunner) -> None:
+        self.runner = runner
+        self._pending: dict[int, int] = {}  # id(lane) -> the token it was fed at the last step
+        self.steps = 0  # runner steps taken (for tests and benchmarks)
+        self.lane_steps = 0  # lanes served by them
+
+    def _row(self, lane: Lane) -> int:
+        for k, other in enumerate(self.runner.lanes):
+            if other is lane:
+                return k
+        raise KeyError("the lane is not on the runner (removed or never added)")
+
+    def add(
+        self,
+        slot: int,
+        position: int,
+        sampling: LaneSampling,
+        *,
+        logits: torch.Tensor | None = None,
+        token: int | None = None,
+    ) -> Lane:
+        k = self.runner.add_lane(slot, position, sampling, logits=logits, token=token)
+        return self.runner.lanes[k]
+
+    def remove(self, lane: Lane) -> None:
+        """Take ``lane`` off the runner (a no-op if it is gone already)."""
+        self._pending.pop(id(lane), None)
+        try:
+            k = self._row(lane)
+        except KeyError:
+            return
+        self.runner.remove_lane(k)
+
+    def inject(self, lane: Lane, embeds: torch.Tensor) -> None:
+        """Pre-fill ``embeds`` into ``lane`` at its position (see ``DecodeRunner.inject``)."""
+        self.runner.inject(self._row(lane), embeds)
+
+    def take(self, lanes: list[Lane]) -> list[int] | None:
+        """The tokens ``lanes`` were fed at their next step, in order; ``None`` while other
+        sessions have yet to take theirs from the last step (try again after they ran)."""
+        if lanes and all(id(lane) in self._pending for lane in lanes):
+            return [self._pending.pop(id(lane)) for lane in lanes]
+        if self._pending:
+            return None
+        for lane in lanes:
+            self._row(lane)  # every lane asked for is on the runner
+        fed = self.runner.step()
+        self.steps += 1
+        self.lane_steps += len(fed)
+        for lane, tok in zip(self.runner.lanes, fed, strict=True):
+            self._pending[id(lane)] = tok
+        return [self._pending.pop(id(lane)) for lane in lanes]
