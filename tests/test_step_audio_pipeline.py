@@ -80,3 +80,53 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, say):
     )
     assert r.returncode != 0
     assert "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+async def test_two_callers_answered_at_once(checkpoint, say):
+    """Two sessions of one Step-Audio runtime, fed at the same time: both get their answer,
+    and no lane is left on the shared runner."""
+    import asyncio
+
+    from realtime.cli import feed_file
+    from realtime.config import load_config
+    from realtime.frames import AnswerText, EndFrame, TurnMetrics
+    from realtime.runtime import Runtime
+
+    overrides = {
+        "engine.model": str(checkpoint),
+        "engine.device": "cpu",
+        "engine.dtype": "float32",
+        "engine.max_batch": 4,  # a slot each, and a second one each to speak while thinking
+    }
+    runtime = await Runtime.create(load_config("step-audio-r1", overrides))
+    try:
+
+        async def caller(text: str) -> list:
+            session = runtime.new_session(pace_output=False)
+            await session.start()
+            frames: list = []
+
+            async def read() -> None:
+                async for frame in session.frames():
+                    frames.append(frame)
+                    if isinstance(frame, EndFrame):
+                        return
+
+            reader = asyncio.create_task(read())
+            await feed_file(session, say(text), 16000, False, tail_s=1.0)
+            await session.end()
+            await asyncio.wait_for(reader, 120)
+            await session.close()
+            return frames
+
+        results = await asyncio.gather(caller("What is the weather like?"), caller("Hello there."))
+        for frames in results:
+            answer = "".join(f.text for f in frames if isinstance(f, AnswerText)).strip()
+            assert answer == "Hi you", [
+                type(f).__name__ + ":" + str(getattr(f, "text", getattr(f, "message", "")))
+                for f in frames
+            ]
+            assert [f for f in frames if isinstance(f, TurnMetrics)]
+        assert not runtime.engine.runner.lanes
+    finally:
+        await runtime.close()
