@@ -110,6 +110,7 @@ class FakeOptions:
     create_response: bool = True
     interrupt_response: bool = True
     output_sample_rate: int | None = None
+    speak: bool = True
 
 
 class FakeSession:
@@ -195,6 +196,11 @@ class FakeSession:
         self.speaking = False
         self.turn_audio = 0
 
+    async def transcribe(self, pcm: np.ndarray, sample_rate: int) -> str:
+        """A clip sent whole: the fixed transcript if it holds any energy."""
+        x = pcm.astype(np.float32) / (32768.0 if pcm.dtype == np.int16 else 1.0)
+        return self.rt.transcript if x.size and float(np.sqrt((x**2).mean())) > 0.01 else ""
+
     async def respond(self, text: str | None = None) -> None:
         if self.task is not None and not self.task.done():
             raise ValueError("a response is already running")
@@ -223,7 +229,8 @@ class FakeSession:
             if i // n < len(words):
                 await self.queue.put(AnswerText(words[i // n] + " "))
             first = first or time.monotonic()
-            await self.queue.put(OutputAudio(tone[i : i + n], rate, "x" if i == 0 else ""))
+            if self.options.speak:
+                await self.queue.put(OutputAudio(tone[i : i + n], rate, "x" if i == 0 else ""))
             await asyncio.sleep(0.02 if self.pace else 0.002)
         await self.queue.put(
             TurnMetrics(self.turn, (first or t0) - t0, {}, False, transcript, self.rt.answer)
