@@ -69,16 +69,16 @@ async def test_shared_streams_take_turns_and_jobs_run_between_steps():
     w = EngineWorker()
     log: list[str] = []
     try:
-        a = w.stream(_slow("a", 40, log), exclusive=False)
+        a = w.stream(_slow("a", 200, log), exclusive=False)  # ~1 s of steps
         first = await a.__anext__()  # A is answering
         b = asyncio.ensure_future(_collect(w.stream(_slow("b", 6, log), exclusive=False)))
         job = await w.call(lambda: log.append("job") or len(log))
         rest = [x async for x in a]
         got_b = await b
-        assert first == "a0" and rest[-1] == "a38" and "a1" not in rest  # None is skipped
+        assert first == "a0" and rest[-1] == "a198" and "a1" not in rest  # None is skipped
         assert got_b == ["b0", "b2", "b4"]
         # the second answer and the job ran while the first was still being written
-        assert log.index("b5") < log.index("a39") and job < log.index("a39")
+        assert log.index("b5") < log.index("a199") and job < log.index("a199")
     finally:
         w.close()
 
