@@ -98,3 +98,19 @@ async def test_an_exclusive_stream_runs_to_its_end_first():
 
 async def _collect(stream):
     return [x async for x in stream]
+
+
+def test_a_stream_whose_loop_has_closed_does_not_stop_the_worker():
+    w = EngineWorker()
+    log: list[str] = []
+    try:
+
+        async def start_and_leave() -> None:
+            stream = w.stream(_slow("a", 200, log), exclusive=False)  # ~1 s of steps
+            await stream.__anext__()  # the loop ends right after: nobody takes the rest
+
+        asyncio.run(start_and_leave())
+        assert asyncio.run(w.call(lambda: "alive")) == "alive"
+        assert len(log) < 200  # the orphaned answer stopped early
+    finally:
+        w.close()

@@ -40,7 +40,7 @@ class _Stream:
         self.done: Future[None] = Future()
 
     def advance(self) -> bool:
-        """Run the generator to its next item; False once it is finished."""
+        """Run the generator to its next item; False once it is finished (or nobody listens)."""
         try:
             if self.it is None:
                 if not self.done.set_running_or_notify_cancel():
@@ -51,16 +51,26 @@ class _Stream:
             self._finish()
             return False
         except BaseException as exc:  # noqa: BLE001 - re-raised on the loop
-            self.emit(_Raise(exc))
+            self._send(_Raise(exc))
             self._finish()
             return False
-        if item is not None:
+        if item is not None and not self._send(item):
+            self.it.close()  # the consumer's loop is gone: stop generating for nobody
+            self._finish()
+            return False
+        return True
+
+    def _send(self, item: Any) -> bool:
+        try:
             self.emit(item)
+        except RuntimeError:  # the event loop that asked for this stream is closed
+            return False
         return True
 
     def _finish(self) -> None:
-        self.emit(_STOP)
-        self.done.set_result(None)
+        self._send(_STOP)
+        if not self.done.done():
+            self.done.set_result(None)
         self.it = None  # let go of the generator and what it holds (the session)
         self.make_iter = _finished
 
