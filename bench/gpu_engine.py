@@ -12,6 +12,7 @@ bandwidth (bytes read + written). Prints a table last and writes JSON (``--out``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import statistics
@@ -27,19 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from realtime.models.decode import DecodeRunner, LaneSampling, RunnerOptions  # noqa: E402
 from realtime.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from realtime.models.step_audio.config import step_audio_r1_config  # noqa: E402
 from realtime.models.step_audio.model import random_step_audio  # noqa: E402
-
-R1_TEXT = {
-    "hidden_size": 5120,
-    "intermediate_size": 27648,
-    "num_hidden_layers": 64,
-    "num_attention_heads": 40,
-    "num_key_value_heads": 8,
-    "vocab_size": 158720,
-    "rope_theta": 1e6,
-    "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 65536,
-}
 
 
 def log(msg: str) -> None:
@@ -157,10 +147,16 @@ def prefill_ms(runner: DecodeRunner, model: Qwen2ForCausalLM, slot: int, n: int)
 
 def check_small_graph_equals_eager(dev: torch.device) -> dict[str, Any]:
     """fp32 small model: graph (+compile) step tokens == eager step tokens."""
-    small = dict(R1_TEXT, hidden_size=256, intermediate_size=512, num_hidden_layers=3)
-    small.update(num_attention_heads=8, num_key_value_heads=2, vocab_size=1000)
+    cfg = dataclasses.replace(
+        step_audio_r1_config().text,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    )
     torch.manual_seed(0)
-    cfg = Qwen2Config.from_text_config(small)
     out: dict[str, Any] = {}
     runs = {}
     for name, opts in {
