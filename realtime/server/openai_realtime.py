@@ -150,14 +150,7 @@ class RealtimeConnection:
                 "response.output_item.added", response_id=r.id, output_index=0, item=item
             )
             await self.add_item(item)
-            await self.send(
-                "response.content_part.added",
-                response_id=r.id,
-                item_id=r.item_id,
-                output_index=0,
-                content_index=0,
-                part=_part("", r.text_only),
-            )
+            await self.send("response.content_part.added", **r.ids(), part=_part("", r.text_only))
         return r
 
     def _response_json(self, status: str, reason: str | None = None) -> dict[str, Any]:
@@ -271,10 +264,7 @@ async def _pump(conn: RealtimeConnection) -> None:
             r.audio_ms += 1000 * len(pcm) / fmt.rate
             await conn.send(
                 "response.output_audio.delta",
-                response_id=r.id,
-                item_id=r.item_id,
-                output_index=0,
-                content_index=0,
+                **r.ids(),
                 delta=base64.b64encode(fmt.encode(pcm)).decode("ascii"),
             )
         elif isinstance(frame, (AnswerText, ThinkingText)):
