@@ -72,3 +72,11 @@ class TTSHead(Protocol):
     def voices(self) -> list[str]: ...
 
     def warmup(self) -> None: ...
+
+
+def stream_speaking_rate(requested: float | None, configured: float) -> float:
+    """The speaking rate of one stream: the requested one, else the configured one."""
+    rate = requested if requested is not None else configured
+    if rate <= 0:
+        raise ValueError("speaking_rate must be positive")
+    return rate

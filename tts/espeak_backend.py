@@ -14,6 +14,7 @@ import numpy as np
 
 from realtime.audio import resample
 from realtime.config import TTSConfig
+from tts.base import stream_speaking_rate
 from tts.normalize import normalize
 from tts.segmenter import SegmenterConfig
 from tts.stream import TextStream
@@ -119,9 +120,7 @@ class EspeakHead:
         name = voice or self.default_voice
         if name not in espeak_voices():
             raise ValueError(f"unknown espeak-ng voice {name!r} (see `espeak-ng --voices`)")
-        rate = speaking_rate if speaking_rate is not None else self.cfg.speaking_rate
-        if rate <= 0:
-            raise ValueError("speaking_rate must be positive")
+        rate = stream_speaking_rate(speaking_rate, self.cfg.speaking_rate)
 
         def synth(text: str) -> np.ndarray:
             audio, _ = espeak_synthesize(text, name, rate)

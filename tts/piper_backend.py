@@ -23,6 +23,7 @@ import numpy as np
 
 from realtime.audio import resample
 from realtime.config import TTSConfig
+from tts.base import stream_speaking_rate
 from tts.normalize import normalize
 from tts.segmenter import SegmenterConfig
 from tts.stream import TextStream
@@ -201,9 +202,7 @@ class PiperHead:
         output_rate: int | None = None,
     ) -> TextStream:
         files = resolve_voice(voice) if voice else self.default_voice  # unknown voice: raise now
-        rate = speaking_rate if speaking_rate is not None else self.cfg.speaking_rate
-        if rate <= 0:
-            raise ValueError("speaking_rate must be positive")
+        rate = stream_speaking_rate(speaking_rate, self.cfg.speaking_rate)
         loaded = self._models.get(files.model)
         synth_rate = loaded.sample_rate if loaded else _voice_rate(files)
 
