@@ -24,7 +24,6 @@ class SharedSteps:
         self.runner = runner
         self._pending: dict[int, int] = {}  # id(lane) -> the token it was fed at the last step
         self.steps = 0  # runner steps taken (for tests and benchmarks)
-        self.lane_steps = 0  # lanes served by them
 
     def _row(self, lane: Lane) -> int:
         for k, other in enumerate(self.runner.lanes):
@@ -68,7 +67,6 @@ class SharedSteps:
             self._row(lane)  # every lane asked for is on the runner
         fed = self.runner.step()
         self.steps += 1
-        self.lane_steps += len(fed)
         for lane, tok in zip(self.runner.lanes, fed, strict=True):
             self._pending[id(lane)] = tok
         return [self._pending.pop(id(lane)) for lane in lanes]
