@@ -96,6 +96,9 @@ class WhisperRecognizer:
         return drop_repeated_tail(self._tokenizer.decode(result[0].sequences_ids[0]).strip())
 
 
+SENTENCE_ENDS = (".", "?", "!")
+
+
 def _words(text: str) -> list[str]:
     return re.sub(r"[^\w\s']", " ", text.lower()).split()
 
@@ -106,8 +109,9 @@ def drop_repeated_tail(text: str, min_words: int = 3, similarity: float = 0.75) 
 
     With a short encoder window Whisper sometimes reads a phrase twice, the second time with a
     word or two changed ("and why it has so many colours and why there are so many colours"),
-    which ``no_repeat_ngram_size`` cannot catch. A person repeating three or more words in a row
-    is rarer than this, and shorter repeats ("no, no") are kept."""
+    which ``no_repeat_ngram_size`` cannot catch, or starts a sentence over and is cut off by the
+    length cap. A person repeating three or more words in a row is rarer than this, and shorter
+    repeats ("no, no") are kept."""
     words = text.split()
     norm = _words(text)
     if len(words) != len(norm):  # punctuation-only tokens: keep the mapping simple
@@ -121,4 +125,11 @@ def drop_repeated_tail(text: str, min_words: int = 3, similarity: float = 0.75) 
             if difflib.SequenceMatcher(None, norm[-k:], norm[-k - j : -k]).ratio() >= similarity:
                 kept = " ".join(words[:-k]).rstrip(",;:")
                 return drop_repeated_tail(kept, min_words, similarity)
+    # a loop cut short by the length cap: a last sentence that restarts an earlier one word for
+    # word ("What is the capital of France? What is the capital")
+    starts = [0] + [i for i in range(1, len(words)) if words[i - 1].endswith(SENTENCE_ENDS)]
+    for t in starts[1:]:
+        k = len(norm) - t
+        if k >= min_words and any(i + k <= t and norm[i : i + k] == norm[t:] for i in starts):
+            return " ".join(words[:t])
     return text

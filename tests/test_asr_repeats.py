@@ -19,6 +19,7 @@ from realtime.asr import drop_repeated_tail
             "Could you explain how a rainbow forms? And why it has so many colors?",
         ),
         ("what is it what is it what is it", "what is it"),
+        ("What is the capital of France? What is the Capital", "What is the capital of France?"),
     ],
 )
 def test_a_repeated_tail_is_dropped(decoded: str, kept: str) -> None:
@@ -33,6 +34,8 @@ def test_a_repeated_tail_is_dropped(decoded: str, kept: str) -> None:
         "I want the red one, not the blue one.",
         "the cat sat on the mat and the dog sat on the rug",
         "I said yes and then I said yes again",
+        "I like it. I like it a lot.",  # a sentence that starts like the last one goes on
+        "Is it on? Is it",  # a two-word restart is too short to call a loop
         "",
     ],
 )
