@@ -43,7 +43,9 @@ serve: install
 	$(BIN)/python run_agent.py --serve
 
 lint: install
-	$(BIN)/ruff check realtime tts tests bench run_agent.py
+	$(BIN)/ruff check realtime tts tests bench scripts run_agent.py
+	$(BIN)/lint-imports
+	$(BIN)/python scripts/import_cycles.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -92,9 +92,7 @@ class TTSConfig:
 
 @dataclass
 class AudioConfig:
-    input_rate: int = 16000  # the pipeline's internal rate (fixed by the models)
     output_frame_ms: int = 20  # output is written in frames this long
-    max_input_s: float = 3600.0
 
 
 @dataclass

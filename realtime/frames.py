@@ -1,11 +1,16 @@
 """The typed frames that flow through a session's pipeline.
 
-Data path, top to bottom:  transport -> VAD -> listener -> engine -> TTS -> transport.
+Data path, top to bottom:
+    transport -> VAD -> listener -> turn controller -> engine -> TTS -> output -> transport.
 
 Frames are immutable. Times named ``t_*`` are *stream* seconds (position in the user's
 audio, sample count / 16000); times named ``wall_*`` are ``time.monotonic()`` seconds.
-System frames (``SYSTEM_FRAMES``) survive an interruption; data frames queued behind an
-interruption are dropped.
+
+Every frame of an answer (text, audio, tool calls, its errors) carries the ``response_id``
+the turn controller gave it, so no stage has to guess which answer a frame belongs to. The
+controller steers the stages below it with *control* frames (``StartResponse``,
+``ReleaseResponse``, ``CancelResponse``, ``CommitTurn``, ``DiscardTurn``): they never reach
+the transport. Frames of a cancelled answer still in flight are dropped by the output stage.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from realtime.engine.base import CancelToken, UserTurn
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +41,18 @@ class InputAudio(Frame):
 class OutputAudio(Frame):
     """Agent audio, int16 mono, at ``sample_rate``. ``text`` is what this piece says."""
 
+    response_id: int
     pcm: np.ndarray
     sample_rate: int
     text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnAudio(Frame):
+    """Audio of the user's turn in progress, from the speech-start padding on (the listener's
+    view of the turn): what an engine that hears audio pre-fills while the user speaks."""
+
+    pcm: np.ndarray
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,18 +86,59 @@ class Transcript(Frame):
 
 @dataclass(frozen=True, slots=True)
 class ThinkingText(Frame):
+    response_id: int
     text: str  # a delta of the reasoning block
 
 
 @dataclass(frozen=True, slots=True)
 class AnswerText(Frame):
+    response_id: int
     text: str  # a delta of the answer
     end: bool = False  # the answer is complete (after the TTS stage: its audio too)
+    usage: dict[str, int] = field(default_factory=dict)  # end: the engine's token counts
 
 
 @dataclass(frozen=True, slots=True)
 class ToolCall(Frame):
+    response_id: int
     text: str  # the raw tool-call payload between the call markers
+
+
+# ---- control frames (turn controller -> engine, TTS and output stages) -------------------------
+@dataclass(frozen=True, slots=True)
+class StartResponse(Frame):
+    """Answer ``turn``. A speculative answer is generated and synthesised but held back by the
+    output stage until a ``ReleaseResponse`` (or dropped by a ``CancelResponse``)."""
+
+    response_id: int
+    turn: UserTurn
+    speculative: bool
+    cancel: CancelToken  # set by the controller; the engine stops within one step
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseResponse(Frame):
+    response_id: int  # the user's turn really ended: the answer may be heard
+
+
+@dataclass(frozen=True, slots=True)
+class CancelResponse(Frame):
+    response_id: int  # stop generating and synthesising; drop what is queued
+
+
+@dataclass(frozen=True, slots=True)
+class CommitTurn(Frame):
+    """The turn is over: the engine records it with the answer as the user really heard it."""
+
+    turn: UserTurn
+    spoken: str
+    interrupted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardTurn(Frame):
+    """The speech was a false start (noise) or the client cleared it: the engine forgets the
+    audio it heard of this turn."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +157,7 @@ class TurnMetrics(Frame):
     transcript: str = ""
     answer: str = ""
     spoken: str = ""
+    usage: dict[str, int] = field(default_factory=dict)  # the engine's token counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +165,7 @@ class ErrorFrame(Frame):
     code: str
     message: str
     fatal: bool = False
+    response_id: int | None = None  # the answer that failed, if the error is an answer's
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,17 +173,6 @@ class EndFrame(Frame):
     """The input has ended (file finished, client left); flush and stop."""
 
     reason: str = ""
-
-
-SYSTEM_FRAMES: tuple[type[Frame], ...] = (
-    SpeechStarted,
-    SpeechPaused,
-    SpeechStopped,
-    Interruption,
-    TurnMetrics,
-    ErrorFrame,
-    EndFrame,
-)
 
 
 def frame_to_event(frame: Frame) -> dict[str, Any] | None:

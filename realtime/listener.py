@@ -58,20 +58,18 @@ class Listener:
         self.executor = executor
         self._committed: list[str] = []
         self._tail: _Tail | None = None
-        self._turn_audio: list[np.ndarray] = []
         self._pause: _PauseDecode | None = None
         self._partial_task: asyncio.Future[str] | None = None
         self._since_partial = 0
+        self._generation = 0  # counts turns started: a late result never touches a newer turn
 
     @property
     def active(self) -> bool:
         return self._tail is not None
 
-    def turn_audio(self) -> np.ndarray:
-        return np.concatenate(self._turn_audio) if self._turn_audio else np.zeros(0, np.float32)
-
     def start(self, t0: float, prefix: np.ndarray) -> None:
         self.reset()
+        self._generation += 1
         self._tail = _Tail(t0=t0)
         if prefix.size:
             self.append(prefix)
@@ -81,11 +79,10 @@ class Listener:
             return
         self._tail.chunks.append(pcm)
         self._tail.n += len(pcm)
-        self._turn_audio.append(pcm)
         self._since_partial += len(pcm)
 
     def reset(self) -> None:
-        self._committed, self._tail, self._turn_audio, self._pause = [], None, [], None
+        self._committed, self._tail, self._pause = [], None, None
         self._since_partial = 0
 
     def _decode(self, audio: np.ndarray) -> asyncio.Future[str]:
@@ -151,3 +148,12 @@ class Listener:
             if self._pause is pause:
                 return self._join(text)
         return self._join(await self._decode(self._tail.audio()))
+
+    async def finish(self) -> str:
+        """The final transcript, then the turn is over. A turn that started while it was being
+        decoded is left alone."""
+        generation = self._generation
+        text = await self.final()
+        if self._generation == generation:
+            self.reset()
+        return text

@@ -9,28 +9,23 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from realtime.asr import WhisperRecognizer
 from realtime.config import AgentConfig
 from realtime.engine import build_engine
 from realtime.engine.base import Engine
 from realtime.engine.worker import EngineWorker
-from realtime.session import Session, SessionOptions
+from realtime.session import Session, SessionOptions, SharedModels
 from tts import load_tts
 from tts.base import TTSHead
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Stats:
-    turns: int = 0
-    first_packet_s: list[float] = field(default_factory=list)
-
-
-class Runtime:
+class Runtime(SharedModels):
     def __init__(
         self,
         config: AgentConfig,
@@ -40,15 +35,10 @@ class Runtime:
         tts: TTSHead,
         load_times: dict[str, float],
     ) -> None:
-        self.config = config
-        self.asr = asr
-        self.asr_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr")
-        self.engine = engine
-        self.worker = worker
-        self.tts = tts
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr")
+        super().__init__(config, asr, executor, engine, worker, tts)
         self.load_times = load_times
         self.sessions: set[Session] = set()
-        self.stats = Stats()
 
     @classmethod
     async def create(cls, config: AgentConfig, warmup: bool = True) -> Runtime:
@@ -91,16 +81,13 @@ class Runtime:
         return rt
 
     async def warmup(self) -> None:
-        import numpy as np
-
         t0 = time.monotonic()
+        loop = asyncio.get_running_loop()
         await self.worker.call(self.engine.warmup)
-        await asyncio.get_running_loop().run_in_executor(None, self.tts.warmup)
+        await loop.run_in_executor(None, self.tts.warmup)
         if self.asr is not None:
             silence = np.zeros(16000, np.float32)
-            await asyncio.get_running_loop().run_in_executor(
-                self.asr_executor, self.asr.transcribe, silence
-            )
+            await loop.run_in_executor(self.asr_executor, self.asr.transcribe, silence)
         self.load_times["warmup_s"] = time.monotonic() - t0
 
     def new_session(
@@ -109,16 +96,17 @@ class Runtime:
         pace_output: bool = True,
         session_id: str | None = None,
     ) -> Session:
-        return Session(self, options, pace_output=pace_output, session_id=session_id)
-
-    def on_turn_metrics(self, first_packet_s: float | None) -> None:
-        self.stats.turns += 1
-        if first_packet_s is not None:
-            self.stats.first_packet_s.append(first_packet_s)
+        """A new conversation (start it with ``await session.start()``); closed with the
+        runtime if it is still open then."""
+        session = Session(self, options, pace_output=pace_output, session_id=session_id)
+        self.sessions.add(session)
+        session.on_close = self.sessions.discard
+        return session
 
     async def close(self) -> None:
         for s in list(self.sessions):
             await s.close()
+        self.sessions.clear()
         await self.worker.call(self.engine.close)
         self.worker.close()
         self.asr_executor.shutdown(wait=False)

@@ -1,14 +1,13 @@
-"""Per-turn state: the clock of a user turn and the agent's response to it."""
+"""Per-turn records the turn controller keeps: the clock of a user turn and of the agent's
+response to it, and what of the response the user really heard."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 
 from realtime.engine.base import CancelToken, UserTurn
-from realtime.frames import Frame, OutputAudio, SpeechStopped
-from tts.base import TTSStream
+from realtime.frames import OutputAudio, SpeechStopped
 
 
 @dataclass
@@ -36,11 +35,11 @@ class ResponseClock:
     wall_released: float | None = None
     wall_first_audio: float | None = None  # first audio packet handed to the transport
 
-    def on_token(self, kind: str) -> None:
+    def on_token(self, answer: bool) -> None:
         now = time.monotonic()
         if self.wall_first_token is None:
             self.wall_first_token = now
-        if kind == "answer" and self.wall_first_answer_token is None:
+        if answer and self.wall_first_answer_token is None:
             self.wall_first_answer_token = now
 
     def on_audio_ready(self) -> None:
@@ -56,42 +55,38 @@ class _Piece:
 
 @dataclass
 class Response:
+    """One answer, from the controller's point of view."""
+
     id: int
     turn: UserTurn
     turn_clock: TurnClock
     speculative: bool
     cancel: CancelToken = field(default_factory=CancelToken)
-    released: asyncio.Event = field(default_factory=asyncio.Event)
+    released: bool = False
     clock: ResponseClock = field(default_factory=ResponseClock)
     answer: str = ""
     thinking: str = ""
     failed: bool = False
-    tts: TTSStream | None = None
-    tts_task: asyncio.Task[None] | None = None
-    task: asyncio.Task[None] | None = None
-    held: list[Frame] = field(default_factory=list)
+    usage: dict[str, int] = field(default_factory=dict)
     pieces: list[_Piece] = field(default_factory=list)
     audio_s: float = 0.0  # audio handed to the transport
-    played_pieces: int = 0  # pieces whose audio started playing (paced output)
 
-    def on_played(self, frame: OutputAudio, paced: bool) -> None:
+    def on_audio_out(self, frame: OutputAudio) -> None:
         if self.clock.wall_first_audio is None:
             self.clock.wall_first_audio = time.monotonic()
         if frame.text:
             self.pieces.append(_Piece(frame.text, self.audio_s))
-            if paced:
-                self.played_pieces = len(self.pieces)
         self.audio_s += len(frame.pcm) / frame.sample_rate
 
-    def spoken_text(self, paced: bool, heard_s: float | None = None) -> str:
-        """The text of the pieces whose audio the user began to hear.
+    def heard_s(self, paced: bool) -> float:
+        """How much of the answer's audio the user has heard by now. Paced output: all that
+        was handed out (it was handed out in real time). Unpaced output (the client buffers
+        and plays it): the wall time since the first packet, at most what was handed out."""
+        if paced:
+            return self.audio_s
+        first = self.clock.wall_first_audio
+        return 0.0 if first is None else min(self.audio_s, time.monotonic() - first)
 
-        Paced output: pieces that were played. Unpaced output (the client buffers): pieces
-        that started within ``heard_s`` (default: wall time since the first packet).
-        """
-        if heard_s is None and paced:
-            return " ".join(p.text.strip() for p in self.pieces[: self.played_pieces]).strip()
-        if heard_s is None:
-            first = self.clock.wall_first_audio
-            heard_s = 0.0 if first is None else time.monotonic() - first
+    def heard_text(self, heard_s: float) -> str:
+        """The text of the pieces whose audio began within the first ``heard_s`` seconds."""
         return " ".join(p.text.strip() for p in self.pieces if p.offset_s < heard_s).strip()

@@ -214,10 +214,10 @@ class FakeSession:
         t0 = time.monotonic()
         if text is not None and text.startswith(FAIL_PREFIX):
             await self.queue.put(ErrorFrame("engine_error", "the reply engine failed: test"))
-            await self.queue.put(AnswerText("", end=True))
+            await self.queue.put(AnswerText(self.turn, "", end=True))
             await self.queue.put(TurnMetrics(self.turn, None, {}, False, transcript, ""))
             return
-        await self.queue.put(ThinkingText("The user asks a question."))
+        await self.queue.put(ThinkingText(self.turn, "The user asks a question."))
         rate = self.options.output_sample_rate or 24000
         n = rate // 50
         tone = (0.3 * 32767 * np.sin(2 * np.pi * 300 * np.arange(int(rate * 1.2)) / rate)).astype(
@@ -227,10 +227,12 @@ class FakeSession:
         words = self.rt.answer.split()
         for i in range(0, len(tone), n):
             if i // n < len(words):
-                await self.queue.put(AnswerText(words[i // n] + " "))
+                await self.queue.put(AnswerText(self.turn, words[i // n] + " "))
             first = first or time.monotonic()
             if self.options.speak:
-                await self.queue.put(OutputAudio(tone[i : i + n], rate, "x" if i == 0 else ""))
+                await self.queue.put(
+                    OutputAudio(self.turn, tone[i : i + n], rate, "x" if i == 0 else "")
+                )
             await asyncio.sleep(0.02 if self.pace else 0.002)
         await self.queue.put(
             TurnMetrics(self.turn, (first or t0) - t0, {}, False, transcript, self.rt.answer)

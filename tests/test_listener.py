@@ -3,6 +3,8 @@ and at the endpoint only the tail since the last pause is left (or nothing at al
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -54,7 +56,6 @@ async def test_after_a_resumed_pause_only_the_tail_is_decoded():
     assert last_seconds < 1.2  # only the audio after the pause (plus the silence margin)
     assert last_prompt == "<3.0s>"  # the committed words prompt the tail's decoding
     assert text.startswith("<3.0s> ") and len(asr.calls) == 2
-    assert len(lis.turn_audio()) == 4 * RATE  # the turn's whole audio is still kept
 
 
 async def test_a_short_gap_inside_a_phrase_commits_nothing():
@@ -96,3 +97,26 @@ async def test_partials_are_rate_limited():
     lis.append(chunk(0.4))
     assert await lis.maybe_partial() == "<0.6s>"
     assert await lis.maybe_partial() is None  # nothing new since
+
+
+async def test_a_turn_that_starts_during_the_final_decode_is_kept():
+    """finish() resets the listener after the final transcript, but only if no new turn began
+    while it was being decoded (the user spoke again at once)."""
+    gate = threading.Event()
+
+    class SlowASR(RecordingASR):
+        def transcribe(self, audio: np.ndarray, prompt: str = "") -> str:
+            gate.wait(5)
+            return super().transcribe(audio, prompt)
+
+    lis = Listener(SlowASR(), ASRConfig(partial_interval_ms=10_000), ThreadPoolExecutor(1))
+    lis.start(0.0, np.zeros(0, np.float32))
+    lis.append(chunk(1.0))
+    final = asyncio.ensure_future(lis.finish())
+    await asyncio.sleep(0.05)  # the final decode is running
+    lis.start(1.5, chunk(0.5))  # the next turn begins
+    gate.set()
+    assert await final == "<1.0s>"
+    assert lis.active  # the new turn survived
+    lis.on_pause(2.0)
+    assert await lis.candidate() == "<0.5s>"  # and still holds its own audio

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tts.base import AudioChunk, TTSStream
-from tts.stream import TextStream, _spoken_share
+from tts.stream import TextStream
 
 RATE = 16000
 
@@ -63,7 +63,6 @@ async def test_all_text_is_spoken_in_small_chunks_off_the_loop() -> None:
     assert [c.piece_index for c in starts] == sorted({c.piece_index for c in chunks})
     assert starts[0].text == "Sure,"
     assert threading.get_ident() not in synth.threads
-    assert stream.spoken_text().strip() == TEXT
 
 
 async def test_first_chunk_comes_before_finish() -> None:
@@ -76,7 +75,7 @@ async def test_first_chunk_comes_before_finish() -> None:
     stream.cancel()
 
 
-async def test_cancel_mid_stream_stops_and_reports_what_left() -> None:
+async def test_cancel_mid_stream_stops_at_once() -> None:
     stream = make_stream(FakeSynth())
     stream.push_text(TEXT)
     stream.finish()
@@ -84,13 +83,10 @@ async def test_cancel_mid_stream_stops_and_reports_what_left() -> None:
     it = stream.chunks().__aiter__()
     for _ in range(10):  # 0.2 s: all of "Sure," (50 ms) and part of the next piece
         got += len((await it.__anext__()).pcm)
-    report = stream.cancel()
+    stream.cancel()
     with pytest.raises(StopAsyncIteration):
         await it.__anext__()
-    assert report.audio_s == pytest.approx(got / RATE)
-    assert report.text_emitted.startswith("Sure, the")
-    assert TEXT.startswith(report.text_emitted)
-    assert len(report.text_emitted) < len(TEXT) / 2
+    assert got == RATE // 5 and stream.cancelled
 
 
 async def test_cancel_from_another_thread_wakes_the_consumer() -> None:
@@ -104,8 +100,7 @@ async def test_cancel_before_iterating_yields_nothing() -> None:
     stream = make_stream(FakeSynth())
     stream.push_text("Sure, it is.")
     stream.finish()
-    report = stream.cancel()
-    assert report.audio_s == 0.0 and report.text_emitted == ""
+    stream.cancel()
     assert await collect(stream) == []
 
 
@@ -141,14 +136,6 @@ def test_push_tokens_is_for_token_heads() -> None:
     with pytest.raises(NotImplementedError):
         stream.push_tokens([1, 2])
     stream.cancel()
-
-
-def test_spoken_share_is_whole_words() -> None:
-    assert _spoken_share(" the capital of France", 0.6) == " the capital"
-    assert _spoken_share(" the capital of France", 0.5) == " the"  # "capital" is cut
-    assert _spoken_share("Paris", 0.5) == ""
-    assert _spoken_share("First,", 0.9) == "First"  # the word is done, only the mark is left
-    assert _spoken_share("Paris", 1.0) == "Paris"
 
 
 async def test_first_piece_is_synthesised_before_its_end_is_confirmed() -> None:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 
 from realtime.config import TTSConfig
-from tts.base import AudioChunk, CancelReport, TTSHead, TTSStream
+from tts.base import AudioChunk, TTSHead, TTSStream
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AudioChunk", "CancelReport", "TTSHead", "TTSStream", "load_tts"]
+__all__ = ["AudioChunk", "TTSHead", "TTSStream", "load_tts"]
 
 
 def load_tts(cfg: TTSConfig, output_rate: int | None = None, chunk_ms: int = 20) -> TTSHead:

@@ -26,12 +26,6 @@ class AudioChunk:
     piece_index: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class CancelReport:
-    text_emitted: str  # text whose audio left the stream (whole pieces or their spoken share)
-    audio_s: float  # seconds of audio that left the stream
-
-
 @runtime_checkable
 class TTSStream(Protocol):
     def push_text(self, delta: str) -> None:
@@ -47,9 +41,13 @@ class TTSStream(Protocol):
         """Audio as soon as each piece is synthesised; ends after ``finish`` or ``cancel``."""
         ...
 
-    def cancel(self) -> CancelReport:
-        """Stop now: no chunk is yielded after this returns."""
+    def cancel(self) -> None:
+        """Stop now: no chunk is yielded after this returns. (What the user heard is known
+        where the audio is played out, not here: see ``realtime.turn.Response``.)"""
         ...
+
+    @property
+    def cancelled(self) -> bool: ...
 
 
 @runtime_checkable

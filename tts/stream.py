@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from realtime.audio import resample, to_int16
-from tts.base import AudioChunk, CancelReport
+from tts.base import AudioChunk
 from tts.normalize import normalize
 from tts.segmenter import CLAUSE_END, SENTENCE_END, Segmenter, SegmenterConfig
 
@@ -113,11 +113,6 @@ class TextStream:
         self._queue: asyncio.Queue[object] | None = None
         self._pending: list[object] = []  # delivered before chunks() attached to a loop
         self._iterating = False
-        # What left the stream: whole pieces, then the piece being yielded.
-        self._text_done: list[str] = []
-        self._samples_out = 0
-        self._current: _Piece | None = None
-        self._current_out = 0
         self._speculated: tuple[str, np.ndarray] | None = None
         self._speculations = 0
         self._worker = threading.Thread(target=self._run, name=f"{name}-stream", daemon=True)
@@ -150,23 +145,10 @@ class TextStream:
                 return
             assert isinstance(item, _Piece)
             pcm = item.pcm
-            if pcm.size == 0:
-                with self._lock:
-                    if self._cancelled:
-                        return
-                    self._text_done.append(item.text)
-                continue
             for offset in range(0, pcm.size, self.chunk_samples):
+                if self._cancelled:
+                    return
                 part = pcm[offset : offset + self.chunk_samples]
-                with self._lock:
-                    if self._cancelled:
-                        return
-                    self._current = item
-                    self._current_out = offset + part.size
-                    self._samples_out += part.size
-                    if self._current_out == pcm.size:
-                        self._text_done.append(item.text)
-                        self._current = None
                 yield AudioChunk(
                     pcm=part,
                     sample_rate=self.sample_rate,
@@ -174,36 +156,19 @@ class TextStream:
                     piece_index=item.index,
                 )
 
-    def cancel(self) -> CancelReport:
+    def cancel(self) -> None:
         with self._lock:
             first = not self._cancelled
             self._cancelled = True
-            text = "".join(self._text_done)
-            if self._current is not None and self._current.pcm.size:
-                text += _spoken_share(
-                    self._current.text, _voiced_fraction(self._current.pcm, self._current_out)
-                )
-            report = CancelReport(text_emitted=text, audio_s=self._samples_out / self.sample_rate)
             loop, q = self._loop, self._queue
         if first:
             self._inbox.put(_FINISH)  # wake the worker so it ends
             if loop is not None and q is not None:
                 _call_in_loop(loop, q.put_nowait, _END)  # wake chunks() so it ends
-        return report
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled
-
-    def spoken_text(self) -> str:
-        """The text whose audio has left the stream so far (all of it after the last chunk)."""
-        with self._lock:
-            text = "".join(self._text_done)
-            if self._current is not None and self._current.pcm.size:
-                text += _spoken_share(
-                    self._current.text, _voiced_fraction(self._current.pcm, self._current_out)
-                )
-            return text
 
     def _attach(self, loop: asyncio.AbstractEventLoop) -> asyncio.Queue[object]:
         with self._lock:
@@ -324,22 +289,3 @@ def _call_in_loop(
         loop.call_soon_threadsafe(fn, arg)
     except RuntimeError:
         pass  # the loop has closed: nobody is listening any more
-
-
-def _voiced_fraction(pcm: np.ndarray, emitted: int) -> float:
-    """How much of the piece's speech (its pcm without the edge silences) was emitted."""
-    loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > int(_SILENCE * 32768))
-    if loud.size == 0:
-        return emitted / max(1, pcm.size)
-    start, stop = int(loud[0]), int(loud[-1]) + 1
-    return min(1.0, max(0.0, (emitted - start) / max(1, stop - start)))
-
-
-def _spoken_share(text: str, fraction: float) -> str:
-    """The words of ``text`` that ``fraction`` of its speech has said (whole words only)."""
-    if fraction >= 1.0:
-        return text
-    cut = int(len(text) * fraction)
-    while 0 < cut < len(text) and text[cut - 1].isalnum() and text[cut].isalnum():
-        cut -= 1  # inside a word: that word was not finished
-    return text[:cut].rstrip()

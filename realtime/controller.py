@@ -1,0 +1,317 @@
+"""The turn controller: the one owner of the state of a conversation's turns.
+
+It sits in the pipeline between the listener and the engine. From the frames that come down
+(speech started, paused, stopped; transcripts) and the client's requests (respond, cancel,
+commit) it decides when to answer, when to start an answer speculatively, when to release,
+drop or interrupt one; it tells the stages below with control frames. The output stage tells
+it what went out (``on_output``), from which it keeps the clocks, what the user really heard,
+the history, and the per-turn metrics.
+
+Phases of the current turn::
+
+    LISTENING --pause transcript--> SPECULATING --final transcript (same text)--> ANSWERING
+    LISTENING --final transcript--------------------------------------------> ANSWERING
+    SPECULATING --user goes on / other transcript / noise--> LISTENING (answer dropped)
+    ANSWERING --first audio out--> SPEAKING --answer done--> LISTENING
+    ANSWERING | SPEAKING --user speaks (barge-in) / cancel--> INTERRUPTED --> LISTENING
+
+A speculative answer is generated and synthesised while the endpointer is still waiting out
+its silence, but nothing of it is heard until it is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+from realtime.context import SessionContext
+from realtime.engine.base import UserTurn
+from realtime.frames import (
+    AnswerText,
+    CancelResponse,
+    CommitTurn,
+    DiscardTurn,
+    ErrorFrame,
+    Frame,
+    Interruption,
+    OutputAudio,
+    ReleaseResponse,
+    SpeechPaused,
+    SpeechStarted,
+    SpeechStopped,
+    StartResponse,
+    ThinkingText,
+    ToolCall,
+    Transcript,
+    TurnMetrics,
+)
+from realtime.stages import Stage
+from realtime.turn import Response, TurnClock
+
+log = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    LISTENING = "listening"
+    SPECULATING = "speculating"
+    ANSWERING = "answering"
+    SPEAKING = "speaking"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass
+class HistoryEntry:
+    user: str
+    answer: str
+    spoken: str
+    interrupted: bool
+
+
+class TurnController(Stage):
+    def __init__(self, ctx: SessionContext, text_input: bool) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.text_input = text_input  # the engine answers transcripts (not audio it heard)
+        self.phase = Phase.LISTENING
+        self.phases: list[Phase] = []  # every phase entered, in order (for tests and logs)
+        self.clock = TurnClock()
+        self.response: Response | None = None
+        self.last_response: Response | None = None  # the last finished one (truncate)
+        self.history: list[HistoryEntry] = []
+        self.turns = 0
+        self.pending_text: str | None = None  # a committed turn awaiting respond()
+        self._ids = itertools.count(1)
+        self._turn_open = False  # a turn ended and its answer is not finished yet
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def _enter(self, phase: Phase) -> None:
+        if phase is not self.phase:
+            log.debug("turn phase %s -> %s", self.phase.value, phase.value)
+        self.phase = phase
+        self.phases.append(phase)
+
+    # ---- frames from upstream ---------------------------------------------------------------
+    async def process(self, frame: Frame) -> None:
+        await self.push(frame)
+        if isinstance(frame, SpeechStarted):
+            await self._on_speech()
+        elif isinstance(frame, SpeechPaused) and frame.resumed:
+            await self._drop_speculation()
+        elif isinstance(frame, SpeechStopped):
+            self.clock.on_stopped(frame)
+            if frame.noise:
+                await self._drop_speculation()
+                await self.push(DiscardTurn())
+            else:
+                self._turn_open = True
+                self._idle.clear()
+        elif isinstance(frame, Transcript) and frame.candidate:
+            opts = self.ctx.options
+            if opts.create_response and self.ctx.config.engine.speculative:
+                await self._start(UserTurn(text=frame.text), speculative=True)
+        elif isinstance(frame, Transcript) and frame.final:
+            self.clock.on_transcript()
+            await self._on_final(frame.text)
+
+    async def _on_speech(self) -> None:
+        """Speech started: a new turn; barge in on an answer being heard."""
+        self.clock = TurnClock()
+        resp = self.response
+        if resp is None:
+            return
+        if not resp.released:
+            await self._drop_speculation()
+        elif self.ctx.options.interrupt_response:
+            await self.interrupt()
+
+    async def _on_final(self, text: str) -> None:
+        self._turn_open = True
+        self._idle.clear()
+        resp = self.response
+        if not text.strip() and self.text_input:
+            await self._drop_speculation()
+            await self.push(ErrorFrame("no_speech", "no words were recognised in the speech"))
+            self._close_turn()
+            return
+        if not self.ctx.options.create_response:
+            await self._drop_speculation()
+            self.pending_text = text
+            self._close_turn()
+            return
+        if resp is not None and resp.speculative and not resp.released:
+            if resp.turn.text == text and not resp.failed:
+                await self._release(resp)
+                return
+            await self._drop_speculation()
+        await self._start(UserTurn(text=text), speculative=False)
+
+    # ---- requests from the client -------------------------------------------------------------
+    async def respond(self, text: str | None = None) -> None:
+        """Start an answer: to ``text``, to pending user messages, or to the last turn."""
+        if text is None:
+            text, self.pending_text = self.pending_text, None
+        if text is None:
+            raise ValueError("nothing to respond to: no committed audio or user message")
+        self.clock = TurnClock()
+        self.clock.wall_speech_end = self.clock.wall_decided = time.monotonic()
+        await self._start(UserTurn(text=text), speculative=False)
+
+    def add_user_text(self, text: str) -> None:
+        self.pending_text = text if self.pending_text is None else f"{self.pending_text} {text}"
+
+    async def interrupt(self) -> None:
+        """Stop the answer in flight; what the user heard of it goes to the history."""
+        resp = self.response
+        if resp is None:
+            return
+        await self._cancel(resp)
+        self._enter(Phase.INTERRUPTED)
+        spoken = self._delivered(resp, interrupted=True)
+        await self.push(Interruption(spoken))
+        await self._finish(resp, interrupted=True)
+
+    def truncate(self, audio_end_ms: int) -> str:
+        """The client played only ``audio_end_ms`` of the last answer; returns what was heard."""
+        if not self.history:
+            return ""
+        last = self.history[-1]
+        if self.last_response is not None:
+            last.spoken = self.last_response.heard_text(audio_end_ms / 1000)
+        return last.spoken
+
+    async def discard(self) -> None:
+        """The client cleared the input: the engine forgets the turn's audio."""
+        await self._drop_speculation()
+        await self.push(DiscardTurn())
+
+    @property
+    def busy(self) -> bool:
+        return not self._idle.is_set()
+
+    async def wait_idle(self) -> None:
+        """Until no turn is being transcribed or answered."""
+        while True:
+            await self._idle.wait()
+            await asyncio.sleep(0)
+            if self._idle.is_set():
+                return
+
+    async def close(self) -> None:
+        if self.response is not None:
+            await self._cancel(self.response)
+            self.response = None
+
+    # ---- answers ------------------------------------------------------------------------------
+    async def _start(self, turn: UserTurn, speculative: bool) -> None:
+        await self._drop_speculation()  # a newer speculative answer replaces an older one
+        resp = Response(next(self._ids), turn, self.clock, speculative)
+        self.response = resp
+        self._enter(Phase.SPECULATING if speculative else Phase.ANSWERING)
+        await self.push(StartResponse(resp.id, turn, speculative, resp.cancel))
+        if not speculative:
+            self._idle.clear()
+            await self._release(resp)
+
+    async def _release(self, resp: Response) -> None:
+        resp.released = True
+        resp.clock.wall_released = time.monotonic()
+        if resp.clock.wall_first_audio is None:
+            self._enter(Phase.ANSWERING)
+        await self.push(ReleaseResponse(resp.id))
+
+    async def _cancel(self, resp: Response) -> None:
+        resp.cancel.cancel()
+        await self.push(CancelResponse(resp.id))
+
+    async def _drop_speculation(self) -> None:
+        resp = self.response
+        if resp is not None and not resp.released:
+            self.response = None
+            await self._cancel(resp)
+            self._enter(Phase.LISTENING)
+
+    def on_output(self, frame: Frame, played: bool) -> None:
+        """What the output stage received (``played=False``) or handed out (``True``)."""
+        resp = self.response
+        if resp is None or getattr(frame, "response_id", None) != resp.id:
+            return
+        if not played:
+            if isinstance(frame, AnswerText) and not frame.end:
+                resp.clock.on_token(answer=True)
+                resp.answer += frame.text
+            elif isinstance(frame, (ThinkingText, ToolCall)):
+                resp.clock.on_token(answer=False)
+                if isinstance(frame, ThinkingText):
+                    resp.thinking += frame.text
+            elif isinstance(frame, OutputAudio):
+                resp.clock.on_audio_ready()
+            elif isinstance(frame, ErrorFrame):
+                resp.failed = True
+            elif isinstance(frame, AnswerText) and frame.end:
+                resp.usage = dict(frame.usage)
+        elif isinstance(frame, OutputAudio):
+            if resp.clock.wall_first_audio is None:
+                self._enter(Phase.SPEAKING)
+            resp.on_audio_out(frame)
+        elif isinstance(frame, AnswerText) and frame.end:
+            self.response = None  # done: a barge-in from now on interrupts nothing
+            self.ctx.spawn(self._finish(resp, interrupted=False))
+
+    async def _finish(self, resp: Response, interrupted: bool) -> None:
+        if self.response is resp:
+            self.response = None
+        self.last_response = resp
+        spoken = self._delivered(resp, interrupted)
+        self.turns += 1
+        self.history.append(HistoryEntry(resp.turn.text, resp.answer, spoken, interrupted))
+        await self.push(self._metrics(resp, interrupted, spoken))
+        await self.push(CommitTurn(resp.turn, spoken, interrupted))
+        self._enter(Phase.LISTENING)
+        self._close_turn()
+
+    def _close_turn(self) -> None:
+        self._turn_open = False
+        if self.response is None or not self.response.released:
+            self._idle.set()
+
+    def _delivered(self, resp: Response, interrupted: bool) -> str:
+        """What reached the user: the whole answer, unless speech was cut off (then the pieces
+        they began to hear). A text-only answer was delivered as far as it was written."""
+        if interrupted and self.ctx.options.speak:
+            return resp.heard_text(resp.heard_s(self.ctx.pace_output))
+        return resp.answer.strip()
+
+    def _metrics(self, resp: Response, interrupted: bool, spoken: str) -> TurnMetrics:
+        tc, rc = resp.turn_clock, resp.clock
+        end = tc.wall_speech_end
+
+        def rel(t: float | None) -> float | None:
+            return None if t is None or end is None else t - end
+
+        first_packet = rel(rc.wall_first_audio)
+        breakdown = {
+            "endpoint_s": rel(tc.wall_decided),
+            "transcript_s": rel(tc.wall_transcript),
+            "response_start_s": rel(rc.wall_start),
+            "first_token_s": rel(rc.wall_first_token),
+            "first_answer_token_s": rel(rc.wall_first_answer_token),
+            "first_audio_ready_s": rel(rc.wall_audio_ready),
+            "released_s": rel(rc.wall_released),
+            "first_audio_packet_s": first_packet,
+            "speculative": 1.0 if resp.speculative else 0.0,
+        }
+        return TurnMetrics(
+            turn=self.turns,
+            first_packet_s=first_packet,
+            breakdown=breakdown,
+            usage=resp.usage,
+            interrupted=interrupted,
+            transcript=resp.turn.text,
+            answer=resp.answer.strip(),
+            spoken=spoken,
+        )
