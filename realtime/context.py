@@ -25,6 +25,7 @@ class SessionOptions:
     interrupt_response: bool = True  # the user's speech cancels the answer (barge-in)
     output_sample_rate: int | None = None  # None = the TTS head's own rate
     speak: bool = True  # False: answers are text only (no TTS, no audio frames)
+    think_budget: int | None = None  # reasoning tokens before speaking; None = the config's
 
 
 class Tasks:

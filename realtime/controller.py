@@ -300,16 +300,19 @@ class TurnController(Stage):
             "response_start_s": rel(rc.wall_start),
             "first_token_s": rel(rc.wall_first_token),
             "first_answer_token_s": rel(rc.wall_first_answer_token),
+            "last_token_s": rel(rc.wall_last_token),
             "first_audio_ready_s": rel(rc.wall_audio_ready),
             "released_s": rel(rc.wall_released),
             "first_audio_packet_s": first_packet,
             "speculative": 1.0 if resp.speculative else 0.0,
+            "answer_audio_s": resp.audio_s,  # a duration: the answer's audio handed out
         }
         return TurnMetrics(
             turn=self.turns,
             first_packet_s=first_packet,
             breakdown=breakdown,
             usage=resp.usage,
+            response_id=resp.id,
             interrupted=interrupted,
             transcript=resp.turn.text,
             answer=resp.answer.strip(),

@@ -158,6 +158,7 @@ class TurnMetrics(Frame):
     answer: str = ""
     spoken: str = ""
     usage: dict[str, int] = field(default_factory=dict)  # the engine's token counts
+    response_id: int | None = None  # the answer these figures are of
 
 
 @dataclass(frozen=True, slots=True)

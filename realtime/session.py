@@ -135,6 +135,8 @@ class Session:
 
     async def start(self) -> None:
         engine, sampling = self.models.engine, self.ctx.config.engine.sampling
+        if self.options.think_budget is not None:
+            sampling = replace(sampling, think_budget=self.options.think_budget)
         prompt = self.system_prompt
         self.engine.session = await self.models.worker.call(
             lambda: engine.new_session(prompt, sampling)

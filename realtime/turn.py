@@ -31,6 +31,7 @@ class ResponseClock:
     wall_start: float = field(default_factory=time.monotonic)
     wall_first_token: float | None = None
     wall_first_answer_token: float | None = None
+    wall_last_token: float | None = None
     wall_audio_ready: float | None = None  # first audio chunk synthesised
     wall_released: float | None = None
     wall_first_audio: float | None = None  # first audio packet handed to the transport
@@ -41,6 +42,7 @@ class ResponseClock:
             self.wall_first_token = now
         if answer and self.wall_first_answer_token is None:
             self.wall_first_answer_token = now
+        self.wall_last_token = now
 
     def on_audio_ready(self) -> None:
         if self.wall_audio_ready is None:
