@@ -75,3 +75,22 @@ def test_chunk_size_does_not_change_decisions(question):
     a = [(e.kind, round(e.t, 2)) for e in feed(Endpointer(VADConfig()), question, chunk=160)]
     b = [(e.kind, round(e.t, 2)) for e in feed(Endpointer(VADConfig()), question, chunk=4000)]
     assert a == b
+
+
+def test_the_pause_comes_soon_after_the_words_not_after_the_vad_hangover(question):
+    """The speculative answer starts at the pause: it must come ``pause_ms`` after the words
+    end even where WebRTC's VAD goes on calling the fading tail voiced. A quiet echo of the
+    question (40 dB down) after the words is such a tail."""
+    true_start, true_end = speech_bounds(question)
+    words = question[int(true_start * 16000) : int(true_end * 16000)]
+    tail = 0.01 * words[: 16000 // 2]
+    k = int(true_end * 16000)
+    audio = np.concatenate([question[:k], tail, np.zeros(16000, np.float32)])
+    ep = Endpointer(VADConfig(silence_duration_ms=400), pause_ms=120)
+    events = feed(ep, audio)
+    pauses = [e for e in events if e.kind == "pause" and e.t_decided > true_end - 0.05]
+    assert pauses, [e.kind for e in events]
+    assert pauses[0].t_decided - true_end < 0.2, pauses[0]
+    assert not [e for e in events if e.kind == "resume" and e.t > true_end]  # the tail is no speech
+    stop = events[-1]
+    assert stop.kind == "stop" and abs(stop.t - true_end) < 0.04
