@@ -335,14 +335,12 @@ def bench_turns(args: argparse.Namespace, model: Any, result: dict[str, Any]) ->
     ``--pause-ms`` of silence, audio released at ``--eos-ms`` (the endpoint)."""
     import asyncio
 
-    from tokenizers import Tokenizer
-
     from realtime.config import EngineConfig, SamplingConfig
     from realtime.engine.step_audio import StepAudioEngine, StepAudioOptions, encoding_error
-    from realtime.models.step_audio.testing import tiny_tokenizer_json
-    from realtime.models.step_audio.tokens import SpecialTokens, TextTokenizer
+    from realtime.models.step_audio.random_tokenizer import random_tokenizer
+    from realtime.models.step_audio.tokens import SpecialTokens
 
-    tok = TextTokenizer(Tokenizer.from_str(tiny_tokenizer_json()), "test tokenizer")
+    tok = random_tokenizer()
     special = SpecialTokens.from_tokenizer(tok)
     model.audio_patch_id = special.audio_patch
     cfg = EngineConfig(
@@ -355,7 +353,10 @@ def bench_turns(args: argparse.Namespace, model: Any, result: dict[str, Any]) ->
     engine.warmup()
     result["engine_warmup_s"] = time.perf_counter() - t0
     result["engine_attention"] = engine.runner.attention_name
-    log(f"engine warm-up {result['engine_warmup_s']:.1f}s ({engine.info})")
+    log(
+        f"engine warm-up {result['engine_warmup_s']:.1f}s (attention: {engine.runner.attention_name}"
+        f", compiled step: {engine.runner.compiled})"
+    )
     speech10 = synthetic_speech(10.0, 1)
     result["encoding_error_640ms"] = {
         f"lookahead_{la}": encoding_error(model, speech10, engine.chunk_samples, la)

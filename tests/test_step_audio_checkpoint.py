@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from step_audio_fixtures import write_tiny_checkpoint
 
 from realtime.models.step_audio.checkpoint import (
     find_checkpoint_files,
@@ -17,7 +18,6 @@ from realtime.models.step_audio.checkpoint import (
     resolve_model_path,
 )
 from realtime.models.step_audio.config import CheckpointError, StepAudioConfig
-from realtime.models.step_audio.testing import write_tiny_checkpoint
 
 LAYER_SHARD = "model-00002-of-00003.safetensors"
 HEAD_SHARD = "model-00003-of-00003.safetensors"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from step_audio_fixtures import tiny_config, write_tiny_checkpoint
 
 from realtime.engine.parser import ReasoningParser
 from realtime.models.step_audio.checkpoint import LoadedStepAudio, load_step_audio
@@ -28,7 +29,6 @@ from realtime.models.step_audio.prompt import (
     Turn,
     audio_slots,
 )
-from realtime.models.step_audio.testing import tiny_config, write_tiny_checkpoint
 from realtime.models.step_audio.tokens import TextTokenizer
 
 CHAIN = ("\n", "hmm", "</think>", "Hi", "!")  # forced continuation of "...<think>\n"

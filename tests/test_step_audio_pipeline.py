@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from step_audio_fixtures import scripted, write_tiny_checkpoint
 
 from realtime.audio import write_wav
-from realtime.models.step_audio.testing import scripted, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

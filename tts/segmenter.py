@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SENTENCE_END = ".!?…"
+from realtime.text import SENTENCE_END
+
 CLAUSE_END = ",;:—–"  # em and en dash
 CLOSERS = "\"')]}’”*_»"
 # Words a piece should not end on when it is cut between words: the listener hears a pause.

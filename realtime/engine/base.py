@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -110,14 +110,3 @@ class Engine(Protocol):
         """Run once at start so that the first real turn pays no one-off costs."""
 
     def close(self) -> None: ...
-
-
-@dataclass
-class EngineInfo:
-    """What a backend reports about itself (shown by --json and /metrics)."""
-
-    name: str
-    device: str
-    dtype: str
-    attention: str = "n/a"
-    extra: dict[str, str] = field(default_factory=dict)

@@ -1,7 +1,9 @@
 """Loading a Step-Audio-R1 / Step-Audio 2 checkpoint directory.
 
 Layout: ``config.json``, ``model.safetensors.index.json`` + the shards it lists (or one
-``model.safetensors``), ``tokenizer.json`` (``tokenizer_config.json`` optional). Every shard's
+``model.safetensors``), ``tokenizer.json`` (``tokenizer_config.json`` optional), and optionally
+``generation_config.json``, whose ``eos_token_id`` are stop ids (so are ``config.json``'s, at
+the top level or in ``text_config``; ``<|EOT|>`` always is). Every shard's
 header is checked first (names, shapes, the index) so that a broken checkpoint fails in seconds
 with a message naming the file and the tensor; then the tensors are read shard by shard with
 ``safe_open(device=...)`` straight to the target device and copied into parameters that were
@@ -10,6 +12,7 @@ allocated there in the target dtype (bf16 on GPU). No host copy of the whole mod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -25,6 +28,7 @@ from realtime.models.step_audio.model import StepAudioModel, build_empty
 from realtime.models.step_audio.tokens import SpecialTokens, TextTokenizer
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
@@ -179,6 +183,38 @@ def load_tokenizer(root: Path) -> TextTokenizer:
     raise CheckpointError(f"missing file {TOKENIZER_FILE} in {root}")
 
 
+def checkpoint_eos_ids(root: Path) -> tuple[int, ...]:
+    """End-of-sequence ids the checkpoint lists: ``eos_token_id`` (an id or a list of ids) of
+    ``generation_config.json`` and of ``config.json`` (top level, then ``text_config``), in
+    that order, without repeats. Absent files and keys add nothing."""
+    found: list[int] = []
+    for name in (GENERATION_CONFIG_FILE, CONFIG_FILE):
+        file = root / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{file}: not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{file}: the top level must be a JSON object")
+        sections = [("", data)]
+        if isinstance(data.get("text_config"), dict):
+            sections.append(("text_config.", data["text_config"]))
+        for prefix, section in sections:
+            value = section.get("eos_token_id")
+            if value is None:
+                continue
+            ids = value if isinstance(value, list) else [value]
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise CheckpointError(
+                    f"{file}: {prefix}eos_token_id must be a token id or a list of token ids, "
+                    f"not {value!r}"
+                )
+            found.extend(ids)
+    return tuple(dict.fromkeys(found))
+
+
 # ---- the weights -------------------------------------------------------------------------
 def _safe_open(path: Path, device: str) -> object:
     from safetensors import safe_open
@@ -275,6 +311,9 @@ def load_step_audio(
     cfg = StepAudioConfig.from_file(files.config)
     tokenizer = load_tokenizer(root)
     special = SpecialTokens.from_tokenizer(tokenizer, check_known=check_known_tokens)
+    # an id the model cannot emit never stops it: such a listed id is dropped, not an error
+    eos = tuple(i for i in checkpoint_eos_ids(root) if i < cfg.text.vocab_size)
+    special = dataclasses.replace(special, eos_ids=eos)
     for name, i in (("<audio_patch>", special.audio_patch), ("<|EOT|>", special.eot)):
         if i >= cfg.text.vocab_size:
             raise CheckpointError(

@@ -10,14 +10,10 @@ How the 479-sample padding is handled here, without ever calling ``torch.stft``:
 samples ``[160 i - 200, 160 i + 200)`` of the audio, where indices below 0 are the reflection
 (``x[-k] = x[k]``) and indices at or beyond the end are zeros (the 479 appended zeros, and the
 end reflection, which only ever reflects those zeros because 479 > 200). There are
-``(n + 479) // 160`` frames. :class:`StreamingMel` emits frame ``i`` as soon as sample
-``160 i + 199`` has arrived; the frames that reach into the padding are emitted by ``finish()``.
-
-The global ``max - 8`` floor needs the whole piece, so the streaming form yields the *raw*
-log10 frames (before normalisation), which are exactly those of the whole-piece form for any
-chunking; :func:`normalize_log_mel` is elementwise and is applied with the maximum seen so far
-(exact once the piece has ended). The spectrum is computed in float64 and rounded to float32 at
-the end so that the result does not depend on how many frames are computed together.
+``(n + 479) // 160`` frames. The global ``max - 8`` floor needs the whole piece, so the raw
+log10 frames (:meth:`LogMel.raw`) are normalised afterwards by :func:`normalize_log_mel`. The
+spectrum is computed in float64 and rounded to float32 at the end so that the result does not
+depend on how many frames are computed together.
 """
 
 from __future__ import annotations
@@ -78,12 +74,9 @@ def as_pcm_tensor(pcm: np.ndarray | torch.Tensor, device: torch.device) -> torch
     return t.to(device=device, dtype=torch.float64)
 
 
-def normalize_log_mel(
-    raw: torch.Tensor, max_value: float | torch.Tensor | None = None
-) -> torch.Tensor:
+def normalize_log_mel(raw: torch.Tensor) -> torch.Tensor:
     """Whisper normalisation of raw log10 frames: floor at ``max - 8``, then ``(x + 4) / 4``."""
-    if max_value is None:
-        max_value = raw.max() if raw.numel() else torch.tensor(math.log10(LOG_FLOOR))
+    max_value = raw.max() if raw.numel() else torch.tensor(math.log10(LOG_FLOOR))
     floor = torch.as_tensor(max_value, dtype=raw.dtype, device=raw.device) - DYNAMIC_RANGE
     return (torch.maximum(raw, floor) + 4.0) / 4.0
 
@@ -97,106 +90,18 @@ class LogMel:
         self.filters = mel_filterbank(n_mels).to(self.device, torch.float64)
         self.window = torch.hann_window(N_FFT, periodic=True, dtype=torch.float64).to(self.device)
 
-    def frames_from_padded(self, padded: torch.Tensor, n_frames: int) -> torch.Tensor:
-        """Raw log10 mel of frames ``0..n_frames-1`` of an already padded signal."""
-        if n_frames <= 0:
-            return torch.empty(self.n_mels, 0, device=self.device)
+    def raw(self, pcm: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Raw log10 mel ``[n_mels, (n + 479) // 160]`` of a whole piece."""
+        x = as_pcm_tensor(pcm, self.device)
+        n_frames = mel_frames_for_samples(x.shape[0])
+        ext = torch.cat([x, x.new_zeros(PAD_SAMPLES + HALF)])
+        padded = torch.cat([ext[1 : HALF + 1].flip(0), ext])
         windows = padded.unfold(0, N_FFT, HOP)[:n_frames] * self.window
         spec = torch.fft.rfft(windows, dim=-1)
         power = spec.real.square() + spec.imag.square()
         mel = power @ self.filters.T
         return torch.clamp(mel, min=LOG_FLOOR).log10().T.to(torch.float32)
 
-    def raw(self, pcm: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Raw log10 mel ``[n_mels, (n + 479) // 160]`` of a whole piece."""
-        x = as_pcm_tensor(pcm, self.device)
-        n = x.shape[0]
-        ext = torch.cat([x, x.new_zeros(PAD_SAMPLES + HALF)])
-        padded = torch.cat([ext[1 : HALF + 1].flip(0), ext])
-        return self.frames_from_padded(padded, mel_frames_for_samples(n))
-
     def __call__(self, pcm: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Normalised log mel of a whole piece (at most 25 s in the reference)."""
         return normalize_log_mel(self.raw(pcm))
-
-    def streaming(self) -> StreamingMel:
-        return StreamingMel(self)
-
-
-class StreamingMel:
-    """Raw log-mel frames as audio arrives; the frames equal ``LogMel.raw`` of the whole piece.
-
-    ``push(pcm)`` returns the frames completed by this audio (``[n_mels, k]``, k may be 0),
-    ``finish()`` the last ones (which reach into the padding). ``normalized()`` gives every frame
-    so far normalised with the maximum so far; after ``finish()`` it equals ``LogMel(pcm)``.
-    """
-
-    def __init__(self, logmel: LogMel) -> None:
-        self.logmel = logmel
-        self.n_samples = 0
-        self.n_frames = 0
-        self.finished = False
-        self._head: list[torch.Tensor] = []  # audio before the reflection can be built
-        self._buf: torch.Tensor | None = None  # padded signal from sample 160 * n_frames on
-        self._frames: list[torch.Tensor] = []
-        self._max: torch.Tensor | None = None  # on the device: no host sync per push
-
-    @property
-    def max_value(self) -> float:
-        return -math.inf if self._max is None else float(self._max)
-
-    def push(self, pcm: np.ndarray | torch.Tensor) -> torch.Tensor:
-        if self.finished:
-            raise RuntimeError("StreamingMel.push after finish()")
-        x = as_pcm_tensor(pcm, self.logmel.device)
-        self.n_samples += x.shape[0]
-        if self._buf is None:
-            self._head.append(x)
-            if self.n_samples <= HALF:  # the reflection needs sample 200
-                return self._empty()
-            audio = torch.cat(self._head)
-            self._head = []
-            self._buf = torch.cat([audio[1 : HALF + 1].flip(0), audio])
-        else:
-            self._buf = torch.cat([self._buf, x])
-        # frame i is complete once padded sample 160 i + 399 is known
-        ready = (HALF + self.n_samples - N_FFT) // HOP + 1 - self.n_frames
-        return self._emit(max(ready, 0))
-
-    def finish(self) -> torch.Tensor:
-        if self.finished:
-            return self._empty()
-        self.finished = True
-        if self._buf is None:
-            audio = torch.cat(self._head) if self._head else self._zeros(0)
-            ext = torch.cat([audio, self._zeros(PAD_SAMPLES + HALF)])
-            self._buf = torch.cat([ext[1 : HALF + 1].flip(0), ext])
-            self._head = []
-        else:
-            self._buf = torch.cat([self._buf, self._zeros(PAD_SAMPLES + HALF)])
-        return self._emit(mel_frames_for_samples(self.n_samples) - self.n_frames)
-
-    def frames(self) -> torch.Tensor:
-        """Every raw frame emitted so far, ``[n_mels, n_frames]``."""
-        return torch.cat(self._frames, dim=1) if self._frames else self._empty()
-
-    def normalized(self) -> torch.Tensor:
-        return normalize_log_mel(self.frames(), self._max)
-
-    def _emit(self, k: int) -> torch.Tensor:
-        assert self._buf is not None
-        if k <= 0:
-            return self._empty()
-        out = self.logmel.frames_from_padded(self._buf, k)
-        self.n_frames += k
-        self._buf = self._buf[k * HOP :]
-        self._frames.append(out)
-        m = out.max()
-        self._max = m if self._max is None else torch.maximum(self._max, m)
-        return out
-
-    def _empty(self) -> torch.Tensor:
-        return torch.empty(self.logmel.n_mels, 0, device=self.logmel.device)
-
-    def _zeros(self, n: int) -> torch.Tensor:
-        return torch.zeros(n, dtype=torch.float64, device=self.logmel.device)

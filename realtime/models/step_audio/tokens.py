@@ -4,6 +4,8 @@ Ids are always read from the checkpoint's tokenizer by name. The public code fix
 them, which are checked when ``check_known`` is on: ``<|EOT|>`` = 151665 (the serving stop id),
 ``<audio_start>`` = 151688 (the reference inserts audio after it), ``<audio_patch>`` = 151690;
 text ids are below 151688 and speech tokens ``<audio_N>`` are ``151696 + N`` (6561 = padding).
+Generation stops at ``<|EOT|>`` and at every end-of-sequence id the checkpoint lists
+(Step-Audio-R1's ``generation_config.json``: 151643 ``<|endoftext|>`` and 151665).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from realtime.models.step_audio.config import CheckpointError
 
@@ -63,11 +66,32 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         return str(self._tok.decode(ids, skip_special_tokens=False))  # type: ignore[attr-defined]
 
+    def stream(self) -> TextStream:
+        """Incremental decoding of one growing token sequence (see :class:`TextStream`)."""
+        return TextStream(self._tok)
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)  # type: ignore[attr-defined, no-any-return]
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)  # type: ignore[attr-defined, no-any-return]
+
+
+class TextStream:
+    """Text of a token sequence as it grows, without re-decoding it at every token
+    (``tokenizers.decoders.DecodeStream``). ``push(id)`` returns the text that ``id`` completes:
+    ``""`` while it ends inside a character (one UTF-8 character may take several byte-level
+    tokens), then the whole character. The pieces add up to ``decode(ids)``; special tokens are
+    kept as text, as :meth:`TextTokenizer.decode` keeps them."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._tok = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=False)
+
+    def push(self, token_id: int) -> str:
+        return self._stream.step(self._tok, token_id) or ""
 
 
 @dataclass(frozen=True)
@@ -79,10 +103,12 @@ class SpecialTokens:
     audio_patch: int
     think_open: int | None = None
     think_close: int | None = None
+    eos_ids: tuple[int, ...] = ()  # end-of-sequence ids the checkpoint's configs list
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        return (self.eot,)
+        """``<|EOT|>`` first, then the checkpoint's other end-of-sequence ids."""
+        return (self.eot, *(i for i in dict.fromkeys(self.eos_ids) if i != self.eot))
 
     @classmethod
     def from_tokenizer(cls, tok: TextTokenizer, check_known: bool = True) -> SpecialTokens:

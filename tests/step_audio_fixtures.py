@@ -1,13 +1,12 @@
 """A tiny random Step-Audio checkpoint in exactly the real layout, for tests.
 
 Same tensor names and config keys as the real one, several safetensors shards with
-``model.safetensors.index.json``, bf16 tensors, and a ``tokenizer.json`` (a byte-level BPE like
-Qwen's, a few hundred text tokens) with the special tokens at the real ids. The decoder's
-``vocab_size`` is 151700 so those ids exist; everything else is tiny (width 32, two layers).
-
-Ids fixed by public code: ``<|EOT|>`` 151665, ``<audio_start>`` 151688, ``<audio_patch>``
-151690. The others below (``<|BOT|>``, ``<think>``, ``<audio_end>``, ...) are placeholders in
-the same range; the real ones are always read from the real tokenizer by name.
+``model.safetensors.index.json``, bf16 tensors, a ``generation_config.json`` with the stop ids
+Step-Audio-R1 lists (``<|endoftext|>`` 151643 and ``<|EOT|>`` 151665), and a
+``tokenizer.json``: the random backend's byte-level BPE
+(:mod:`realtime.models.step_audio.random_tokenizer`, special tokens at the real ids) with merges
+for the words the tests script. The decoder's ``vocab_size`` is 151700 so those ids exist;
+everything else is tiny (width 32, two layers).
 """
 
 from __future__ import annotations
@@ -22,26 +21,13 @@ import torch
 from realtime.models.qwen2 import Qwen2Config
 from realtime.models.step_audio.config import AudioEncoderConfig, StepAudioConfig
 from realtime.models.step_audio.model import StepAudioModel, checkpoint_name, fill_random
+from realtime.models.step_audio.random_tokenizer import SPECIAL_TOKEN_IDS, random_tokenizer_json
 from realtime.models.step_audio.tokens import EOT, KNOWN_IDS, TextTokenizer
 
-TINY_SPECIAL_TOKENS = {
-    "<|endoftext|>": 151643,
-    "<|im_start|>": 151644,
-    "<|im_end|>": 151645,
-    "<|EOT|>": 151665,
-    "<|BOT|>": 151666,
-    "<think>": 151667,
-    "</think>": 151668,
-    "<|CALL_START|>": 151669,
-    "<|CALL_END|>": 151670,
-    "<audio_start>": 151688,
-    "<audio_end>": 151689,
-    "<audio_patch>": 151690,
-    "<tts_start>": 151693,
-    "<tts_end>": 151694,
-}
+TINY_SPECIAL_TOKENS = SPECIAL_TOKEN_IDS
 TINY_WORDS = ("system", "human", "assistant", "hmm", "Hi", "hello", "think", " the", " you")
 TINY_VOCAB_SIZE = 151700
+R1_STOP_IDS = (151643, 151665)  # Step-Audio-R1's generation_config.json eos_token_id
 
 
 def tiny_config() -> StepAudioConfig:
@@ -73,28 +59,8 @@ def tiny_config() -> StepAudioConfig:
 
 
 def tiny_tokenizer_json() -> str:
-    """Byte-level BPE: the 256 byte symbols, merges for a few words, the special tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    merges: list[tuple[str, str]] = []
-    for word in TINY_WORDS:
-        sym = "".join(s for s, _ in byte_level.pre_tokenize_str(word))
-        for k in range(1, len(sym)):
-            left, right = sym[:k], sym[k]
-            if sym[: k + 1] not in vocab:
-                merges.append((left, right))
-                vocab[sym[: k + 1]] = len(vocab)
-    vocab.update(TINY_SPECIAL_TOKENS)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = byte_level
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in TINY_SPECIAL_TOKENS]
-    )
-    return str(tok.to_str())
+    """The random backend's byte-level tokenizer with merges for the test words."""
+    return random_tokenizer_json(TINY_WORDS)
 
 
 def tokenizer_config_json() -> dict[str, object]:
@@ -130,9 +96,11 @@ def write_tiny_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
     modify: Callable[[StepAudioModel, TextTokenizer], None] | None = None,
+    stop_ids: tuple[int, ...] | None = R1_STOP_IDS,
 ) -> Path:
     """Write a random tiny checkpoint to directory ``path`` (created) and return it.
-    ``modify(model, tokenizer)`` may set weights before they are saved."""
+    ``modify(model, tokenizer)`` may set weights before they are saved; ``stop_ids`` is the
+    ``eos_token_id`` of ``generation_config.json`` (``None``: no such file)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -141,6 +109,9 @@ def write_tiny_checkpoint(
     (path / "tokenizer.json").write_text(tiny_tokenizer_json())
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config_json(), indent=2))
     (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    if stop_ids is not None:
+        gen = {"bos_token_id": 151643, "eos_token_id": list(stop_ids), "do_sample": True}
+        (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
     torch.manual_seed(seed)
     model = StepAudioModel(cfg).eval().requires_grad_(False)
     fill_random(model, seed, std=0.1)
@@ -164,18 +135,22 @@ def write_tiny_checkpoint(
     return path
 
 
-def scripted(*words: str) -> Callable[[StepAudioModel, TextTokenizer], None]:
+def scripted(
+    *words: str, end: int = KNOWN_IDS[EOT]
+) -> Callable[[StepAudioModel, TextTokenizer], None]:
     """A ``modify`` for :func:`write_tiny_checkpoint`: the model deterministically continues
-    ``"\\n"`` with ``words`` and then ``<|EOT|>``. Every layer's output is zeroed, so the next
-    token depends only on the current one, and embeddings and ``lm_head`` chain each token to
-    the next (each word must be one token of the tiny vocabulary)."""
+    ``"\\n"`` with ``words`` and then token ``end`` (``<|EOT|>``). Every layer's output is
+    zeroed, so the next token depends only on the current one, and embeddings and ``lm_head``
+    chain each token to the next. A word may take several tokens (``" café"``: six byte-level
+    ones), but no token may come twice in the chain."""
 
     def modify(model: StepAudioModel, tok: TextTokenizer) -> None:
         dec = model.decoder
         for layer in dec.model.layers:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
-        chain = [tok.encode(w)[0] for w in ("\n", *words)] + [KNOWN_IDS[EOT]]
+        chain = [t for w in ("\n", *words) for t in tok.encode(w)] + [end]
+        assert len(set(chain)) == len(chain) <= dec.model.embed_tokens.weight.shape[1], chain
         emb, head = dec.model.embed_tokens.weight, dec.lm_head.weight
         head.mul_(0.01)
         for i, (cur, nxt) in enumerate(itertools.pairwise(chain)):

@@ -1,0 +1,191 @@
+"""A Step-Audio conversation: listening, the answer, and the history, on its own cache slot.
+
+``listen`` pre-fills the user turn as it is heard (:class:`Listening`). ``respond`` pre-fills
+the rest of the turn and the generation prompt *beyond* the listened prefix and runs an
+:class:`Answer`; it changes nothing that listening wrote, so after a speculative ``respond``
+more audio simply continues the turn (its ``listen`` writes over the answer). Audio heard while
+answering is listened to after the answer (the answer's lanes sit where it would be written).
+``commit`` writes the assistant turn as it was really spoken (reasoning is not kept, as in the
+Step-Audio chat format) and opens the next turn after it; ``discard`` forgets the partial turn.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from realtime.config import SamplingConfig
+from realtime.engine.base import CancelToken, TokenEvent, TurnStats, UserTurn
+from realtime.engine.step_audio.answering import Answer, Role
+from realtime.engine.step_audio.listening import Listening
+from realtime.models.step_audio.prompt import AudioSlot, Conversation, Message, Turn, assistant_text
+
+if TYPE_CHECKING:
+    from realtime.engine.step_audio.engine import StepAudioEngine
+
+
+@dataclass
+class _Answered:
+    """What ``respond`` left for ``commit``: where the user turn ends in the cache."""
+
+    turn_end: int  # cache length just after the user turn's <|EOT|>
+    pieces: list[torch.Tensor]  # the audio embeddings of the turn, one tensor per piece
+    audio: np.ndarray
+    user: Message  # the user turn as the history renders it
+
+
+class StepAudioSession:
+    def __init__(self, engine: StepAudioEngine, system_prompt: str, sampling: SamplingConfig):
+        self.engine = engine
+        self.sampling = sampling
+        self.stats = TurnStats()
+        self.slot = engine.cache.allocate(1)[0]
+        self.conv = Conversation(system_prompt, max_turns=engine.cfg.history_turns)
+        self._turn_embeds: list[list[torch.Tensor]] = []  # per earlier turn, per piece
+        self._hist_len = 0
+        self._answered: _Answered | None = None
+        self._answer: Answer | None = None  # while ``respond`` runs
+        self._deferred: list[np.ndarray] = []  # audio heard while answering, listened after
+        self._closed = False
+        self.on_token: Callable[[Role, int, float], None] | None = None  # bench/debug hook
+        self.handovers = 0  # reasoning blocks handed to the speaking lane (all turns)
+        self._rebuild_history()
+        self._l = self._new_turn()
+
+    def _new_turn(self) -> Listening:
+        return Listening(self.engine, self.slot, pos=self._hist_len)
+
+    def _prefill(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
+        return self.engine.prefill(embeds, self.slot, start)
+
+    def _rebuild_history(self) -> None:
+        """Pre-fill system prompt + the kept history from position 0."""
+        e = self.engine
+        turns = self.conv.turns[-self.conv.max_turns :] if self.conv.max_turns else self.conv.turns
+        embeds = self._turn_embeds[len(self._turn_embeds) - len(turns) :] if turns else []
+        prompt = e.builder.render(self.conv.messages(), add_generation_prompt=False)
+        if not prompt.ids:
+            self._hist_len = 0
+            return
+        audio = [p for t in embeds for p in t]
+        audio_t = torch.cat(audio) if audio else None
+        self._prefill(e.model.embed(torch.tensor(prompt.ids), audio_t), 0)
+        self._hist_len = len(prompt.ids)
+
+    def _trim_history(self, keep: int) -> None:
+        """Keep the last ``keep`` turns and re-fill the cache from position 0 (the stored
+        audio embeddings are reused; this runs when the next turn starts, before it is heard)."""
+        self.conv.turns = self.conv.turns[len(self.conv.turns) - keep :]
+        self._turn_embeds = self._turn_embeds[len(self._turn_embeds) - keep :]
+        self._rebuild_history()
+
+    # ---- listening ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def listen(self, pcm16k: np.ndarray) -> None:
+        pcm = np.asarray(pcm16k, dtype=np.float32).reshape(-1)
+        if self._answer is not None:  # answering: its tokens sit where this audio would go
+            self._deferred.append(pcm)
+            return
+        self._answered = None  # a speculative answer was not committed: more audio
+        self._open_turn()
+        self._l.hear(pcm)
+
+    def _open_turn(self) -> None:
+        lst, e = self._l, self.engine
+        if lst.opened:
+            return
+        limit = e.cfg.history_turns
+        too_long = self._hist_len + 64 > e.cache.max_len // 2 and bool(self.conv.turns)
+        if too_long or (limit and len(self.conv.turns) > limit):
+            self._trim_history(len(self.conv.turns) // 2 if too_long else limit)
+            lst.pos = self._hist_len
+        lst.open()
+
+    # ---- the end of the turn ------------------------------------------------------------------
+    def _close_turn(self, turn: UserTurn) -> tuple[torch.Tensor, int]:
+        """Pre-fill the tail, ``<audio_end><|EOT|>`` and the generation prompt beyond the
+        listened prefix. Returns (last logits, cache length)."""
+        e, lst = self.engine, self._l
+        audio = lst.audio
+        if turn.audio is not None and turn.audio.shape[0] > audio.shape[0]:
+            audio = np.asarray(turn.audio, dtype=np.float32).reshape(-1)
+            self.listen(audio[lst.audio.shape[0] :])  # audio that never came through listen
+        self._open_turn()
+        gen = e.builder.generation_prompt().ids
+        if self.sampling.think_budget <= 0:
+            gen = gen + e.think_close_ids  # an empty reasoning block: answer at once
+        if audio.shape[0] == 0 and turn.text:  # a typed turn: text where the audio would be
+            pieces: list[torch.Tensor] = []
+            parts, start = [e.embed_ids(e.text_ids(turn.text))], lst.body_start
+            ids = [e.special.eot]
+            user = Message.text("human", turn.text)
+        else:
+            heard = lst.exact_turn(audio) if e.cfg.exact_encoding else lst.tail_turn(audio)
+            pieces, parts, start = heard.pieces, heard.parts, heard.start
+            ids = [e.special.audio_end, e.special.eot]
+            user = Message("human", tuple(AudioSlot(p.shape[0]) for p in pieces))
+        turn_end = start + sum(p.shape[0] for p in parts) + len(ids)
+        embeds = torch.cat([*parts, e.embed_ids(ids + gen)])
+        self.stats.prefill_tokens = embeds.shape[0]
+        logits = self._prefill(embeds, start)
+        self._answered = _Answered(turn_end, pieces, audio, user)
+        return logits, turn_end + len(gen)
+
+    # ---- respond ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def respond(self, turn: UserTurn, cancel: CancelToken) -> Iterator[TokenEvent | None]:
+        """The answer's events; ``None`` items mark a step (or a wait for other sessions to
+        take their tokens) so that the worker can run other work in between."""
+        self.stats = TurnStats()
+        logits, gen_end = self._close_turn(turn)
+        answer = Answer(self.engine, self.slot, self.sampling, self.stats, self.on_token)
+        self._answer = answer
+        try:
+            answer.start(gen_end, logits)
+            self.stats.wall_prefill_done = time.monotonic()
+            yield from answer.events(cancel)
+        finally:
+            answer.release()
+            self.handovers += answer.handovers
+            self._answer = None
+            if self._deferred and not self._closed:  # what was heard meanwhile, in order
+                pcm, self._deferred = np.concatenate(self._deferred), []
+                self.listen(pcm)
+
+    # ---- after the turn -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def commit(self, turn: UserTurn, spoken_answer: str, interrupted: bool) -> None:
+        e = self.engine
+        if self._answered is None:  # respond never ran for this audio: close it now
+            self._close_turn(turn)
+        ans = self._answered
+        assert ans is not None
+        answer = spoken_answer.strip()
+        if interrupted and answer:
+            answer += " ..."
+        msg = Message.text("assistant", assistant_text(answer))
+        ids = e.builder.message(msg).ids
+        self._prefill(e.embed_ids(ids), ans.turn_end)
+        self._hist_len = ans.turn_end + len(ids)
+        self.conv.turns.append(Turn(user=ans.user, answer=answer))
+        self._turn_embeds.append(ans.pieces)
+        self._answered = None
+        self._l = self._new_turn()
+
+    def discard(self) -> None:
+        self._answered = None
+        self._l = self._new_turn()
+
+    def close(self) -> None:
+        """Free the slots; an answer still running stops at its next step (its lanes leave
+        the runner now, so no later step writes into a slot that another session may get)."""
+        self._closed = True
+        self._deferred = []
+        if self._answer is not None:
+            self._answer.release()
+        self.engine.cache.free([self.slot])
