@@ -41,7 +41,7 @@ def answer_at_once(engine, callers: int, tokens: int) -> dict:
         sessions.append((s, audio))
     torch.cuda.synchronize()
     steps0 = engine.steps.steps
-    live = [s.respond(UserTurn(audio=a), CancelToken()) for s, a in sessions]
+    live = [s.respond(UserTurn(), CancelToken()) for s, _ in sessions]
     t0 = time.monotonic()
     while live:
         for it in list(live):

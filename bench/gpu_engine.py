@@ -467,8 +467,9 @@ async def _one_turn(
 
     def run() -> None:
         session.listen(silence)
+        session.listen(audio[session._l.audio.shape[0] :])  # the rest of the turn
         try:
-            for _ in session.respond(UserTurn(audio=audio), cancel):
+            for _ in session.respond(UserTurn(), cancel):
                 pass
         finally:
             if stream is not None:
@@ -491,7 +492,7 @@ async def _one_turn(
         await asyncio.wait_for(first(), timeout=60)
         stream.cancel()
     await fut
-    session.commit(UserTurn(audio=audio), "The capital of France", interrupted=True)
+    session.commit(UserTurn(), "The capital of France", interrupted=True)
     first_answer = st["first_answer"] or time.monotonic()
     ready = first_chunk if first_chunk is not None else first_answer
     gaps = [b - a for a, b in zip(times[4:], times[5:], strict=False)]

@@ -20,6 +20,7 @@ import numpy as np
 
 from realtime.audio import PIPELINE_RATE
 from realtime.config import ASRConfig
+from realtime.text import ends_sentence
 
 MAX_WINDOW_S = 30.0
 
@@ -96,9 +97,6 @@ class WhisperRecognizer:
         return drop_repeated_tail(self._tokenizer.decode(result[0].sequences_ids[0]).strip())
 
 
-SENTENCE_ENDS = (".", "?", "!")
-
-
 def _words(text: str) -> list[str]:
     return re.sub(r"[^\w\s']", " ", text.lower()).split()
 
@@ -127,7 +125,7 @@ def drop_repeated_tail(text: str, min_words: int = 3, similarity: float = 0.75) 
                 return drop_repeated_tail(kept, min_words, similarity)
     # a loop cut short by the length cap: a last sentence that restarts an earlier one word for
     # word ("What is the capital of France? What is the capital")
-    starts = [0] + [i for i in range(1, len(words)) if words[i - 1].endswith(SENTENCE_ENDS)]
+    starts = [0] + [i for i in range(1, len(words)) if ends_sentence(words[i - 1])]
     for t in starts[1:]:
         k = len(norm) - t
         if k >= min_words and any(i + k <= t and norm[i : i + k] == norm[t:] for i in starts):

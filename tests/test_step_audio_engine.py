@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,6 +30,12 @@ from realtime.models.step_audio.lengths import CHUNK_SAMPLES, embeddings_for_sam
 from realtime.models.step_audio.prompt import Conversation, Message, audio_slots
 
 RATE = 16000
+
+
+def _heard(s: Any, audio: np.ndarray) -> UserTurn:
+    """The turn of ``audio``: what the session has not listened to yet is listened now."""
+    s.listen(audio[s._l.audio.shape[0] :])
+    return UserTurn()
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +84,7 @@ def test_listen_then_respond_thinks_then_answers_and_stops(bigram_dir: Path) -> 
     audio = _speech(1.5)
     _listen(s, audio)
     assert s._l.pos > 0 and s._l.committed > 0  # pre-filled while listening
-    events = _events(s.respond(UserTurn(audio=audio), CancelToken()))
+    events = _events(s.respond(_heard(s, audio), CancelToken()))
     kinds = [e.kind for e in events]
     assert kinds[0] == "thinking" and "answer" in kinds
     assert _text(events, "thinking") == "Hi you"
@@ -85,7 +92,7 @@ def test_listen_then_respond_thinks_then_answers_and_stops(bigram_dir: Path) -> 
     assert s.stats.wall_first_answer_token is not None and s.stats.thinking_tokens >= 2
     assert s.stats.generated_tokens <= 2 * 4  # two lanes, three words and <|EOT|> each
     assert engine.cache.free_slots == free - 1  # the speaking fork was given back
-    s.commit(UserTurn(audio=audio), "Hi you", interrupted=False)
+    s.commit(UserTurn(), "Hi you", interrupted=False)
     assert len(s.conv.turns) == 1
     _listen(s, _speech(0.7, seed=1))  # a second turn on top of the history
     assert _text(_events(s.respond(UserTurn(), CancelToken())), "answer") == "Hi you"
@@ -96,11 +103,11 @@ def test_listen_then_respond_thinks_then_answers_and_stops(bigram_dir: Path) -> 
 def test_budget_zero_and_think_first(bigram_dir: Path) -> None:
     engine = _engine(bigram_dir)
     s = engine.new_session("", SamplingConfig(think_budget=0))
-    events = _events(s.respond(UserTurn(audio=_speech(1.0)), CancelToken()))
+    events = _events(s.respond(_heard(s, _speech(1.0)), CancelToken()))
     assert _text(events, "thinking") == "" and _text(events, "answer") == "Hi you"
     first = _engine(bigram_dir, opts=StepAudioOptions(speak_first=False))
     s2 = first.new_session("", SamplingConfig(think_budget=1))
-    events = _events(s2.respond(UserTurn(audio=_speech(1.0)), CancelToken()))
+    events = _events(s2.respond(_heard(s2, _speech(1.0)), CancelToken()))
     assert _text(events, "thinking") == "Hi"  # one reasoning token, then </think> is forced
     assert _text(events, "answer") == "Hi you"
 
@@ -111,7 +118,7 @@ def _tokens(engine: StepAudioEngine, audio: np.ndarray, listen: bool, n: int = 6
     s.on_token = lambda role, tok, t: got.append(tok)
     if listen:
         _listen(s, audio, piece=0.16)
-    list(s.respond(UserTurn(audio=audio), CancelToken()))
+    list(s.respond(_heard(s, audio), CancelToken()))
     s.close()
     return got
 
@@ -135,13 +142,13 @@ def test_engine_and_session_do_what_the_worker_relies_on(random_dir: Path) -> No
     got: list[int] = []
     s.on_token = lambda role, tok, t: got.append(tok)
     _listen(s, first, piece=0.16)
-    items = list(s.respond(UserTurn(audio=first), CancelToken()))
+    items = list(s.respond(_heard(s, first), CancelToken()))
     assert len(got) == 6 and items.count(None) == 5  # a step boundary between tokens
     s.discard()  # a false start: forget the turn and its answer
     assert len(s.conv.turns) == 0 and s._l.audio.shape[0] == 0
     got.clear()
     _listen(s, second, piece=0.16)
-    list(s.respond(UserTurn(audio=second), CancelToken()))
+    list(s.respond(_heard(s, second), CancelToken()))
     assert got == alone  # as if the first turn had never been heard
     s.close()
     assert engine.cache.free_slots == free and not engine.runner.lanes
@@ -200,7 +207,7 @@ def test_exact_encoding_answers_as_the_whole_utterance(
             s.on_token = lambda role, tok, t, got=got: got.append(tok)
             if listen:
                 _listen(s, audio, piece=0.16)
-            list(s.respond(UserTurn(audio=audio), CancelToken()))
+            list(s.respond(_heard(s, audio), CancelToken()))
             assert s._answered is not None
             runs.append((got, s._answered.pieces))
             s.close()
@@ -221,7 +228,7 @@ def test_exact_encoding_answers_as_the_whole_utterance(
         assert exact_tokens == model.generate_greedy(ids, torch.cat(whole), (), max_new_tokens=6)
     s = engine.new_session("sys", SamplingConfig(think_budget=budget))
     _listen(s, audio, piece=0.16)
-    logits, gen_end = s._close_turn(UserTurn(audio=audio))
+    logits, gen_end = s._close_turn(_heard(s, audio))
     assert gen_end == len(ids)
     with torch.inference_mode():
         embeds = model.embed(torch.tensor([ids]), torch.cat(whole))
@@ -244,7 +251,7 @@ def test_cancel_stops_within_one_step_and_frees_slots(random_dir: Path) -> None:
             cancel.cancel()
 
     s.on_token = hook
-    it = s.respond(UserTurn(audio=_speech(1.0)), cancel)
+    it = s.respond(_heard(s, _speech(1.0)), cancel)
     list(it)
     assert 6 <= len(seen) <= 6 + 2  # the step in flight (two lanes) at most
     assert engine.cache.free_slots == free - 1 and not engine.runner.lanes
@@ -270,9 +277,9 @@ def test_two_sessions_do_not_disturb_each_other(random_dir: Path) -> None:
             b.listen(b_audio[i : i + step])
         if i < a_audio.shape[0]:
             a.listen(a_audio[i : i + step])
-    list(b.respond(UserTurn(audio=b_audio), CancelToken()))
-    b.commit(UserTurn(audio=b_audio), "fine", interrupted=False)
-    list(a.respond(UserTurn(audio=a_audio), CancelToken()))
+    list(b.respond(_heard(b, b_audio), CancelToken()))
+    b.commit(UserTurn(), "fine", interrupted=False)
+    list(a.respond(_heard(a, a_audio), CancelToken()))
     assert got == alone
     assert a.slot != b.slot
 
@@ -289,7 +296,7 @@ def test_listening_prefill_matches_the_final_pass_for_committed_prefix(random_di
     lst = s._l
     committed = torch.cat(lst.current)
     assert committed.shape[0] == lst.committed == lst.pos - lst.body_start - 1 == 22
-    list(s.respond(UserTurn(audio=audio), CancelToken()))
+    list(s.respond(_heard(s, audio), CancelToken()))
     assert s._answered is not None and len(s._answered.pieces) == 1
     turn = s._answered.pieces[0]
     assert turn.shape[0] == 25  # 2 s -> 25 embeddings in all
@@ -301,7 +308,7 @@ def test_reasoning_is_handed_to_the_speaker_at_sentence_ends(tmp_path: Path) -> 
     path = write_tiny_checkpoint(tmp_path / "period", modify=scripted("Hi", ".", " you"))
     engine = _engine(path, opts=StepAudioOptions(refresh_tokens=1))
     s = engine.new_session("", SamplingConfig(think_budget=16, max_new_tokens=20))
-    events = _events(s.respond(UserTurn(audio=_speech(1.0)), CancelToken()))
+    events = _events(s.respond(_heard(s, _speech(1.0)), CancelToken()))
     answer = _text(events, "answer")
     print("answer with hand-overs:", repr(answer), s.handovers)
     assert _text(events, "thinking") == "Hi. you"
@@ -327,7 +334,7 @@ def test_a_lane_stops_at_every_stop_id_the_checkpoint_lists(
         s = engine.new_session("", SamplingConfig(think_budget=budget, max_new_tokens=20))
         seen: list[tuple[str, int]] = []
         s.on_token = lambda role, tok, t, seen=seen: seen.append((role, tok))
-        events = _events(s.respond(UserTurn(audio=_speech(1.0)), CancelToken()))
+        events = _events(s.respond(_heard(s, _speech(1.0)), CancelToken()))
         assert _text(events, "answer") == "Hi you"
         assert _text(events, "thinking") == ("Hi you" if budget else "")
         for role in {role for role, _ in seen}:
@@ -341,7 +348,7 @@ def test_answer_text_is_decoded_token_by_token(tmp_path: Path) -> None:
     path = write_tiny_checkpoint(tmp_path / "cafe", modify=scripted("Hi", " café"))
     engine = _engine(path)
     s = engine.new_session("", SamplingConfig(think_budget=0))
-    events = _events(s.respond(UserTurn(audio=_speech(1.0)), CancelToken()))
+    events = _events(s.respond(_heard(s, _speech(1.0)), CancelToken()))
     assert _text(events, "answer") == "Hi café"
     assert not any("\ufffd" in e.text for e in events)
 
@@ -395,7 +402,7 @@ def test_two_answers_at_once_share_each_step(random_dir: Path) -> None:
         _listen(s, audio, piece=0.16)
         sessions[name] = (s, audio)
     steps = engine.steps.steps
-    _round_robin(*(s.respond(UserTurn(audio=au), CancelToken()) for s, au in sessions.values()))
+    _round_robin(*(s.respond(_heard(s, au), CancelToken()) for s, au in sessions.values()))
     assert got == alone  # each answer is what it is alone
     taken = engine.steps.steps - steps
     assert taken < len(got["a"]) + len(got["b"])  # steps were shared, not taken one by one
@@ -407,7 +414,7 @@ def test_audio_heard_while_answering_is_listened_after_the_answer(random_dir: Pa
     engine = _engine(random_dir)
     s = engine.new_session("sys", SamplingConfig(think_budget=0, max_new_tokens=6))
     _listen(s, _speech(1.0))
-    it = s.respond(UserTurn(audio=_speech(1.0)), CancelToken())
+    it = s.respond(_heard(s, _speech(1.0)), CancelToken())
     next(it)  # the answer is under way: its lane sits on this session's slot
     pos, heard = s._l.pos, s._l.audio.shape[0]
     s.listen(_speech(0.7, seed=2))  # the caller talks over it (barge-in off)

@@ -41,10 +41,10 @@ class TokenEvent:
 
 @dataclass
 class UserTurn:
-    """What the user said in one turn, as far as the engine needs it."""
+    """What the user said in one turn, as far as the engine needs it: the transcript (text
+    engines answer it). Audio engines answer the audio they were given through ``listen``."""
 
-    text: str = ""  # transcript (text engines answer this)
-    audio: np.ndarray | None = None  # 16 kHz mono float32 of the whole turn (audio engines)
+    text: str = ""
 
 
 @dataclass

@@ -22,24 +22,20 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 
 from realtime.config import SamplingConfig
 from realtime.engine.base import CancelToken, TokenEvent, TurnStats
 from realtime.engine.parser import ReasoningParser
+from realtime.engine.step_audio.core import THINK_CLOSE_TEXT, StepAudioCore
 from realtime.models.decode import Lane, LaneSampling
 from realtime.models.step_audio.tokens import TextStream
 from realtime.text import ends_sentence
 
-if TYPE_CHECKING:
-    from realtime.engine.step_audio.engine import StepAudioEngine
-
 log = logging.getLogger(__name__)
 
-THINK_CLOSE_TEXT = "\n</think>\n"
-THINK_OPEN_TEXT = "<think>\n"
 
 Role = Literal["formulation", "articulation"]
 TokenHook = Callable[[Role, int, float], None]
@@ -64,7 +60,7 @@ class Answer:
 
     def __init__(
         self,
-        engine: StepAudioEngine,
+        engine: StepAudioCore,
         slot: int,
         sampling: SamplingConfig,
         stats: TurnStats,

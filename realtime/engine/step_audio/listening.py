@@ -13,16 +13,13 @@ Nothing generated is ever written below :attr:`Listening.pos`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from realtime.engine.step_audio.core import StepAudioCore
 from realtime.engine.step_audio.encoding import encode_piece
 from realtime.models.step_audio.lengths import CHUNK_SAMPLES
-
-if TYPE_CHECKING:
-    from realtime.engine.step_audio.engine import StepAudioEngine
 
 
 @dataclass
@@ -38,7 +35,7 @@ class TurnAudio:
 class Listening:
     """The current user turn as far as it is in the cache (never changed by ``respond``)."""
 
-    engine: StepAudioEngine = field(repr=False)
+    engine: StepAudioCore = field(repr=False)
     slot: int
     pos: int  # cache length of the listened prefix
     audio: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32), repr=False)

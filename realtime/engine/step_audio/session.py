@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,11 +21,9 @@ import torch
 from realtime.config import SamplingConfig
 from realtime.engine.base import CancelToken, TokenEvent, TurnStats, UserTurn
 from realtime.engine.step_audio.answering import Answer, Role
+from realtime.engine.step_audio.core import StepAudioCore
 from realtime.engine.step_audio.listening import Listening
 from realtime.models.step_audio.prompt import AudioSlot, Conversation, Message, Turn, assistant_text
-
-if TYPE_CHECKING:
-    from realtime.engine.step_audio.engine import StepAudioEngine
 
 
 @dataclass
@@ -40,7 +37,7 @@ class _Answered:
 
 
 class StepAudioSession:
-    def __init__(self, engine: StepAudioEngine, system_prompt: str, sampling: SamplingConfig):
+    def __init__(self, engine: StepAudioCore, system_prompt: str, sampling: SamplingConfig):
         self.engine = engine
         self.sampling = sampling
         self.stats = TurnStats()
@@ -112,9 +109,6 @@ class StepAudioSession:
         listened prefix. Returns (last logits, cache length)."""
         e, lst = self.engine, self._l
         audio = lst.audio
-        if turn.audio is not None and turn.audio.shape[0] > audio.shape[0]:
-            audio = np.asarray(turn.audio, dtype=np.float32).reshape(-1)
-            self.listen(audio[lst.audio.shape[0] :])  # audio that never came through listen
         self._open_turn()
         gen = e.builder.generation_prompt().ids
         if self.sampling.think_budget <= 0:
@@ -161,6 +155,8 @@ class StepAudioSession:
     @torch.inference_mode()
     def commit(self, turn: UserTurn, spoken_answer: str, interrupted: bool) -> None:
         e = self.engine
+        if self._answer is not None:  # a cancelled answer that has not seen its next step
+            self._answer.release()  # its lanes must not write into the history below
         if self._answered is None:  # respond never ran for this audio: close it now
             self._close_turn(turn)
         ans = self._answered
