@@ -78,6 +78,9 @@ class EngineConfig:
     cuda_graphs: bool = True
     attention: Literal["auto", "flash_attn", "sdpa"] = "auto"
     max_batch: int = 4
+    # Benchmarks with random weights only: the speaking lane is fed these words' token ids as
+    # its next inputs instead of what it samples (same step cost, real words for the TTS).
+    forced_answer: str = ""
 
 
 @dataclass

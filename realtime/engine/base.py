@@ -59,6 +59,11 @@ class TurnStats:
     wall_first_answer_token: float | None = None
 
 
+class EngineBusy(Exception):
+    """The engine has no room for another session now (every cache slot is taken): the
+    caller should be told the service is busy, and may try again later."""
+
+
 class CancelToken:
     """Set from any thread; the engine checks it once per decoding step."""
 

@@ -52,6 +52,10 @@ class SharedSteps:
             return
         self.runner.remove_lane(k)
 
+    def force(self, lane: Lane, token: int) -> None:
+        """Feed ``token`` to ``lane`` at its next step instead of what it sampled."""
+        self.runner.force(self._row(lane), token)
+
     def inject(self, lane: Lane, embeds: torch.Tensor) -> None:
         """Pre-fill ``embeds`` into ``lane`` at its position (see ``DecodeRunner.inject``)."""
         self.runner.inject(self._row(lane), embeds)

@@ -35,7 +35,9 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = context(request).metrics.render()
+    ctx = context(request)
+    engine = getattr(ctx.runtime, "engine", None)
+    body = ctx.metrics.render(getattr(engine, "counters", None))
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
 

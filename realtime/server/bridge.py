@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from realtime.config import ServerConfig
+from realtime.engine.base import EngineBusy
 from realtime.frames import Frame
 from realtime.server.metrics import ServerMetrics
 
@@ -45,7 +46,7 @@ class AgentRuntime(Protocol):
 
 
 class CapacityError(RuntimeError):
-    """``max_sessions`` sessions are open already."""
+    """``max_sessions`` sessions are open already, or the engine has no room for another."""
 
 
 @dataclass
@@ -70,13 +71,21 @@ class ServerContext:
                 f"the server is full ({self.config.max_sessions} sessions); try again later"
             )
         self.active += 1
+        session: AgentSession | None = None
         try:
             session = self.runtime.new_session(None, pace_output=pace_output)
             if changes:
                 session.update(**changes)
             await session.start()
-        except BaseException:
+        except BaseException as exc:
             self.active -= 1
+            if session is not None:
+                with contextlib.suppress(Exception):
+                    await session.close()
+            if isinstance(exc, EngineBusy):  # the engine's cache is full: busy, like max_sessions
+                self.metrics.sessions_rejected.inc()
+                log.warning("%s session refused: %s", transport, exc)
+                raise CapacityError(f"the agent is busy: {exc}") from None
             raise
         self.metrics.sessions_active.labels(transport).inc()
         self.metrics.sessions_total.labels(transport).inc()

@@ -24,7 +24,16 @@ class ServerMetrics:
             "agent_sessions", "Sessions opened", ["transport"], registry=r
         )
         self.sessions_rejected = Counter(
-            "agent_sessions_rejected", "Sessions refused (max_sessions reached)", registry=r
+            "agent_sessions_rejected",
+            "Sessions refused (max_sessions reached, or no free engine cache slot)",
+            registry=r,
+        )
+        self.engine_events = Gauge(
+            "agent_engine_events",
+            "Engine events since start: sessions_refused (no free cache slot), "
+            "think_first_fallbacks (no slot for the speaking fork: the answer thought first)",
+            ["event"],
+            registry=r,
         )
         self.turns = Counter("agent_turns", "Finished turns", ["transport"], registry=r)
         self.interrupted = Counter(
@@ -51,5 +60,7 @@ class ServerMetrics:
         if frame.first_packet_s is not None:
             self.first_packet.labels(transport).observe(frame.first_packet_s)
 
-    def render(self) -> bytes:
+    def render(self, engine_counters: dict[str, int] | None = None) -> bytes:
+        for event, n in (engine_counters or {}).items():
+            self.engine_events.labels(event).set(n)
         return generate_latest(self.registry)

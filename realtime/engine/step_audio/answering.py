@@ -53,6 +53,7 @@ class LaneState:
     solo: bool = False  # think-first: one lane that reasons, then answers
     handed: int = 0  # formulation: reasoning tokens already given to the speaker
     handover_at: int = -1  # articulation: its token count at the last hand-over
+    forced: int = 0  # articulation with engine.forced_answer: forced tokens fed so far
 
 
 class Answer:
@@ -86,6 +87,7 @@ class Answer:
         sampling = LaneSampling(s.temperature, s.top_p, s.top_k)
         if self.budget == 0:
             self._add("articulation", False, self.slot, gen_end, sampling, logits)
+            self._force_next()
             return
         form = self._add("formulation", True, self.slot, gen_end, sampling, logits)
         fork = self._fork(gen_end) if e.opts.speak_first else None
@@ -94,6 +96,7 @@ class Answer:
             slot, fork_logits = fork
             position = gen_end + len(e.think_close_ids)
             self._add("articulation", False, slot, position, sampling, fork_logits)
+        self._force_next()
 
     def _add(
         self,
@@ -114,6 +117,8 @@ class Answer:
         """A copy of the slot's first ``gen_end`` rows with the reasoning closed."""
         e = self.engine
         if e.cache.free_slots == 0:
+            e.counters["think_first_fallbacks"] += 1
+            log.info("no free cache slot for the speaking fork: this answer thinks first")
             return None
         slot = e.cache.allocate(1)[0]
         self._extra_slots.append(slot)
@@ -174,10 +179,20 @@ class Answer:
             self._schedule(form)
             for ln in [ln for ln in lanes if ln.done]:
                 self._drop(ln)
+            self._force_next()
             yield None  # one step done: other work may run before the next
         for lane in lanes:
             for ev in lane.parser.close():
                 yield from self._route(lane, ev)
+
+    def _force_next(self) -> None:
+        """``engine.forced_answer`` (random weights): the speaking lane's next input is the
+        next token of the fixed text, whatever it sampled; the step costs the same."""
+        forced = self.engine.forced_ids
+        for ln in self.lanes:
+            if forced and ln.role == "articulation" and not ln.done:
+                self.engine.steps.force(ln.lane, forced[min(ln.forced, len(forced) - 1)])
+                ln.forced += 1
 
     def _feed(self, lane: LaneState, tok: int) -> Iterator[TokenEvent]:
         lane.ids.append(tok)

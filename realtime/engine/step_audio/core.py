@@ -3,6 +3,8 @@ decode runner), apart from the engine so that the session modules need not impor
 
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,8 @@ from realtime.models.step_audio.lengths import SAMPLE_RATE
 from realtime.models.step_audio.model import StepAudioModel
 from realtime.models.step_audio.prompt import PromptBuilder
 from realtime.models.step_audio.tokens import SpecialTokens, TextTokenizer
+
+log = logging.getLogger(__name__)
 
 THINK_CLOSE_TEXT = "\n</think>\n"
 THINK_OPEN_TEXT = "<think>\n"
@@ -28,6 +32,32 @@ class StepAudioOptions:
     speak_first: bool = True  # False: one lane, think up to the budget, then answer
     compile: bool = True  # torch.compile the decode step's element-wise work (CUDA only)
     split_reductions: bool = False  # inductor setting for the compiled step (measured)
+
+
+GIB = 1024**3
+
+
+def cache_slots(model: StepAudioModel, cfg: EngineConfig) -> int:
+    """``engine.max_batch``, or with 0 (auto) as many ``max_context`` slots as the GPU's free
+    memory holds after a reserve for activations, graphs and the audio encoder (printed)."""
+    if cfg.max_batch > 0:
+        return cfg.max_batch
+    if model.device.type != "cuda":
+        return 4
+    c = model.decoder_cfg
+    per_position = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
+    per_slot = per_position * cfg.max_context * torch.tensor([], dtype=model.dtype).element_size()
+    free, total = torch.cuda.mem_get_info(model.device)
+    reserve = max(4 * GIB, total // 20)
+    slots = max(1, int((free - reserve) // per_slot) - 1)  # one more row is the scratch slot
+    print(
+        f"engine: {slots} cache slots of {cfg.max_context} positions ({per_slot / GIB:.2f} GiB "
+        f"each) fit in {free / GIB:.1f} GiB free, keeping {reserve / GIB:.1f} GiB in reserve: "
+        f"{slots} callers at once, or {slots // 2} thinking and speaking at once",
+        file=sys.stderr,
+        flush=True,
+    )
+    return slots
 
 
 class StepAudioCore:
@@ -52,7 +82,8 @@ class StepAudioCore:
         self.opts = opts or StepAudioOptions()
         self.device = model.device
         self.builder = PromptBuilder(tokenizer, special)
-        self.cache = model.new_cache(cfg.max_batch, cfg.max_context)
+        self.cache = model.new_cache(cache_slots(model, cfg), cfg.max_context)
+        self.counters = {"sessions_refused": 0, "think_first_fallbacks": 0}  # for /metrics
         graphs = cfg.cuda_graphs and self.device.type == "cuda"
         self.runner = DecodeRunner(
             model.decoder,
@@ -69,6 +100,16 @@ class StepAudioCore:
         self.chunk_samples = max(1, cfg.listen_chunk_ms * SAMPLE_RATE // 1000)
         self.think_close_ids = self.text_ids(THINK_CLOSE_TEXT)
         self.think_open_ids = self.text_ids(THINK_OPEN_TEXT)
+        # random weights write no words: the speaking lane is fed this text instead (benchmarks)
+        self.forced_ids = (
+            [*self.text_ids(cfg.forced_answer.strip()), special.eot] if cfg.forced_answer else []
+        )
+        if self.forced_ids:
+            log.warning(
+                "engine.forced_answer is set: every answer speaks this fixed text (%d tokens); "
+                "the model's own tokens are computed and discarded",
+                len(self.forced_ids),
+            )
 
     def text_ids(self, text: str) -> list[int]:
         return self.tok.encode(text)

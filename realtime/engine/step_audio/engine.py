@@ -51,12 +51,14 @@ def build_step_audio_engine(
         return StepAudioEngine(loaded.model, loaded.tokenizer, loaded.special, cfg, opts)
     if cfg.backend == "step-audio-random":
         from realtime.models.step_audio.model import random_step_audio
-        from realtime.models.step_audio.random_tokenizer import random_tokenizer
+        from realtime.models.step_audio.random_tokenizer import PROMPT_WORDS, random_tokenizer
 
         dev = resolve_device(cfg.device)
         dtype = torch.bfloat16 if cfg.dtype in ("auto", "bfloat16") else getattr(torch, cfg.dtype)
         model = random_step_audio(device=dev, dtype=dtype)
-        tok = random_tokenizer()
+        # the forced answer's words are one token each, as in a real vocabulary
+        words = cfg.forced_answer.split()
+        tok = random_tokenizer((*PROMPT_WORDS, *words, *(" " + w for w in words)))
         special = SpecialTokens.from_tokenizer(tok, check_known=True)
         model.audio_patch_id = special.audio_patch
         return StepAudioEngine(model, tok, special, cfg, opts, name="step-audio-random")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from realtime.config import SamplingConfig
-from realtime.engine.base import CancelToken, TokenEvent, TurnStats, UserTurn
+from realtime.engine.base import CancelToken, EngineBusy, TokenEvent, TurnStats, UserTurn
 from realtime.engine.step_audio.answering import Answer, Role
 from realtime.engine.step_audio.core import StepAudioCore
 from realtime.engine.step_audio.listening import Listening
@@ -41,6 +41,12 @@ class StepAudioSession:
         self.engine = engine
         self.sampling = sampling
         self.stats = TurnStats()
+        if engine.cache.free_slots == 0:
+            engine.counters["sessions_refused"] += 1
+            raise EngineBusy(
+                f"all {engine.cache.max_batch} cache slots of the engine are taken; "
+                "try again when a conversation ends (engine.max_batch sets how many fit)"
+            )
         self.slot = engine.cache.allocate(1)[0]
         self.conv = Conversation(system_prompt, max_turns=engine.cfg.history_turns)
         self._turn_embeds: list[list[torch.Tensor]] = []  # per earlier turn, per piece

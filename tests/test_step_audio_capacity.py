@@ -1,0 +1,108 @@
+"""Capacity and the random-weights benchmark path of the Step-Audio engine, on the tiny
+checkpoint: a forced answer text, a clear busy error when no cache slot is free, the
+think-first fallback counted, and a busy server answering a newcomer with an error event."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import websockets
+from server_helpers import start_server
+from step_audio_fixtures import write_tiny_checkpoint
+
+from realtime.config import EngineConfig, SamplingConfig, ServerConfig, load_config
+from realtime.engine.base import CancelToken, EngineBusy, UserTurn
+from realtime.engine.step_audio import build_step_audio_engine
+
+RATE = 16000
+FORCED = "This is a fixed answer. Ask me again, please."
+
+
+@pytest.fixture(scope="module")
+def random_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("random"), seed=5)
+
+
+def _engine(path: Path, **kw: object):
+    cfg = EngineConfig(backend="step-audio", model=str(path), device="cpu", max_context=512, **kw)
+    return build_step_audio_engine(cfg)  # type: ignore[arg-type]
+
+
+def _answer(session) -> str:
+    session.listen(0.1 * np.random.default_rng(0).standard_normal(RATE).astype(np.float32))
+    events = [e for e in session.respond(UserTurn(), CancelToken()) if e is not None]
+    return "".join(e.text for e in events if e.kind == "answer")
+
+
+@pytest.mark.parametrize("budget", [0, 6])
+def test_a_forced_answer_is_spoken_word_for_word(random_dir, budget):
+    """Random weights write no words; with ``forced_answer`` the speaking lane is fed the
+    text's tokens (every step still runs), so the TTS gets real words."""
+    engine = _engine(random_dir, forced_answer=FORCED, max_batch=2)
+    plain = _engine(random_dir, max_batch=2)
+    s = engine.new_session("sys", SamplingConfig(think_budget=budget, max_new_tokens=200))
+    assert _answer(s).strip() == FORCED
+    if budget:  # the reasoning lane still ran (on random tokens) beside it, to its budget
+        assert s.stats.thinking_tokens == budget
+    p = plain.new_session("sys", SamplingConfig(think_budget=budget, max_new_tokens=40))
+    assert _answer(p).strip() != FORCED  # without it, the model's own (random) tokens
+
+
+def test_no_free_slot_is_a_busy_error_and_counted(random_dir):
+    engine = _engine(random_dir, max_batch=1)
+    first = engine.new_session("sys", SamplingConfig())
+    with pytest.raises(EngineBusy, match="cache slots"):
+        engine.new_session("sys", SamplingConfig())
+    assert engine.counters["sessions_refused"] == 1
+    first.close()
+    engine.new_session("sys", SamplingConfig()).close()  # the slot came back
+
+
+def test_without_a_slot_for_the_fork_the_answer_thinks_first_and_is_counted(random_dir):
+    engine = _engine(random_dir, max_batch=1, forced_answer=FORCED)
+    s = engine.new_session("sys", SamplingConfig(think_budget=4, max_new_tokens=200))
+    assert _answer(s).strip() == FORCED
+    assert engine.counters["think_first_fallbacks"] == 1 and s.stats.thinking_tokens == 4
+
+
+async def test_a_full_engine_answers_a_new_caller_with_busy(random_dir, tmp_path):
+    from realtime.runtime import Runtime
+
+    cfg = load_config(
+        "step-audio-r1",
+        {
+            "engine.model": str(random_dir),
+            "engine.device": "cpu",
+            "engine.dtype": "float32",
+            "engine.max_batch": 1,
+            "engine.max_context": 512,
+            "tts.backend": "espeak",
+        },
+    )
+    runtime = await Runtime.create(cfg)
+    server = await start_server(runtime, ServerConfig(max_sessions=4))
+    try:
+        async with websockets.connect(f"{server.ws}/v1/realtime") as first:
+            assert json.loads(await first.recv())["type"] == "session.created"
+            async with websockets.connect(f"{server.ws}/v1/realtime") as second:
+                event = json.loads(await asyncio.wait_for(second.recv(), 30))
+                assert event["type"] == "error", event
+                assert "busy" in event["error"]["message"]
+            metrics = await asyncio.to_thread(_get, f"{server.http}/metrics")
+            assert 'agent_engine_events{event="sessions_refused"} 1.0' in metrics
+            assert "agent_sessions_rejected_total 1.0" in metrics
+        assert len(runtime.sessions) == 0  # the refused session left nothing behind
+    finally:
+        await server.runner.cleanup()
+        await runtime.close()
+
+
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode()
