@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from realtime.models.decode import DecodeRunner, LaneSampling, RunnerOptions, sample_tokens
+from realtime.models.decode import DecodeRunner, LaneSampling, RunnerOptions
 from realtime.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
+from realtime.models.sampling import sample_tokens
 
 CFG = Qwen2Config.from_text_config(
     {
@@ -96,10 +98,71 @@ def test_sampling_rows_and_top_k() -> None:
     assert len(draws) > 1
 
 
+def test_top_p_boundary_top_k_and_generator() -> None:
+    """Nucleus: a token is kept iff the mass ranked above it is below top_p (the token that
+    crosses top_p is kept); the top token always is. A generator makes draws reproducible."""
+    logits = torch.tensor([0.5, 0.3, 0.2, 1e-9]).log()[None].expand(4, 4)
+    temp = torch.ones(4)
+    top_p = torch.tensor([0.0, 0.45, 0.55, 1.0])
+    top_k = torch.tensor([0, 0, 0, 2])
+    gen = torch.Generator().manual_seed(3)
+    draws = [sample_tokens(logits, temp, top_p, top_k, generator=gen) for _ in range(300)]
+    seen = [set(int(d[row]) for d in draws) for row in range(4)]
+    assert seen == [{0}, {0}, {0, 1}, {0, 1}]
+    again = torch.Generator().manual_seed(3)
+    assert all(
+        torch.equal(d, sample_tokens(logits, temp, top_p, top_k, generator=again)) for d in draws
+    )
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("step_layer", ["module path", "layer_decode"])
+def test_runner_logits_equal_module_forward(step_layer: str, monkeypatch) -> None:
+    """Pre-fill and every batched step of the runner give the logits of the module forward
+    (``Qwen2ForCausalLM.forward``) on the same tokens, for both step paths: the eager module
+    path and ``layer_decode`` (what CUDA compiles). Fails if the two ever diverge."""
+    import realtime.models.decode as decode
+    from realtime.models.layers import layer_decode
+
+    seen: list[torch.Tensor] = []
+
+    def recording(logits, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(logits.float().clone())
+        return sample_tokens(logits, *args, **kwargs)
+
+    monkeypatch.setattr(decode, "sample_tokens", recording)
+    model = _model()
+    prompts = [torch.randint(0, 101, (5,)), torch.randint(0, 101, (9,))]
+    cache = KVCache(CFG, 3, 32, "cpu", torch.float32)
+    runner = DecodeRunner(model, cache, OPTS)
+    if step_layer == "layer_decode":
+        runner.backend.layer = layer_decode
+    ref_cache = KVCache(CFG, 2, 32, "cpu", torch.float32)
+    slots = cache.allocate(3)[1:]
+    ref_slots = torch.tensor(ref_cache.allocate(2))
+    for k, (p, slot) in enumerate(zip(prompts, slots, strict=True)):
+        logits = runner.prefill(model.embed(p), slot, 0)
+        ref = model(
+            model.embed(p)[None], torch.arange(len(p))[None], ref_cache, ref_slots[k : k + 1]
+        )
+        torch.testing.assert_close(logits, ref[0, -1], atol=1e-5, rtol=1e-5)
+        runner.add_lane(slot, len(p), LaneSampling(), logits=logits)
+    positions = [len(p) for p in prompts]
+    for _ in range(5):
+        seen.clear()
+        fed = runner.step()
+        (step_logits,) = seen
+        ids = torch.tensor(fed)[:, None]
+        pos = torch.tensor(positions)[:, None]
+        ref = model(model.embed(ids), pos, ref_cache, ref_slots)
+        torch.testing.assert_close(step_logits, ref[:, 0], atol=1e-5, rtol=1e-5)
+        positions = [q + 1 for q in positions]
+
+
 @torch.no_grad()
 def test_fused_decode_layer_matches_sdpa_path() -> None:
     """``layer_decode`` (what is compiled on CUDA) run eagerly gives the same tokens."""
-    from realtime.models.decode import layer_decode
+    from realtime.models.layers import layer_decode
 
     model = _model()
     prompts = [torch.randint(0, 101, (5,)), torch.randint(0, 101, (9,))]
@@ -108,7 +171,7 @@ def test_fused_decode_layer_matches_sdpa_path() -> None:
         cache = KVCache(CFG, 2, 32, "cpu", torch.float32)
         runner = DecodeRunner(model, cache, OPTS)
         if fused:
-            runner._layer = layer_decode
+            runner.backend.layer = layer_decode
         for p, slot in zip(prompts, cache.allocate(2), strict=True):
             runner.add_lane(
                 slot, len(p), LaneSampling(), logits=runner.prefill(model.embed(p), slot, 0)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from realtime.models.attention import VarlenFlash
 from realtime.models.decode import DecodeRunner, RunnerOptions
-from realtime.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM, VarlenFlash
+from realtime.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 
 CFG = Qwen2Config.from_text_config(
     {

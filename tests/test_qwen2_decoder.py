@@ -37,6 +37,12 @@ def _pair(attention_bias: bool = True) -> tuple[Qwen2ForCausalLM, torch.nn.Modul
     hf_cfg._attn_implementation = "eager"
     missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    # and back: transformers' state dict loads into a fresh model of ours unchanged
+    back = Qwen2ForCausalLM(cfg)
+    missing, unexpected = back.load_state_dict(ref.state_dict(), strict=False)
+    assert not missing and all("rotary" in u for u in unexpected), (missing, unexpected)
+    for (name, p), q in zip(ours.named_parameters(), back.parameters(), strict=True):
+        assert torch.equal(p, q), name
     return ours, ref.eval()
 
 
@@ -65,6 +71,32 @@ def test_state_dict_names() -> None:
     assert "model.layers.1.self_attn.q_proj.bias" in names
     assert "model.layers.1.self_attn.o_proj.bias" not in names
     assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= names
+    assert not any("qkv_proj" in n or "gate_up_proj" in n for n in names)
+
+
+@torch.no_grad()
+def test_fused_weights_load_and_save_under_checkpoint_names() -> None:
+    """q/k/v and gate/up are fused parameters; state dicts show (and take) the parts."""
+    cfg = Qwen2Config.from_text_config(TEXT_CONFIG)
+    torch.manual_seed(0)
+    a, b = Qwen2ForCausalLM(cfg), Qwen2ForCausalLM(cfg)
+    params = dict(a.named_parameters())
+    assert params["model.layers.0.self_attn.qkv_proj.weight"].shape == (64 + 2 * 32, 64)
+    assert params["model.layers.0.mlp.gate_up_proj.weight"].shape == (2 * 128, 64)
+    sd = a.state_dict()
+    b.load_state_dict(sd)  # strict: the part names are all it takes
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+    att, mlp = a.model.layers[1].self_attn, a.model.layers[1].mlp
+    assert torch.equal(sd["model.layers.1.self_attn.k_proj.weight"], att.qkv_proj.weight[64:96])
+    assert torch.equal(sd["model.layers.1.self_attn.v_proj.bias"], att.qkv_proj.bias[96:])
+    assert torch.equal(sd["model.layers.1.mlp.up_proj.weight"], mlp.gate_up_proj.weight[128:])
+    # the parts are views: writing into them (as checkpoint loading does) writes the weight
+    a.state_dict(keep_vars=True)["model.layers.1.self_attn.k_proj.weight"].fill_(3.0)
+    assert att.qkv_proj.weight[64:96].eq(3.0).all() and not att.qkv_proj.weight[:64].eq(3.0).any()
+    del sd["model.layers.0.mlp.up_proj.weight"]
+    with pytest.raises(RuntimeError, match="gate_up_proj.weight"):
+        b.load_state_dict(sd)
 
 
 @pytest.mark.parametrize("attention_bias", [True, False])

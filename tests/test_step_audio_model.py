@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from step_audio_fixtures import tiny_config, write_tiny_checkpoint
 
 from realtime.engine.parser import ReasoningParser
+from realtime.models.layers import rope_inv_freq
 from realtime.models.step_audio.checkpoint import LoadedStepAudio, load_step_audio
 from realtime.models.step_audio.config import step_audio_r1_config
 from realtime.models.step_audio.lengths import (
@@ -20,7 +22,12 @@ from realtime.models.step_audio.lengths import (
     embeddings_for_samples,
     mel_frames_for_samples,
 )
-from realtime.models.step_audio.model import AudioCountError, StepAudioModel, random_step_audio
+from realtime.models.step_audio.model import (
+    AudioCountError,
+    StepAudioModel,
+    build_empty,
+    random_step_audio,
+)
 from realtime.models.step_audio.prompt import (
     AudioSlot,
     Conversation,
@@ -220,7 +227,7 @@ def test_random_model_builds_the_configured_shapes() -> None:
     params = dict(model.named_parameters())
     assert params["decoder.model.norm.weight"].eq(1).all()
     assert params["encoder.blocks.0.attn.query.bias"].eq(0).all()
-    w = params["decoder.model.layers.0.mlp.up_proj.weight"].float()
+    w = model.checkpoint_tensors()["model.layers.0.mlp.up_proj.weight"].float()
     assert 0.015 < float(w.std()) < 0.025 and math.isfinite(float(w.sum()))
     names = set(model.checkpoint_tensors())
     assert "encoder.blocks.1.attn.key.weight" in names
@@ -232,6 +239,21 @@ def test_random_model_builds_the_configured_shapes() -> None:
         full = StepAudioModel(step_audio_r1_config())
     n = sum(p.numel() for p in full.parameters())
     assert 33.0e9 < n < 33.6e9, n
+
+
+def test_build_empty_allocates_on_the_device_and_redoes_computed_state() -> None:
+    """Built on the meta device then ``to_empty``: every tensor real, of the asked dtype;
+    the RoPE frequencies recomputed in float32 and tied embeddings tied again."""
+    cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, tie_word_embeddings=True))
+    model = build_empty(cfg, "cpu", torch.bfloat16)
+    assert all(p.device.type == "cpu" and p.dtype == torch.bfloat16 for p in model.parameters())
+    assert not any(p.requires_grad for p in model.parameters())
+    dec = model.decoder
+    assert dec.lm_head.weight is dec.model.embed_tokens.weight
+    assert dec.inv_freq.dtype == torch.float32 and dec.inv_freq.device.type == "cpu"
+    assert torch.equal(dec.inv_freq, rope_inv_freq(cfg.text.head_dim, cfg.text.rope_theta))
+    assert "lm_head.weight" not in model.checkpoint_tensors()
 
 
 def test_tiny_checkpoint_files(tiny: LoadedStepAudio) -> None:

@@ -28,7 +28,7 @@ import torch
 from realtime.config import EngineConfig, SamplingConfig
 from realtime.engine.base import CancelToken, TokenEvent, TurnStats, UserTurn
 from realtime.engine.parser import ReasoningParser
-from realtime.engine.sampling import sample_next
+from realtime.models.sampling import sample_tokens
 
 log = logging.getLogger(__name__)
 
@@ -222,10 +222,20 @@ class SmolLMSession:
         generated: list[int] = []
         text_so_far = ""
         max_new = min(self.sampling.max_new_tokens, budget)
+        cfg = self.sampling
+        params = (
+            torch.tensor([cfg.temperature]),
+            torch.tensor([cfg.top_p]),
+            torch.tensor([cfg.top_k]),
+        )
         for _ in range(max_new):
             if cancel.cancelled or self._cache is None:  # cancelled, or closed between steps
                 break
-            next_id = sample_next(logits, self.sampling, self._generator)
+            next_id = int(
+                sample_tokens(
+                    logits[None], *params, cfg.temperature <= 0, generator=self._generator
+                )[0]
+            )
             if stats.wall_first_token is None:
                 stats.wall_first_token = time.monotonic()
             if next_id in self.engine.stop_ids:

@@ -4,18 +4,16 @@ Written for a fast one-token step rather than for generality:
 
 * ``KVCache`` is allocated once (``[slots, max_len, kv_heads, head_dim]`` per layer, the layout
   ``flash_attn_with_kvcache`` wants) and written by position with ``index_put_``; nothing is ever
-  concatenated, so a decode step has static shapes and can be captured as a CUDA graph.
-* A row of the batch is a *slot* of the cache (``slots[b]``), owned by one session. Each query
-  attends to the keys at positions ``<= its own position`` of its slot, so rolling a slot back
-  (speculative work thrown away) is only a length reset: stale keys beyond it are masked.
-* Attention with PyTorch SDPA groups the query heads that share a KV head into the query-length
-  dimension (``[B, kv_heads, group*T, D]``) so the cache is never repeated per head; the mask
-  carries both causality and the per-slot length. ``attn_len`` bounds how much of the cache is
-  read (a static bucket chosen by the caller).
-* With the ``flash_attn`` package, ``flash_attn_with_kvcache`` reads the slots in place
-  (``cache_batch_idx``) with per-row lengths; it needs the new keys to be contiguous per row.
-
-State-dict names match transformers' ``Qwen2ForCausalLM`` exactly, so checkpoints load as is.
+  concatenated, so a decode step has static shapes and can be captured as a CUDA graph. A row
+  of the batch is a *slot* of the cache (``slots[b]``), owned by one session; how attention
+  reads it is in ``attention.py``.
+* The modules only own the weights; the layer math is the pure functions of ``layers.py``,
+  which the runner (``decode.py``) calls too. q/k/v and gate/up are fused parameters from the
+  start (``qkv_proj``, ``gate_up_proj``), so the step runs one matrix product for each.
+* State-dict names are transformers' ``Qwen2ForCausalLM`` names all the same: ``state_dict()``
+  splits the fused parameters into ``q_proj``/``k_proj``/``v_proj`` and
+  ``gate_proj``/``up_proj`` (views, so writing into them writes the fused weight), and
+  ``load_state_dict()`` concatenates them back. Checkpoints load unchanged.
 """
 
 from __future__ import annotations
@@ -25,17 +23,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-try:  # optional fast attention
-    from flash_attn import flash_attn_with_kvcache  # type: ignore[import-not-found]
-except Exception:  # noqa: BLE001 - any import failure means "not available"
-    flash_attn_with_kvcache = None
-
-
-def flash_attn_available() -> bool:
-    return flash_attn_with_kvcache is not None
+from realtime.models.attention import AttnContext
+from realtime.models.layers import (
+    LayerWeights,
+    PostAttention,
+    PreAttention,
+    layer_forward,
+    post_attention,
+    pre_attention,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,29 @@ class KVCache:
         self.lengths[dst] = n
 
 
+def _checkpoint_names(module: nn.Module, fused: str, parts: dict[str, int]) -> None:
+    """``module.<fused>`` is an ``nn.Linear`` whose output rows are ``parts`` stacked in order
+    (name -> rows); ``state_dict()`` shows it as the parts (``<part>.weight``/``.bias``, views
+    of the fused tensor) and ``load_state_dict()`` takes the parts and concatenates them."""
+    names, sizes = tuple(parts), tuple(parts.values())
+
+    def save(mod: nn.Module, state_dict: dict[str, Any], prefix: str, meta: Any) -> None:
+        for kind in ("weight", "bias"):
+            t = state_dict.pop(f"{prefix}{fused}.{kind}", None)
+            if t is not None:
+                for name, piece in zip(names, t.split(sizes), strict=True):
+                    state_dict[f"{prefix}{name}.{kind}"] = piece
+
+    def load(mod: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{name}.{kind}" for name in names]
+            if all(k in state_dict for k in keys):  # else: reported missing/unexpected by name
+                state_dict[f"{prefix}{fused}.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
+
+    module.register_state_dict_post_hook(save)
+    module.register_load_state_dict_pre_hook(load)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -163,213 +187,69 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
-
-
-def rope_cos_sin(
-    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``positions [B, T]`` -> cos, sin ``[B, T, 1, head_dim]`` (computed in float32)."""
-    freqs = positions.float()[..., None] * inv_freq  # [B, T, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
-
-
-def torch_flash_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """PyTorch's own flash kernel (the one SDPA's flash backend runs) serves this device/dtype."""
-    return (
-        device.type == "cuda"
-        and dtype in (torch.float16, torch.bfloat16)
-        and hasattr(torch.ops.aten, "_flash_attention_forward")
-        and torch.cuda.get_device_capability(device) >= (8, 0)
-    )
-
-
-@dataclass
-class VarlenFlash:
-    """One sequence's queries against its own slot of the cache, in place, through PyTorch's
-    flash kernel in its variable-length form.
-
-    SDPA's public flash backend cannot serve a pre-fill after earlier context: queries at
-    positions ``p..p+T-1`` must see keys ``0..p+i`` (causal aligned to the bottom right), and a
-    CUDA graph needs the key count to live on the device. The variable-length call takes both:
-    the keys of slot ``s`` are rows ``s*max_len ..`` of the flattened cache (``cu_k``), the
-    number in use is ``used_k`` (a device tensor), and causal masking aligns to that number.
-    Nothing is copied or repeated per KV-head group."""
-
-    cu_q: torch.Tensor  # [2] int32: 0, T
-    cu_k: torch.Tensor  # [2] int32: slot*max_len, (slot+1)*max_len
-    used_k: torch.Tensor  # [1] int32: last position + 1
-    max_q: int
-    max_k: int
-
-    @classmethod
-    def for_prefill(
-        cls, positions: torch.Tensor, slots: torch.Tensor, max_len: int, attn_len: int
-    ) -> VarlenFlash:
-        """Built from device tensors only, so that it can be captured in a CUDA graph."""
-        two = torch.arange(2, device=positions.device, dtype=torch.int32)
-        t = positions.shape[1]
-        return cls(
-            cu_q=two * t,
-            cu_k=((slots[:1] + two) * max_len).to(torch.int32),
-            used_k=(positions[:1, -1] + 1).to(torch.int32),
-            max_q=t,
-            max_k=attn_len,
-        )
-
-
-@dataclass
-class AttnContext:
-    """What every layer of one forward shares (built once per forward)."""
-
-    positions: torch.Tensor  # [B, T]
-    slots: torch.Tensor  # [B]
-    cos: torch.Tensor
-    sin: torch.Tensor
-    attn_len: int  # keys 0..attn_len-1 of each slot are read
-    mask: torch.Tensor | None  # [B, 1, group*T, attn_len] bool (SDPA path)
-    use_flash: bool
-    varlen: VarlenFlash | None = None  # pre-fill through PyTorch's flash kernel
-
-    @classmethod
-    def build(
-        cls,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        attn_len: int,
-        group: int,
-        *,
-        max_len: int,
-        use_flash: bool,
-        torch_flash: bool,
-    ) -> AttnContext:
-        """The attention path for one forward: ``flash_attn`` when wanted; PyTorch's flash
-        kernel for a one-sequence pre-fill when available; else SDPA with a bool mask."""
-        b, t = positions.shape
-        if use_flash:
-            return cls(positions, slots, cos, sin, attn_len, None, True)
-        if torch_flash and b == 1 and t > 1:
-            varlen = VarlenFlash.for_prefill(positions, slots, max_len, attn_len)
-            return cls(positions, slots, cos, sin, attn_len, None, False, varlen)
-        mask = attention_mask(positions, attn_len, group)
-        return cls(positions, slots, cos, sin, attn_len, mask, False)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Qwen2Config, layer: int) -> None:
+    """The attention weights: ``qkv_proj`` (q, k, v stacked; checkpoint names ``q_proj``,
+    ``k_proj``, ``v_proj``) and ``o_proj``. The math is in ``layers.py``."""
+
+    def __init__(self, cfg: Qwen2Config) -> None:
         super().__init__()
-        hd = cfg.head_dim
-        self.layer = layer
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = cfg.num_key_value_heads
-        self.head_dim = hd
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor, cache: KVCache, ctx: AttnContext) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
-        q = apply_rope(q, ctx.cos, ctx.sin)
-        k = apply_rope(k, ctx.cos, ctx.sin)
-        out = attend_cache(q, k, v, cache.k[self.layer], cache.v[self.layer], ctx)
-        return self.o_proj(out)
-
-
-def attend_cache(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kc: torch.Tensor,
-    vc: torch.Tensor,
-    ctx: AttnContext,
-) -> torch.Tensor:
-    """Write ``k``/``v`` ``[B, T, Hkv, D]`` into one layer's cache, attend ``q`` ``[B, T, Hq, D]``
-    to it; returns ``[B, T, Hq * D]``."""
-    b, t, n_heads, head_dim = q.shape
-    n_kv = k.shape[2]
-    if ctx.use_flash:
-        assert flash_attn_with_kvcache is not None
-        out = flash_attn_with_kvcache(
-            q,
-            kc,
-            vc,
-            k=k,
-            v=v,
-            cache_seqlens=ctx.positions[:, 0].to(torch.int32),
-            cache_batch_idx=ctx.slots.to(torch.int32),
-            causal=True,
-        )
-        return out.reshape(b, t, n_heads * head_dim)
-    rows = ctx.slots[:, None].expand(b, t)
-    kc.index_put_((rows, ctx.positions), k)
-    vc.index_put_((rows, ctx.positions), v)
-    if ctx.varlen is not None:
-        fv = ctx.varlen
-        out = torch.ops.aten._flash_attention_forward(
-            q.reshape(t, n_heads, head_dim),
-            kc.view(-1, n_kv, head_dim),
-            vc.view(-1, n_kv, head_dim),
-            fv.cu_q,
-            fv.cu_k,
-            fv.max_q,
-            fv.max_k,
-            0.0,  # dropout
-            True,  # causal, aligned to the bottom right (to used_k)
-            False,
-            seqused_k=fv.used_k,
-        )[0]
-        return out.reshape(b, t, n_heads * head_dim)
-    keys = kc[:, : ctx.attn_len].index_select(0, ctx.slots).transpose(1, 2)  # [B, Hkv, L, D]
-    vals = vc[:, : ctx.attn_len].index_select(0, ctx.slots).transpose(1, 2)
-    g = n_heads // n_kv
-    # head h uses kv head h // g: fold the group into the query length, never repeat the cache
-    qg = q.view(b, t, n_kv, g, head_dim).permute(0, 2, 3, 1, 4).reshape(b, n_kv, g * t, head_dim)
-    out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=ctx.mask)
-    out = out.view(b, n_kv, g, t, head_dim).permute(0, 3, 1, 2, 4)
-    return out.reshape(b, t, n_heads * head_dim)
+        q = cfg.num_attention_heads * cfg.head_dim
+        kv = cfg.num_key_value_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
+        _checkpoint_names(self, "qkv_proj", {"q_proj": q, "k_proj": kv, "v_proj": kv})
 
 
 class MLP(nn.Module):
+    """The MLP weights: ``gate_up_proj`` (gate, up stacked; checkpoint names ``gate_proj``,
+    ``up_proj``) and ``down_proj``. The math is in ``layers.py``."""
+
     def __init__(self, cfg: Qwen2Config) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        i = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * i, bias=False)
+        self.down_proj = nn.Linear(i, cfg.hidden_size, bias=False)
+        _checkpoint_names(self, "gate_up_proj", {"gate_proj": i, "up_proj": i})
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: Qwen2Config, layer: int) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer)
+        self.layer = layer
+        self.eps = cfg.rms_norm_eps
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cache: KVCache, ctx: AttnContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cache, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def weights(self) -> LayerWeights:
+        at, mlp = self.self_attn, self.mlp
+        return LayerWeights(
+            ln1=self.input_layernorm.weight,
+            qkv_w=at.qkv_proj.weight,
+            qkv_b=at.qkv_proj.bias,
+            o_w=at.o_proj.weight,
+            ln2=self.post_attention_layernorm.weight,
+            gu_w=mlp.gate_up_proj.weight,
+            down_w=mlp.down_proj.weight,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache,
+        ctx: AttnContext,
+        pre: PreAttention = pre_attention,
+        post: PostAttention = post_attention,
+    ) -> torch.Tensor:
+        kc, vc = cache.k[self.layer], cache.v[self.layer]
+        return layer_forward(
+            x, self.weights(), kc, vc, ctx, self.eps, self.n_heads, self.n_kv, pre, post
+        )
 
 
 class Qwen2Model(nn.Module):
@@ -380,14 +260,6 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def attention_mask(positions: torch.Tensor, attn_len: int, group: int) -> torch.Tensor:
-    """Key ``j`` is visible to the query at position ``p`` iff ``j <= p``: ``[B, 1, g*T, L]``."""
-    b, t = positions.shape
-    keys = torch.arange(attn_len, device=positions.device)
-    mask = keys[None, None, :] <= positions[:, :, None]  # [B, T, L]
-    return mask[:, None, None].expand(b, 1, group, t, attn_len).reshape(b, 1, group * t, attn_len)
-
-
 class Qwen2ForCausalLM(nn.Module):
     def __init__(self, cfg: Qwen2Config) -> None:
         super().__init__()
@@ -396,11 +268,17 @@ class Qwen2ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        hd = cfg.head_dim
-        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
         self.register_buffer("inv_freq", inv, persistent=False)
-        self.use_flash = False  # set by the runner when flash_attn is importable and wanted
-        self.torch_flash = False  # set by the runner: pre-fill through PyTorch's flash kernel
+
+    def after_to_empty(self) -> None:
+        """For a model built on the meta device and then ``to_empty()``: recompute what
+        construction computed (the float32 RoPE frequencies) and re-tie ``lm_head`` to the
+        embeddings (``to_empty`` gives each module its own tensor)."""
+        dev = self.lm_head.weight.device
+        self.inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta).to(dev)
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
@@ -414,6 +292,47 @@ class Qwen2ForCausalLM(nn.Module):
                 total += p.numel() * p.element_size()
         return total
 
+    def layer_weights(self) -> list[LayerWeights]:
+        return [layer.weights() for layer in self.model.layers]
+
+    def hidden_states(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        slots: torch.Tensor,
+        *,
+        attn_len: int | None = None,
+        use_flash: bool = False,
+        torch_flash: bool = False,
+        pre: PreAttention = pre_attention,
+        post: PostAttention = post_attention,
+    ) -> torch.Tensor:
+        """``embeds [B, T, H]`` at ``positions [B, T]`` of cache rows ``slots [B]`` -> the
+        last layer's output ``[B, T, H]`` (before the final norm); writes the new keys/values.
+
+        ``attn_len``: read only the first ``attn_len`` positions of each slot (must exceed
+        every position; default the whole cache). ``use_flash``: attention through the
+        ``flash_attn`` package (when importable); ``torch_flash``: a one-sequence pre-fill
+        through PyTorch's flash kernel (CUDA, half precision). ``pre``/``post``: the layer
+        pieces (the runner passes compiled versions of the same functions)."""
+        cfg = self.cfg
+        length = cache.max_len if attn_len is None else min(attn_len, cache.max_len)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, embeds.dtype)
+        group = cfg.num_attention_heads // cfg.num_key_value_heads
+        ctx = AttnContext.build(
+            positions, slots, cos, sin, length, group,
+            max_len=cache.max_len, use_flash=use_flash, torch_flash=torch_flash,
+        )  # fmt: skip
+        x = embeds
+        for layer in self.model.layers:
+            x = layer(x, cache, ctx, pre, post)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and ``lm_head``."""
+        return self.lm_head(self.model.norm(hidden))
+
     def forward(
         self,
         embeds: torch.Tensor,
@@ -423,29 +342,21 @@ class Qwen2ForCausalLM(nn.Module):
         *,
         last_only: bool = False,
         attn_len: int | None = None,
+        use_flash: bool = False,
+        torch_flash: bool = False,
     ) -> torch.Tensor:
         """``embeds [B, T, H]`` at ``positions [B, T]`` of cache rows ``slots [B]`` -> logits.
 
         Writes the new keys/values into the cache. ``last_only``: logits of the last position
-        only (``[B, 1, V]``, for prefill). ``attn_len``: read only the first ``attn_len``
-        positions of each slot (must exceed every position; default the whole cache).
+        only (``[B, 1, V]``, for prefill). Other arguments as :meth:`hidden_states`.
         """
-        b, t, _ = embeds.shape
-        cfg = self.cfg
-        length = cache.max_len if attn_len is None else min(attn_len, cache.max_len)
-        use_flash = self.use_flash and flash_attn_with_kvcache is not None
-        cos, sin = rope_cos_sin(positions, self.inv_freq, embeds.dtype)
-        group = cfg.num_attention_heads // cfg.num_key_value_heads
-        ctx = AttnContext.build(
-            positions, slots, cos, sin, length, group,
-            max_len=cache.max_len, use_flash=use_flash, torch_flash=self.torch_flash,
+        x = self.hidden_states(
+            embeds, positions, cache, slots,
+            attn_len=attn_len, use_flash=use_flash, torch_flash=torch_flash,
         )  # fmt: skip
-        x = embeds
-        for layer in self.model.layers:
-            x = layer(x, cache, ctx)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        return self.logits(x)
 
 
 def round_up(n: int, multiple: int) -> int:

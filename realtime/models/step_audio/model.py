@@ -4,15 +4,13 @@ Module names: ``encoder.*``, ``adapter.*`` as in the checkpoint, and the decoder
 ``decoder.``; the checkpoint's ``model.*`` / ``lm_head.*`` are the decoder's own names, so a
 checkpoint name maps to a module name by prefixing ``decoder.`` (:func:`module_name`).
 
-Construction never runs the random initialisers: parameters are allocated (uninitialised) on
-the target device in the target dtype, then filled from the checkpoint (``checkpoint.py``) or
-with random values on the device (:func:`random_step_audio`, benchmarks only).
+Construction never runs the random initialisers (:func:`build_empty`: the meta device, then
+``to_empty``): parameters are allocated uninitialised on the target device in the target
+dtype, then filled from the checkpoint (``checkpoint.py``) or with random values on the device
+(:func:`fill_random`, :func:`random_step_audio`).
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -181,46 +179,18 @@ class StepAudioModel(nn.Module):
         return out
 
 
-@contextlib.contextmanager
-def _no_init(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """Modules built inside get uninitialised parameters of ``dtype`` on ``device``
-    (buffers that a module computes in ``__init__`` are still computed).
-
-    It patches ``torch.nn.init`` and the default dtype process-wide for the fraction of a
-    second the construction takes: no other thread should build torch modules meanwhile."""
-    names = (
-        "kaiming_uniform_",
-        "kaiming_normal_",
-        "uniform_",
-        "normal_",
-        "trunc_normal_",
-        "xavier_uniform_",
-        "xavier_normal_",
-        "zeros_",
-        "ones_",
-        "constant_",
-    )
-    saved = {n: getattr(nn.init, n) for n in names}
-    old_dtype = torch.get_default_dtype()
-    try:
-        for n in names:
-            setattr(nn.init, n, lambda t, *a, **k: t)
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(old_dtype)
-        for n, f in saved.items():
-            setattr(nn.init, n, f)
-
-
 def build_empty(
     cfg: StepAudioConfig, device: torch.device | str, dtype: torch.dtype
 ) -> StepAudioModel:
-    """The model with uninitialised weights on ``device`` (fill them before use)."""
-    device = torch.device(device)
-    with _no_init(device, dtype):
+    """The model with uninitialised weights of ``dtype`` on ``device`` (fill them before use).
+
+    Built on the meta device (no memory; the initialisers touch no data), cast there, given
+    real uninitialised storage with ``to_empty``; what construction computes rather than
+    loads (the decoder's RoPE frequencies, tied embeddings) is then redone on the device."""
+    with torch.device("meta"):
         model = StepAudioModel(cfg)
+    model = model.to(dtype).to_empty(device=torch.device(device))
+    model.decoder.after_to_empty()
     return model.eval().requires_grad_(False)
 
 

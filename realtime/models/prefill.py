@@ -1,0 +1,100 @@
+"""Pre-fill for the decode runner: a sequence's embeddings into its KV-cache slot, logits of
+the last position.
+
+Pieces of up to ``max(PREFILL_SIZES)`` tokens replay a CUDA graph captured for the next size
+up (static device buffers hold the piece, its positions, the slot and the index of the last
+real row; padding rows write junk keys beyond the slot's length, which no query can see
+before they are overwritten). Longer pieces, and everything without graphs, run eagerly
+through the same module path.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from realtime.models.backend import DecoderBackend
+
+PREFILL_SIZES = (8, 16, 32, 64, 128, 256)  # pre-fill pieces padded to these sizes replay a graph
+
+
+class Prefiller:
+    def __init__(
+        self, backend: DecoderBackend, buckets: tuple[int, ...], chunk: int, graphs: bool
+    ) -> None:
+        self.backend = backend
+        self.cache = backend.cache
+        self.buckets = buckets
+        self.chunk = chunk
+        self.graphs = graphs and backend.is_cuda
+        cfg, dev, dtype = backend.model.cfg, backend.device, backend.dtype
+        scratch = self.cache.scratch_slot
+        self._emb = torch.zeros(PREFILL_SIZES[-1], cfg.hidden_size, dtype=dtype, device=dev)
+        self._pos = torch.zeros(PREFILL_SIZES[-1], dtype=torch.long, device=dev)
+        self._slot = torch.full((1,), scratch, dtype=torch.long, device=dev)
+        self._last = torch.zeros(1, dtype=torch.long, device=dev)
+        self._logits = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=dev)
+        self.graphs_by_key: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+
+    @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        """Write ``embeds [T, H]`` at positions ``start..`` of ``slot``; logits ``[V]`` of the
+        last position (float32, on the device)."""
+        t = embeds.shape[0]
+        if start + t > self.cache.max_len:
+            raise RuntimeError(f"context full: {start + t} > {self.cache.max_len} positions")
+        logits: torch.Tensor | None = None
+        i = 0
+        while i < t:
+            n = min(t - i, self.chunk)
+            piece = embeds[i : i + n].to(self.backend.dtype)
+            tb = next((b for b in PREFILL_SIZES if b >= n), None)
+            if self.graphs and tb is not None and start + i + tb <= self.cache.max_len:
+                logits = self._graphed(piece, slot, start + i, tb)
+            else:
+                logits = self._eager(piece, slot, start + i)
+            i += n
+        self.cache.lengths[slot] = start + t
+        assert logits is not None
+        return logits
+
+    def _eager(self, piece: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        n = piece.shape[0]
+        dev = self.backend.device
+        pos = torch.arange(start, start + n, device=dev)[None]
+        slots = torch.tensor([slot], device=dev)
+        attn_len = min(self.cache.max_len, -(-(start + n) // 64) * 64)
+        with self.backend.sdpa_ctx():  # any length: not compiled (no recompile per length)
+            x = self.backend.hidden(piece[None], pos, slots, attn_len, compiled=False)
+        return self.backend.model.logits(x[0, -1:])[0].float()
+
+    def _graphed(self, piece: torch.Tensor, slot: int, start: int, tb: int) -> torch.Tensor:
+        n = piece.shape[0]
+        attn_len = self.buckets[bisect.bisect_left(self.buckets, start + tb)]
+        self._emb[:n].copy_(piece)
+        torch.arange(start, start + tb, device=self.backend.device, out=self._pos[:tb])
+        self._slot.fill_(slot)
+        self._last.fill_(n - 1)
+        key = (tb, attn_len)
+        graph = self.graphs_by_key.get(key)
+        if graph is None:
+            graph = self.capture(key)
+        graph.replay()
+        return self._logits[0].clone()
+
+    def _forward(self, tb: int, attn_len: int) -> None:
+        x = self.backend.hidden(self._emb[:tb][None], self._pos[:tb][None], self._slot, attn_len)
+        last = x[0].index_select(0, self._last)
+        self._logits.copy_(self.backend.model.logits(last).float())
+
+    def capture(self, key: tuple[int, int]) -> torch.cuda.CUDAGraph:
+        tb, attn_len = key
+        saved = [b.clone() for b in (self._pos, self._slot)]
+        self._slot.fill_(self.cache.scratch_slot)
+        self._pos.zero_()
+        graph = self.backend.record(lambda: self._forward(tb, attn_len))
+        self._pos.copy_(saved[0])
+        self._slot.copy_(saved[1])
+        self.graphs_by_key[key] = graph
+        return graph
