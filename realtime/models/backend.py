@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,10 +36,20 @@ from realtime.models.layers import (
 )
 from realtime.models.qwen2 import KVCache, Qwen2ForCausalLM
 
-if TYPE_CHECKING:
-    from realtime.models.decode import RunnerOptions
-
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    cuda_graphs: bool = True
+    compile: bool = True  # torch.compile the per-layer element-wise pieces (CUDA only)
+    attention: str = "auto"  # auto | flash_attn | torch_flash (pre-fill) | sdpa (bool mask only)
+    batch_sizes: tuple[int, ...] = (1, 2, 4)
+    len_buckets: tuple[int, ...] = ()  # default: 512, 1024, ... up to the cache length
+    prefill_chunk: int = 512
+    split_reductions: bool = False  # let inductor split small reductions (more kernels)
+    triton_attention: bool = True  # the one-kernel decode attention (needs Triton and compile)
+
 
 RECOMPILE_LIMIT = 32
 _compiler_configured = False

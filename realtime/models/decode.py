@@ -31,25 +31,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from realtime.models.backend import DecoderBackend
+from realtime.models.backend import DecoderBackend, RunnerOptions
 from realtime.models.layers import LayerWeights
 from realtime.models.prefill import PREFILL_SIZES, Prefiller
 from realtime.models.qwen2 import KVCache, Qwen2ForCausalLM
 from realtime.models.sampling import sample_tokens
 
 __all__ = ["PREFILL_SIZES", "DecodeRunner", "Lane", "LaneSampling", "RunnerOptions"]
-
-
-@dataclass(frozen=True)
-class RunnerOptions:
-    cuda_graphs: bool = True
-    compile: bool = True  # torch.compile the per-layer element-wise pieces (CUDA only)
-    attention: str = "auto"  # auto | flash_attn | torch_flash (pre-fill) | sdpa (bool mask only)
-    batch_sizes: tuple[int, ...] = (1, 2, 4)
-    len_buckets: tuple[int, ...] = ()  # default: 512, 1024, ... up to the cache length
-    prefill_chunk: int = 512
-    split_reductions: bool = False  # let inductor split small reductions (more kernels)
-    triton_attention: bool = True  # the one-kernel decode attention (needs Triton and compile)
 
 
 @dataclass(frozen=True)
