@@ -182,11 +182,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def graphs_captured(runtime: Runtime) -> int | None:
+def late_captures(runtime: Runtime) -> int | None:
+    """CUDA graphs captured after warm-up (each one a stall); None without a graphed runner."""
     runner = getattr(runtime.engine, "runner", None)
-    if runner is None:
-        return None
-    return len(getattr(runner, "_graphs", {})) + len(getattr(runner, "_pf_graphs", {}))
+    return getattr(runner, "late_captures_total", None)
 
 
 def card() -> str:
@@ -231,7 +230,7 @@ async def main() -> None:
     t = time.monotonic()
     runtime = await Runtime.create(config)
     load_s = time.monotonic() - t
-    captured0 = graphs_captured(runtime)
+
     results: dict[str, Any] = {}
     try:
         for budget in budgets:
@@ -239,7 +238,7 @@ async def main() -> None:
             t0, seen = await converse(runtime, pcm, budget)
             results[key] = summarise(score(t0, turns, seen))
             print(f"budget {key}: done")
-        captured1 = graphs_captured(runtime)
+        captured = late_captures(runtime)
     finally:
         await runtime.close()
 
@@ -268,9 +267,8 @@ async def main() -> None:
         "gaps_s": [gap_lo, gap_hi],
         "audio_s_per_budget": len(pcm) / RATE,
         "load_s": load_s,
-        "graphs_captured_after_warmup": None
-        if captured0 is None or captured1 is None
-        else captured1 - captured0,
+        "graphs_captured_after_warmup": captured,
+        "forced_answer": config.engine.forced_answer or None,
         "budgets": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

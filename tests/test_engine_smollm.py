@@ -43,6 +43,26 @@ def test_history_is_kept_and_only_new_tokens_are_prefilled(engine):
     assert s.stats.prefill_tokens < 20
 
 
+def test_a_sliding_history_is_trimmed_in_steps_and_stays_cached(engine):
+    """Past ``history_turns`` the oldest turns go half a window at a time, so between trims
+    the prompt's prefix stays the same and only the new turn is pre-filled (a window sliding
+    by one turn would change the prefix, and re-fill the whole history, every turn)."""
+    old, engine.cfg.history_turns = engine.cfg.history_turns, 4
+    try:
+        s = engine.new_session("Be brief.", SamplingConfig(max_new_tokens=6))
+        prefills = []
+        for i in range(10):
+            q = f"Say the number {i}."
+            a, _ = answer(s, q)
+            prefills.append(s.stats.prefill_tokens)
+            s.commit(UserTurn(text=q), a, interrupted=False)
+    finally:
+        engine.cfg.history_turns = old
+    refills = [k for k, n in enumerate(prefills) if n > 2 * min(prefills)]
+    assert len(s._conv.messages) - s._conv.first <= 2 * 4  # the window holds
+    assert len(refills) <= 3, prefills  # one-turn sliding re-fills at every turn from the 5th
+
+
 def test_cancel_stops_within_one_step(engine):
     s = engine.new_session("You tell long stories.", SamplingConfig(max_new_tokens=200))
     cancel = CancelToken()

@@ -143,6 +143,7 @@ class SmolLMEngine:
 @dataclass
 class _Conversation:
     messages: list[dict[str, str]] = field(default_factory=list)
+    first: int = 0  # the oldest message still in the prompt
     cached_ids: list[int] = field(default_factory=list)
 
 
@@ -160,7 +161,7 @@ class SmolLMSession:
 
     # -- prompt -------------------------------------------------------------------------
     def _messages(self, user_text: str | None) -> list[dict[str, str]]:
-        history = self._conv.messages[-2 * self.engine.cfg.history_turns :]
+        history = self._conv.messages[self._conv.first :]
         msgs = [{"role": "system", "content": self.system_prompt}, *history]
         if user_text is not None:
             msgs.append({"role": "user", "content": user_text})
@@ -269,10 +270,17 @@ class SmolLMSession:
         answer = spoken_answer.strip()
         if interrupted:
             answer = (answer + " ...").strip()
-        self._conv.messages += [
+        conv = self._conv
+        conv.messages += [
             {"role": "user", "content": turn.text},
             {"role": "assistant", "content": answer},
         ]
+        keep = self.engine.cfg.history_turns
+        if len(conv.messages) - conv.first > 2 * keep:
+            # Drop old turns in one go, down to half the window: the prompt's prefix then
+            # stays the same (and cached) for the next keep/2 turns, instead of changing at
+            # its start, and being pre-filled again whole, every turn.
+            conv.first = len(conv.messages) - 2 * max(1, keep // 2)
 
     def discard(self) -> None:
         """Nothing to undo: the next respond re-uses the cache up to the common prefix."""

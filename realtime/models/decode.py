@@ -25,6 +25,7 @@ With ``cuda_graphs=False`` and ``compile=False`` the same code runs eagerly (CPU
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from realtime.models.layers import LayerWeights
 from realtime.models.prefill import PREFILL_SIZES, Prefiller
 from realtime.models.qwen2 import KVCache, Qwen2ForCausalLM
 from realtime.models.sampling import sample_tokens
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PREFILL_SIZES", "DecodeRunner", "Lane", "LaneSampling", "RunnerOptions"]
 
@@ -85,6 +88,8 @@ class DecodeRunner:
             self.buckets = (*self.buckets, cache.max_len)
         self.prefiller = Prefiller(self.backend, self.buckets, opts.prefill_chunk, opts.cuda_graphs)
         self._graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
+        self.warm = False  # capture_all ran: any later capture is a stall, logged
+        self.late_captures = 0
         ring = 8
         self._ring = torch.zeros((ring, max_b), dtype=torch.long, pin_memory=self.is_cuda)
         self._events = [torch.cuda.Event() if self.is_cuda else None for _ in range(ring)]
@@ -218,6 +223,9 @@ class DecodeRunner:
 
     def _capture(self, key: tuple[int, int, bool]) -> torch.cuda.CUDAGraph:
         bs, attn_len, greedy = key
+        if self.warm:
+            self.late_captures += 1
+            log.warning("decode step graph %s captured after warm-up (a stall)", key)
         saved = [b.clone() for b in (self.ids, self.pos, self.slots)]
         # capture on the scratch slot so that nothing real is overwritten
         self.slots[:bs].fill_(self.cache.scratch_slot)
@@ -230,13 +238,15 @@ class DecodeRunner:
 
     @torch.no_grad()
     def capture_all(self, greedy: bool = True, sample: bool = False) -> int:
-        """Capture every (batch size, bucket) graph now (warm-up), return how many."""
+        """Capture every graph a conversation can need now (warm-up): each pre-fill size and
+        each step batch size, at every attention-length bucket. Returns how many. A graph
+        captured later is logged and counted (``late_captures``): it stalls that turn."""
         if not self.graphs_on:
             return 0
         pf = self.prefiller
-        for tb in PREFILL_SIZES[:3]:
-            for attn_len in self.buckets[:2]:
-                if (tb, attn_len) not in pf.graphs_by_key:
+        for tb in PREFILL_SIZES:
+            for attn_len in self.buckets:
+                if (tb, attn_len) not in pf.graphs_by_key and tb <= attn_len:
                     pf.capture((tb, attn_len))
         modes = [m for m, on in ((True, greedy), (False, sample)) if on]
         for bs in self.batch_sizes:
@@ -244,7 +254,12 @@ class DecodeRunner:
                 for g in modes:
                     if (bs, attn_len, g) not in self._graphs:
                         self._capture((bs, attn_len, g))
+        self.warm = pf.warm = True
         return len(self._graphs) + len(pf.graphs_by_key)
+
+    @property
+    def late_captures_total(self) -> int:
+        return self.late_captures + self.prefiller.late_captures
 
     @torch.no_grad()
     def step(self) -> list[int]:

@@ -11,12 +11,15 @@ through the same module path.
 from __future__ import annotations
 
 import bisect
+import logging
 
 import torch
 
 from realtime.models.backend import DecoderBackend
 
 PREFILL_SIZES = (8, 16, 32, 64, 128, 256)  # pre-fill pieces padded to these sizes replay a graph
+
+log = logging.getLogger(__name__)
 
 
 class Prefiller:
@@ -36,6 +39,8 @@ class Prefiller:
         self._last = torch.zeros(1, dtype=torch.long, device=dev)
         self._logits = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=dev)
         self.graphs_by_key: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.warm = False  # set by the runner's warm-up: a later capture is logged
+        self.late_captures = 0
 
     @torch.no_grad()
     def prefill(self, embeds: torch.Tensor, slot: int, start: int) -> torch.Tensor:
@@ -90,6 +95,9 @@ class Prefiller:
 
     def capture(self, key: tuple[int, int]) -> torch.cuda.CUDAGraph:
         tb, attn_len = key
+        if self.warm:
+            self.late_captures += 1
+            log.warning("pre-fill graph %s captured after warm-up (a stall)", key)
         saved = [b.clone() for b in (self._pos, self._slot)]
         self._slot.fill_(self.cache.scratch_slot)
         self._pos.zero_()

@@ -105,7 +105,9 @@ class StepAudioSession:
         limit = e.cfg.history_turns
         too_long = self._hist_len + 64 > e.cache.max_len // 2 and bool(self.conv.turns)
         if too_long or (limit and len(self.conv.turns) > limit):
-            self._trim_history(len(self.conv.turns) // 2 if too_long else limit)
+            # down to half the window in one go: the cache is re-filled once per limit/2
+            # turns, not every turn (the prefix stays put in between)
+            self._trim_history(len(self.conv.turns) // 2 if too_long else max(1, limit // 2))
             lst.pos = self._hist_len
         lst.open()
 
