@@ -376,8 +376,10 @@ def test_history_is_trimmed_to_history_turns(bigram_dir: Path) -> None:
         list(s.respond(UserTurn(), CancelToken()))
         s.commit(UserTurn(), "Hi you", interrupted=False)
         lengths.append(s._hist_len)
-    s.listen(_speech(0.3))  # opening the fifth turn trims again: to the last one
-    assert len(s.conv.turns) == 1 and s._hist_len < lengths[-1]
+    # opening the fourth turn found three: trimmed to one (half the window), then it was added
+    assert len(s.conv.turns) == 2 and lengths[3] < lengths[2]
+    s.listen(_speech(0.3))  # the fifth turn opens on the same cached prefix: no trim
+    assert len(s.conv.turns) == 2 and s._l.body_start > lengths[3]  # opened after it
     assert _text(_events(s.respond(UserTurn(), CancelToken())), "answer") == "Hi you"
 
 
