@@ -15,8 +15,9 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from server_helpers import QUESTION, RunningServer, load_runtime, speech, start_server
 
+from realtime.audio import av_frame_to_array
 from realtime.config import ServerConfig
-from realtime.server.webrtc import SessionAudioTrack, frame_to_array
+from realtime.server.webrtc import SessionAudioTrack
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 LIMIT = 64 * 1024
@@ -52,7 +53,7 @@ async def test_spoken_question_gets_spoken_answer_and_events(server: RunningServ
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            pcm = frame_to_array(frame).astype(np.float64)
+            pcm = av_frame_to_array(frame).astype(np.float64)
             if pcm.ndim == 2:
                 pcm = pcm.mean(axis=1)
             loud_samples[0] += int(np.sum(np.abs(pcm) > 1000))
