@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
-from server_helpers import QUESTION, RunningServer, load_runtime, speech, start_server
+from server_helpers import QUESTION, RunningServer, speech, start_server
 
 from realtime.audio import av_frame_to_array
 from realtime.config import ServerConfig
@@ -24,8 +24,8 @@ LIMIT = 64 * 1024
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server() -> Any:
-    srv = await start_server(await load_runtime(), ServerConfig(max_message_bytes=LIMIT))
+async def server(server_runtime: Any) -> Any:
+    srv = await start_server(server_runtime, ServerConfig(max_message_bytes=LIMIT))
     yield srv
     await srv.runner.cleanup()
 
