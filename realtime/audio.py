@@ -1,7 +1,8 @@
-"""Audio conversion at the pipeline's edge: any rate, any channel count -> 16 kHz mono.
+"""Audio conversion at the pipeline's edges: any rate, any channel count -> 16 kHz mono on the
+way in, the answer's audio -> each transport's rate on the way out (``StreamResampler``).
 
-Resampling is done by soxr (libsoxr), file decoding by PyAV (FFmpeg), so any common format
-(wav, flac, mp3, ogg, m4a) at any rate is accepted.
+Resampling is done by soxr (libsoxr), file and frame decoding by PyAV (FFmpeg), so any common
+format (wav, flac, mp3, ogg, m4a) at any rate is accepted.
 """
 
 from __future__ import annotations
