@@ -65,11 +65,15 @@ def runtime() -> Iterator[object]:
 
 
 @pytest.fixture(scope="module")
-def server_runtime(request: pytest.FixtureRequest) -> object:
+def server_runtime(request: pytest.FixtureRequest) -> Iterator[object]:
     """What the server tests serve: the shared ``runtime``, or with ``SERVER_TESTS_FAKE_RUNTIME=1``
-    a fresh ``FakeRuntime`` per module (no models)."""
+    a fresh ``FakeRuntime`` per module (no models). A module must close every session it opened
+    on the shared runtime, so that the next module starts from a quiet one."""
     if os.environ.get("SERVER_TESTS_FAKE_RUNTIME"):
         from server_helpers import FakeRuntime
 
-        return FakeRuntime()
-    return request.getfixturevalue("runtime")
+        yield FakeRuntime()
+        return
+    rt = request.getfixturevalue("runtime")
+    yield rt
+    assert not rt.sessions, f"{len(rt.sessions)} session(s) left open on the shared runtime"
