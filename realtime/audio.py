@@ -1,7 +1,8 @@
-"""Audio conversion at the pipeline's edge: any rate, any channel count -> 16 kHz mono.
+"""Audio conversion at the pipeline's edges: any rate, any channel count -> 16 kHz mono on the
+way in, the answer's audio -> each transport's rate on the way out (``StreamResampler``).
 
-Resampling is done by soxr (libsoxr), file decoding by PyAV (FFmpeg), so any common format
-(wav, flac, mp3, ogg, m4a) at any rate is accepted.
+Resampling is done by soxr (libsoxr), file and frame decoding by PyAV (FFmpeg), so any common
+format (wav, flac, mp3, ogg, m4a) at any rate is accepted.
 """
 
 from __future__ import annotations
@@ -9,9 +10,14 @@ from __future__ import annotations
 import wave
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 import soxr
+
+if TYPE_CHECKING:
+    from av import AudioFrame
 
 PIPELINE_RATE = 16000
 MIN_RATE = 8000
@@ -77,32 +83,83 @@ def check_rate(sample_rate: int) -> None:
         )
 
 
-class InputConverter:
-    """Streaming conversion of one input stream to 16 kHz mono float32.
+class StreamResampler:
+    """Streaming resampling of one audio stream to ``out_rate`` mono, as ``dtype``.
 
-    Keeps the resampler's state between chunks, so chunked conversion equals whole-buffer
-    conversion (up to the resampler's filter delay, which it flushes at the end).
+    Input may be any supported sample type, mono or (samples, channels) (downmixed); float
+    input must be finite. soxr's state is kept between chunks, so chunked output equals
+    whole-buffer output up to the filter delay, which ``last=True`` flushes. The input rate is
+    fixed by ``in_rate`` or given per call; a new rate starts a fresh stream. Equal rates pass
+    through unfiltered.
     """
 
-    def __init__(self, sample_rate: int, out_rate: int = PIPELINE_RATE) -> None:
-        check_rate(sample_rate)
-        self.sample_rate = sample_rate
+    def __init__(
+        self,
+        out_rate: int = PIPELINE_RATE,
+        *,
+        in_rate: int | None = None,
+        dtype: npt.DTypeLike = np.float32,
+        quality: str = "HQ",
+    ) -> None:
+        check_rate(out_rate)
+        if in_rate is not None:
+            check_rate(in_rate)
+        if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.int16)):
+            raise AudioFormatError(f"output dtype must be float32 or int16, got {dtype}")
         self.out_rate = out_rate
-        self._rs = (
-            None
-            if sample_rate == out_rate
-            else soxr.ResampleStream(sample_rate, out_rate, 1, dtype="float32", quality="HQ")
-        )
+        self.in_rate = in_rate
+        self.dtype = np.dtype(dtype)
+        self.quality = quality
+        self._stream: soxr.ResampleStream | None = None
 
-    def __call__(self, pcm: np.ndarray, last: bool = False) -> np.ndarray:
+    def __call__(self, pcm: np.ndarray, rate: int | None = None, last: bool = False) -> np.ndarray:
+        rate = self.in_rate if rate is None else rate
+        if rate is None:
+            raise AudioFormatError("no input sample rate: pass in_rate or rate")
+        if rate != self.in_rate or (self._stream is None and rate != self.out_rate):
+            check_rate(rate)
+            self.in_rate = rate
+            self._stream = (
+                None
+                if rate == self.out_rate
+                else soxr.ResampleStream(
+                    rate, self.out_rate, 1, dtype=self.dtype.name, quality=self.quality
+                )
+            )
+        x = self._prepare(pcm)
+        if self._stream is None:
+            return x
+        out = self._stream.resample_chunk(x, last=last)
+        if last:
+            self._stream = None  # flushed: a following chunk starts a fresh stream
+        return out
+
+    def _prepare(self, pcm: np.ndarray) -> np.ndarray:
         if not isinstance(pcm, np.ndarray):
             raise AudioFormatError(f"audio must be a numpy array, got {type(pcm).__name__}")
-        mono = downmix(to_float32(pcm))
-        if not np.all(np.isfinite(mono)):
+        if pcm.ndim == 2 and pcm.shape[1] == 1:
+            pcm = pcm[:, 0]
+        if self.dtype == np.int16 and pcm.dtype == np.int16 and pcm.ndim == 1:
+            return pcm  # the common server case: int16 mono in and out, untouched
+        x = downmix(to_float32(pcm))
+        if not np.all(np.isfinite(x)):
             raise AudioFormatError("audio contains NaN or infinite samples")
-        if self._rs is None:
-            return mono
-        return self._rs.resample_chunk(mono, last=last)
+        return x if self.dtype == np.float32 else to_int16(x)
+
+    def reset(self) -> None:
+        """Drop the filter state (e.g. after an interruption): the next chunk starts afresh."""
+        self._stream = None
+
+
+class InputConverter(StreamResampler):
+    """One input stream at ``sample_rate`` -> 16 kHz mono float32 (the pipeline's input)."""
+
+    def __init__(self, sample_rate: int, out_rate: int = PIPELINE_RATE) -> None:
+        super().__init__(out_rate, in_rate=sample_rate, dtype=np.float32)
+        self.sample_rate = sample_rate
+
+    def __call__(self, pcm: np.ndarray, last: bool = False) -> np.ndarray:  # type: ignore[override]
+        return super().__call__(pcm, last=last)
 
 
 @dataclass
@@ -146,27 +203,23 @@ def _read_with_av(p: Path) -> AudioFile:
         channels = int(stream.codec_context.channels or 1)
         pieces: list[np.ndarray] = []
         for frame in container.decode(stream):
-            arr = frame.to_ndarray()
-            fmt = frame.format.name
-            if frame.format.is_planar:
-                arr = arr.T  # (channels, n) -> (n, channels)
-            else:
-                arr = arr.reshape(-1, len(frame.layout.channels))
-            pieces.append(downmix(to_float32(_av_to_std_dtype(arr, fmt))))
+            pieces.append(downmix(to_float32(av_frame_to_array(frame))))
     if not pieces:
         raise AudioFormatError(f"{p} holds no audio samples")
     check_rate(rate)
     return AudioFile(np.concatenate(pieces).astype(np.float32), rate, channels, p)
 
 
-def _av_to_std_dtype(arr: np.ndarray, fmt: str) -> np.ndarray:
-    if fmt.startswith("s32"):
-        return arr.astype(np.int32, copy=False)
-    if fmt.startswith("s16"):
-        return arr.astype(np.int16, copy=False)
-    if fmt.startswith("u8"):
-        return arr.astype(np.uint8, copy=False)
-    return arr.astype(np.float32, copy=False)
+def av_frame_to_array(frame: AudioFrame) -> np.ndarray:
+    """A decoded PyAV audio frame -> (n,) (mono) or (n, channels) samples, as int16, int32,
+    uint8 or float32 (FFmpeg's sample format, planar or packed, mapped to the numpy type)."""
+    arr = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    arr = arr.T if frame.format.is_planar else arr.reshape(-1, channels)
+    fmt = frame.format.name.rstrip("p")
+    dtype = {"s16": np.int16, "s32": np.int32, "u8": np.uint8}.get(fmt, np.float32)
+    arr = arr.astype(dtype, copy=False)
+    return arr[:, 0] if channels == 1 else arr
 
 
 def write_wav(path: str | Path, pcm: np.ndarray, sample_rate: int) -> None:

@@ -51,10 +51,29 @@ def say(tts_head) -> Callable[..., np.ndarray]:
 
 @pytest.fixture(scope="session")
 def runtime() -> Iterator[object]:
-    """The offline default stack (embedded.yaml), loaded once."""
+    """The offline default stack (embedded.yaml), loaded once per test run and closed at its end.
+
+    Created and closed with ``asyncio.run``: the Runtime holds threads and executors but nothing
+    bound to an event loop, so tests on any loop (function- or module-scoped) share it.
+    """
     from realtime.config import load_config
     from realtime.runtime import Runtime
 
     rt = asyncio.run(Runtime.create(load_config("embedded")))
     yield rt
     asyncio.run(rt.close())
+
+
+@pytest.fixture(scope="module")
+def server_runtime(request: pytest.FixtureRequest) -> Iterator[object]:
+    """What the server tests serve: the shared ``runtime``, or with ``SERVER_TESTS_FAKE_RUNTIME=1``
+    a fresh ``FakeRuntime`` per module (no models). A module must close every session it opened
+    on the shared runtime, so that the next module starts from a quiet one."""
+    if os.environ.get("SERVER_TESTS_FAKE_RUNTIME"):
+        from server_helpers import FakeRuntime
+
+        yield FakeRuntime()
+        return
+    rt = request.getfixturevalue("runtime")
+    yield rt
+    assert not rt.sessions, f"{len(rt.sessions)} session(s) left open on the shared runtime"

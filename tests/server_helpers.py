@@ -1,13 +1,13 @@
-"""Shared by the server tests: spoken test audio (espeak-ng), a server on a free port, and the
-runtime: the real pipeline (``load_runtime``), or with ``SERVER_TESTS_FAKE_RUNTIME=1``
+"""Shared by the server tests: spoken test audio (espeak-ng), a server on a free port, and
 ``FakeRuntime``, a stand-in that keeps the ``Runtime``/``Session`` contract (energy VAD, a fixed
-transcript, a tone as the answer) for quick work on the protocols without loading models."""
+transcript, a tone as the answer) for quick work on the protocols without loading models: with
+``SERVER_TESTS_FAKE_RUNTIME=1`` the ``server_runtime`` fixture (conftest.py) serves it instead of
+the real pipeline."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import subprocess
 import tempfile
 import time
@@ -22,7 +22,7 @@ import numpy as np
 import soxr
 from aiohttp import web
 
-from realtime.config import ServerConfig, VADConfig, load_config
+from realtime.config import ServerConfig, VADConfig
 from realtime.frames import (
     AnswerText,
     EndFrame,
@@ -277,12 +277,3 @@ class FakeRuntime:
 
     def new_session(self, options: Any = None, pace_output: bool = True) -> FakeSession:
         return FakeSession(self, pace_output)
-
-
-async def load_runtime() -> Any:
-    """The real pipeline on the offline default config (one per test module)."""
-    if os.environ.get("SERVER_TESTS_FAKE_RUNTIME"):
-        return FakeRuntime()
-    from realtime.runtime import Runtime
-
-    return await Runtime.create(load_config("embedded"))

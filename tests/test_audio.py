@@ -3,7 +3,15 @@ import wave
 import numpy as np
 import pytest
 
-from realtime.audio import AudioFormatError, InputConverter, read_audio, resample, write_wav
+from realtime.audio import (
+    AudioFormatError,
+    InputConverter,
+    StreamResampler,
+    av_frame_to_array,
+    read_audio,
+    resample,
+    write_wav,
+)
 
 
 def tone(rate: int, seconds: float = 1.0, freq: float = 440.0) -> np.ndarray:
@@ -78,3 +86,36 @@ def test_write_wav_round_trip(tmp_path):
     write_wav(tmp_path / "o.wav", x, 22050)
     f = read_audio(tmp_path / "o.wav")
     assert f.sample_rate == 22050 and np.max(np.abs(f.pcm - x)) < 1e-3
+
+
+def test_av_frame_to_array_packed_planar_and_mono():
+    import av
+
+    x = (tone(16000, 0.02) * 32767).astype(np.int16)
+    stereo = np.stack([x, -x], axis=1)
+    packed = av.AudioFrame.from_ndarray(stereo.reshape(1, -1), format="s16", layout="stereo")
+    planar_samples = np.ascontiguousarray(stereo.T, dtype=np.float32) / 32768
+    planar = av.AudioFrame.from_ndarray(planar_samples, format="fltp", layout="stereo")
+    mono = av.AudioFrame.from_ndarray(x.reshape(1, -1), format="s16", layout="mono")
+    assert av_frame_to_array(packed).dtype == np.int16
+    assert np.array_equal(av_frame_to_array(packed), stereo)
+    assert av_frame_to_array(planar).dtype == np.float32
+    assert np.allclose(av_frame_to_array(planar), stereo / 32768)
+    assert np.array_equal(av_frame_to_array(mono), x)
+
+
+def test_stream_resampler_int16_rate_changes_and_flush():
+    rs = StreamResampler(8000, dtype=np.int16)
+    x = (tone(24000, 0.5) * 32767).astype(np.int16)
+    head = np.concatenate([rs(x[i : i + 480], 24000) for i in range(0, len(x), 480)])
+    tail = rs(np.zeros(0, np.int16), 24000, last=True)
+    assert head.dtype == tail.dtype == np.int16
+    assert len(head) + len(tail) == 4000  # the flush gives back exactly the held-back delay
+    assert abs(int(np.abs(head).max()) - 16383) < 600
+    # another input rate starts a fresh stream; a float input is converted, stereo downmixed
+    y = rs(np.stack([tone(16000, 0.5)] * 2, axis=1), 16000, last=True)
+    assert y.dtype == np.int16 and len(y) == 4000
+    with pytest.raises(AudioFormatError, match="no input sample rate"):
+        StreamResampler(16000)(x)
+    with pytest.raises(AudioFormatError, match="sample rate"):
+        rs(x, 1000)

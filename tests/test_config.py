@@ -14,8 +14,13 @@ def test_default_config_loads_into_dataclasses():
     assert "voice assistant" in cfg.engine.system_prompt
 
 
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
 def test_every_shipped_config_loads():
-    for path in sorted(Path("configs").glob("*.yaml")):
+    paths = sorted(CONFIGS.glob("*.yaml"))
+    assert {"embedded", "step-audio-r1", "step-audio-r1-random"} <= {p.stem for p in paths}
+    for path in paths:
         assert isinstance(load_config(path), AgentConfig), path
 
 

@@ -16,10 +16,15 @@ def answer(session, text):
     return "".join(e.text for e in events if e.kind == "answer"), events
 
 
-def test_implements_the_engine_interface(engine):
-    assert isinstance(engine, Engine)
-    s = engine.new_session("You are terse.", SamplingConfig())
-    assert isinstance(s, EngineSession)
+def test_implements_the_engine_interface(engine: Engine):
+    assert engine.input_kind == "text"  # it answers the listener's transcript
+    s: EngineSession = engine.new_session("You are terse.", SamplingConfig(max_new_tokens=5))
+    events = [e for e in s.respond(UserTurn(text="Count from one to twenty."), CancelToken()) if e]
+    assert events and {e.kind for e in events} == {"answer"}
+    assert "".join(e.text for e in events).strip()
+    assert 0 < s.stats.generated_tokens <= 5  # stops at max_new_tokens
+    s.commit(UserTurn(text="Count from one to twenty."), "One, two", interrupted=True)
+    s.close()
 
 
 def test_answers_a_question(engine):

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import pytest_asyncio
-from server_helpers import QUESTION, RunningServer, load_runtime, speech, start_server, write_wav
+from server_helpers import QUESTION, RunningServer, speech, start_server, write_wav
 
 from realtime.config import ServerConfig
 
@@ -43,8 +43,8 @@ def chromium_args(wav: Path) -> list[str]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server() -> Any:
-    srv = await start_server(await load_runtime(), ServerConfig())
+async def server(server_runtime: Any) -> Any:
+    srv = await start_server(server_runtime, ServerConfig())
     yield srv
     await srv.runner.cleanup()
 

@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 import websockets
 from openai import AsyncOpenAI
-from server_helpers import QUESTION, RunningServer, load_runtime, rms, speech, start_server
+from server_helpers import QUESTION, RunningServer, rms, speech, start_server
 
 from realtime.config import ServerConfig
 from realtime.server.codecs import ulaw_decode, ulaw_encode
@@ -25,9 +25,8 @@ LIMIT = 256 * 1024
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server() -> Any:
-    runtime = await load_runtime()
-    srv = await start_server(runtime, ServerConfig(max_message_bytes=LIMIT, max_sessions=3))
+async def server(server_runtime: Any) -> Any:
+    srv = await start_server(server_runtime, ServerConfig(max_message_bytes=LIMIT, max_sessions=3))
     yield srv
     await srv.runner.cleanup()
 
@@ -256,7 +255,15 @@ async def test_text_turn_g711_and_beta_names(server: RunningServer) -> None:
             )
         )
         await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
-        assert (await _recv_until(ws, "input_audio_buffer.committed"))["item_id"]
+        item_id = (await _recv_until(ws, "input_audio_buffer.committed"))["item_id"]
+        assert item_id
+        await ws.send(json.dumps({"type": "response.create"}))
+        # the mu-law speech was really heard: its transcript says the question's words
+        heard = await _recv_until(ws, "conversation.item.input_audio_transcription.completed")
+        assert heard["item_id"] == item_id
+        words = heard["transcript"].lower()
+        assert "capital" in words and "france" in words, heard["transcript"]
+        assert (await _recv_until(ws, "response.done"))["response"]["status"] == "completed"
 
 
 async def test_audio_item_is_transcribed_then_answered(server: RunningServer) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import websockets
-from server_helpers import QUESTION, RunningServer, load_runtime, rms, speech, start_server
+from server_helpers import QUESTION, RunningServer, rms, speech, start_server
 
 from realtime.config import ServerConfig
 from realtime.server.codecs import ulaw_decode, ulaw_encode
@@ -22,8 +22,8 @@ SID = "MZ0123456789abcdef"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server() -> Any:
-    srv = await start_server(await load_runtime(), ServerConfig())
+async def server(server_runtime: Any) -> Any:
+    srv = await start_server(server_runtime, ServerConfig())
     yield srv
     await srv.runner.cleanup()
 

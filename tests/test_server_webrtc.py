@@ -13,18 +13,19 @@ import pytest
 import pytest_asyncio
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
-from server_helpers import QUESTION, RunningServer, load_runtime, speech, start_server
+from server_helpers import QUESTION, RunningServer, speech, start_server
 
+from realtime.audio import av_frame_to_array
 from realtime.config import ServerConfig
-from realtime.server.webrtc import SessionAudioTrack, frame_to_array
+from realtime.server.webrtc import SessionAudioTrack
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 LIMIT = 64 * 1024
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server() -> Any:
-    srv = await start_server(await load_runtime(), ServerConfig(max_message_bytes=LIMIT))
+async def server(server_runtime: Any) -> Any:
+    srv = await start_server(server_runtime, ServerConfig(max_message_bytes=LIMIT))
     yield srv
     await srv.runner.cleanup()
 
@@ -52,7 +53,7 @@ async def test_spoken_question_gets_spoken_answer_and_events(server: RunningServ
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            pcm = frame_to_array(frame).astype(np.float64)
+            pcm = av_frame_to_array(frame).astype(np.float64)
             if pcm.ndim == 2:
                 pcm = pcm.mean(axis=1)
             loud_samples[0] += int(np.sum(np.abs(pcm) > 1000))

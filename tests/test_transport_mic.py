@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from server_helpers import QUESTION, load_runtime, rms, speech
+from server_helpers import QUESTION, rms, speech
 
 from realtime.transports.mic import NoAudioDeviceError, find_devices, run_mic
 
@@ -95,7 +95,9 @@ def fake_sounddevice(question: np.ndarray, played: list[np.ndarray]) -> types.Mo
     return sd
 
 
-async def test_conversation_through_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_conversation_through_devices(
+    monkeypatch: pytest.MonkeyPatch, server_runtime: Any
+) -> None:
     played: list[np.ndarray] = []
     monkeypatch.setitem(
         sys.modules, "sounddevice", fake_sounddevice(speech(QUESTION, 16000), played)
@@ -108,8 +110,7 @@ async def test_conversation_through_devices(monkeypatch: pytest.MonkeyPatch) -> 
         if event["event"] == "turn":
             stop.set()
 
-    runtime = await load_runtime()
-    await asyncio.wait_for(run_mic(runtime, on_event=on_event, stop=stop), 180)
+    await asyncio.wait_for(run_mic(server_runtime, on_event=on_event, stop=stop), 180)
     finals = [e["text"] for e in events if e["event"] == "transcript" and e["final"]]
     assert finals and "capital" in finals[-1].lower()
     await asyncio.sleep(0)

@@ -9,7 +9,7 @@ import pytest
 
 from realtime.config import TTSConfig
 from tts import load_tts
-from tts.base import TTSHead
+from tts.base import AudioChunk
 from tts.piper_backend import PiperHead, UnknownVoiceError, installed_voices, resolve_voice
 
 pytestmark = pytest.mark.slow
@@ -27,11 +27,23 @@ def rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x.astype(np.float64)))))
 
 
-def test_head_matches_the_protocol(head: PiperHead) -> None:
-    assert isinstance(head, TTSHead)
-    assert head.accepts == "text"
+async def test_head_keeps_the_tts_contract(head: PiperHead) -> None:
+    """What the server relies on: a text head whose default stream speaks int16 mono chunks at
+    the head's rate, refuses speech tokens, and names the text each piece speaks."""
+    assert head.name == "piper" and head.accepts == "text"
     assert head.sample_rate == 22050
     assert "joe" in head.voices()
+    stream = head.open_stream()
+    with pytest.raises(NotImplementedError):
+        stream.push_tokens([1, 2, 3])
+    stream.push_text("Hello there.")
+    stream.finish()
+    chunks = [c async for c in stream.chunks()]
+    assert chunks and all(isinstance(c, AudioChunk) for c in chunks)
+    assert all(c.pcm.dtype == np.int16 and c.pcm.ndim == 1 for c in chunks)
+    assert {c.sample_rate for c in chunks} == {22050}
+    assert "".join(c.text for c in chunks) == "Hello there."
+    assert rms(np.concatenate([c.pcm for c in chunks])) > 1000
 
 
 def test_short_sentence_is_speech_of_plausible_length(head: PiperHead) -> None:

@@ -19,8 +19,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from aiohttp import WSMsgType, web
 
+from realtime.audio import StreamResampler
 from realtime.config import VADConfig
 from realtime.frames import (
     AnswerText,
@@ -41,7 +43,7 @@ from realtime.server.bridge import (
     ServerContext,
     run_connection,
 )
-from realtime.server.codecs import AudioDecodeError, StreamResampler, b64decode_strict
+from realtime.server.codecs import AudioDecodeError, b64decode_strict
 from realtime.server.realtime_protocol import ClientError
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,9 @@ class ResponseState:
 
 
 @dataclass
-class UserTurn:
+class InputItem:
+    """The user audio item being buffered, then committed and transcribed (one per turn)."""
+
     item_id: str = field(default_factory=lambda: rp.new_id("item"))
     committed: bool = False
     transcribed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -92,14 +96,16 @@ class RealtimeConnection:
     session_id: str = field(default_factory=lambda: rp.new_id("sess"))
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     items: dict[str, str] = field(default_factory=dict)  # id -> role, in conversation order
-    user: UserTurn = field(default_factory=UserTurn)
-    awaiting_transcript: UserTurn | None = None
+    user: InputItem = field(default_factory=InputItem)
+    awaiting_transcript: InputItem | None = None
     response: ResponseState | None = None
     drop_output: bool = False  # frames of a cancelled answer still in flight
     stop_is_echo: bool = False  # the next SpeechStopped ends a turn committed by the client
     pending_user_text: list[str] = field(default_factory=list)
     last_transcript: str = ""
-    resample: StreamResampler = field(default_factory=lambda: StreamResampler(24000))
+    resample: StreamResampler = field(
+        default_factory=lambda: StreamResampler(24000, dtype=np.int16)
+    )
 
     # ---- sending -------------------------------------------------------------------------
     async def send(self, type_: str, **body: Any) -> None:
@@ -224,7 +230,7 @@ class RealtimeConnection:
         )
         await self.add_item(rp.user_audio_item(turn.item_id, None, self.beta))
         self.awaiting_transcript = turn
-        self.user = UserTurn()
+        self.user = InputItem()
         self.drop_output = False
 
     async def on_transcript(self, text: str) -> None:
@@ -259,7 +265,7 @@ async def _pump(conn: RealtimeConnection) -> None:
             r = await conn.open_response()
             fmt = conn.settings.output_format
             if conn.resample.out_rate != fmt.rate:
-                conn.resample = StreamResampler(fmt.rate)
+                conn.resample = StreamResampler(fmt.rate, dtype=np.int16)
             pcm = conn.resample(frame.pcm, frame.sample_rate)
             r.audio_ms += 1000 * len(pcm) / fmt.rate
             await conn.send(
@@ -468,7 +474,7 @@ async def _handle_event(
         await conn.commit_user_turn()
     elif kind == "input_audio_buffer.clear":
         await s.clear()
-        conn.user = UserTurn()
+        conn.user = InputItem()
         await conn.send("input_audio_buffer.cleared")
     elif kind == "session.update":
         new = rp.parse_session_update(event.get("session"), conn.settings, conn.voices)

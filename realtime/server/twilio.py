@@ -22,8 +22,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from aiohttp import WSMsgType, web
 
+from realtime.audio import StreamResampler
 from realtime.frames import EndFrame, Interruption, OutputAudio, SpeechStarted, TurnMetrics
 from realtime.server.bridge import (
     AgentSession,
@@ -33,7 +35,6 @@ from realtime.server.bridge import (
 )
 from realtime.server.codecs import (
     AudioDecodeError,
-    StreamResampler,
     b64decode_strict,
     ulaw_decode,
     ulaw_encode,
@@ -66,7 +67,7 @@ class TwilioCall:
     played_ms: float = 0.0  # audio of the current answer Twilio says has played
     outstanding: set[str] = field(default_factory=set)  # marks sent, not yet echoed
     pending: bytearray = field(default_factory=bytearray)  # mu-law not yet a whole frame
-    resample: StreamResampler = field(default_factory=lambda: StreamResampler(RATE))
+    resample: StreamResampler = field(default_factory=lambda: StreamResampler(RATE, dtype=np.int16))
     media_in: int = 0
     dtmf: list[str] = field(default_factory=list)
 

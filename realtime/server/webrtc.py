@@ -24,6 +24,7 @@ from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
+from realtime.audio import StreamResampler, av_frame_to_array
 from realtime.frames import (
     EndFrame,
     Interruption,
@@ -32,7 +33,6 @@ from realtime.frames import (
     frame_to_event,
 )
 from realtime.server.bridge import AgentSession, CapacityError, ServerContext, cancel_task
-from realtime.server.codecs import StreamResampler
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +94,6 @@ class SessionAudioTrack(MediaStreamTrack):
         return frame
 
 
-def frame_to_array(frame: AudioFrame) -> np.ndarray:
-    """A decoded aiortc frame -> (n,) or (n, channels) samples."""
-    pcm = frame.to_ndarray()
-    channels = len(frame.layout.channels)
-    if frame.format.is_planar:
-        pcm = pcm.T
-    else:
-        pcm = pcm.reshape(-1, channels)
-    return pcm[:, 0] if channels == 1 else pcm
-
-
 @dataclass
 class PeerState:
     ctx: ServerContext
@@ -160,7 +149,7 @@ async def _read_inbound(state: PeerState, track: MediaStreamTrack, session: Agen
         except MediaStreamError:
             break
         try:
-            await session.push_audio(frame_to_array(frame), frame.sample_rate)
+            await session.push_audio(av_frame_to_array(frame), frame.sample_rate)
         except ValueError as exc:
             state.send_event({"event": "error", "code": "bad_audio", "message": str(exc)})
     with contextlib.suppress(Exception):
@@ -168,7 +157,7 @@ async def _read_inbound(state: PeerState, track: MediaStreamTrack, session: Agen
 
 
 async def _pump_frames(state: PeerState, session: AgentSession) -> None:
-    resample = StreamResampler(state.out_track.sample_rate)
+    resample = StreamResampler(state.out_track.sample_rate, dtype=np.int16)
     async for frame in session.frames():
         if isinstance(frame, OutputAudio):
             state.out_track.feed(resample(frame.pcm, frame.sample_rate))

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from realtime.audio import StreamResampler
 from realtime.frames import EndFrame, Interruption, OutputAudio, frame_to_event
-from realtime.server.codecs import StreamResampler
 
 BLOCK_MS = 20
 HINT = (
@@ -171,7 +171,7 @@ async def run_mic(
             await session.push_audio(block, devices.input_rate)
 
     async def pump() -> None:
-        resample = StreamResampler(devices.output_rate)
+        resample = StreamResampler(devices.output_rate, dtype=np.int16)
         async for frame in session.frames():
             if isinstance(frame, OutputAudio):
                 playback.write(resample(frame.pcm, frame.sample_rate))
