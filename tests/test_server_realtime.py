@@ -95,7 +95,13 @@ async def test_sdk_whole_turn_manual_commit(server: RunningServer) -> None:
         assert done is not None and done.response.status == "completed"
         assert types.count("input_audio_buffer.committed") == 1, types
         assert "input_audio_buffer.speech_stopped" not in types  # manual turns: no VAD events
-        assert done.response.usage is not None and done.response.usage.total_tokens > 0
+        usage = done.response.usage
+        assert usage is not None and usage.total_tokens > 0
+        # the engine's own counts: the first turn pre-fills the system prompt and the chat
+        # template around the question, far more tokens than the question has words
+        assert usage.input_token_details.text_tokens > 2 * len(transcript.split()), usage
+        assert usage.output_token_details.text_tokens >= len(answer.split()) // 2, usage
+        assert usage.input_token_details.audio_tokens > 20  # about 2 s of speech at 50 ms
         words = transcript.lower()
         assert "capital" in words and "france" in words, transcript
         assert answer.strip()

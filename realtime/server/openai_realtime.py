@@ -65,6 +65,7 @@ class ResponseState:
     input_ms: float = 0.0
     failed: bool = False
     text_only: bool = False  # written, not spoken (output_modalities ["text"])
+    engine_usage: dict[str, int] = field(default_factory=dict)  # the engine's token counts
 
     def ids(self) -> dict[str, Any]:
         return {
@@ -103,6 +104,7 @@ class RealtimeConnection:
     stop_is_echo: bool = False  # the next SpeechStopped ends a turn committed by the client
     pending_user_text: list[str] = field(default_factory=list)
     last_transcript: str = ""
+    last_input_ms: float = 0.0  # the audio of the last committed user turn
     resample: StreamResampler = field(
         default_factory=lambda: StreamResampler(24000, dtype=np.int16)
     )
@@ -144,7 +146,7 @@ class RealtimeConnection:
         if self.response is None:
             self.response = ResponseState(
                 input_text=self.last_transcript,
-                input_ms=self.user.audio_ms,
+                input_ms=self.last_input_ms,
                 text_only=self.settings.text_only,
             )
             await self.send("response.created", response=self._response_json("in_progress"))
@@ -184,9 +186,7 @@ class RealtimeConnection:
             "usage": None,
         }
         if status != "in_progress":
-            body["usage"] = rp.usage_json(
-                r.input_text, "".join(r.transcript), r.input_ms, r.audio_ms
-            )
+            body["usage"] = rp.usage_json(r.engine_usage, r.input_ms, r.audio_ms)
         return body
 
     async def finish_response(self, status: str, reason: str | None = None) -> None:
@@ -230,6 +230,7 @@ class RealtimeConnection:
         )
         await self.add_item(rp.user_audio_item(turn.item_id, None, self.beta))
         self.awaiting_transcript = turn
+        self.last_input_ms = turn.audio_ms
         self.user = InputItem()
         self.drop_output = False
 
@@ -324,6 +325,8 @@ async def _pump(conn: RealtimeConnection) -> None:
             conn.ctx.metrics.observe_turn(TRANSPORT, frame)
             if frame.transcript and conn.awaiting_transcript is not None:
                 await conn.on_transcript(frame.transcript)
+            if conn.response is not None:
+                conn.response.engine_usage = dict(frame.usage)
             if not frame.interrupted and conn.response is not None:
                 if conn.response.failed:
                     await conn.finish_response("failed", "error")
@@ -494,7 +497,9 @@ async def _handle_event(
         text_only = _response_text_only(event.get("response"), conn.settings.text_only)
         conn.drop_output = False
         conn.response = rp_response = ResponseState(
-            input_text=" ".join(conn.pending_user_text), text_only=text_only
+            input_text=" ".join(conn.pending_user_text),
+            input_ms=0.0 if conn.pending_user_text else conn.last_input_ms,
+            text_only=text_only,
         )
         if text_only != conn.settings.text_only:
             s.update(speak=not text_only)  # for this response only: restored when it is done

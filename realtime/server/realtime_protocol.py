@@ -366,21 +366,25 @@ def assistant_item(
     }
 
 
-def usage_json(
-    input_text: str, output_text: str, input_ms: float, output_ms: float
-) -> dict[str, Any]:
-    """Token counts are estimates (words for text, one token per 50 ms of audio): the local
-    pipeline does not bill, but clients read these fields."""
-    in_text, in_audio = len(input_text.split()), int(input_ms / 50)
-    out_text, out_audio = len(output_text.split()), int(output_ms / 50)
+def usage_json(engine: dict[str, int], input_ms: float, output_ms: float) -> dict[str, Any]:
+    """The engine's own token counts: ``input_tokens`` it pre-filled for the turn (text, or
+    audio embeddings for an audio engine), ``output_tokens`` it generated (reasoning
+    included). The audio fields count 50 ms per token of the user's and the agent's speech, as
+    the OpenAI API bills audio; the local pipeline bills nothing, but clients read them."""
+    text_in, text_out = engine.get("input_tokens", 0), engine.get("output_tokens", 0)
+    audio_in, audio_out = int(input_ms / 50), int(output_ms / 50)
     return {
-        "total_tokens": in_text + in_audio + out_text + out_audio,
-        "input_tokens": in_text + in_audio,
-        "output_tokens": out_text + out_audio,
+        "total_tokens": text_in + audio_in + text_out + audio_out,
+        "input_tokens": text_in + audio_in,
+        "output_tokens": text_out + audio_out,
         "input_token_details": {
-            "text_tokens": in_text,
-            "audio_tokens": in_audio,
+            "text_tokens": text_in,
+            "audio_tokens": audio_in,
             "cached_tokens": 0,
         },
-        "output_token_details": {"text_tokens": out_text, "audio_tokens": out_audio},
+        "output_token_details": {
+            "text_tokens": text_out,
+            "audio_tokens": audio_out,
+            "reasoning_tokens": engine.get("reasoning_tokens", 0),
+        },
     }
