@@ -7,6 +7,11 @@
 Full-size Step-Audio-R1 shapes with random bf16 weights (no checkpoint; the words mean
 nothing). The floor is measured in the same run: weight bytes / device-to-device copy
 bandwidth (bytes read + written). Prints a table last and writes JSON (``--out``).
+
+ENGINE-ONLY: the turn figures drive the engine directly (no Session, VAD or output stage, a
+fixed 400 ms endpoint, a canned text into the TTS). What a user hears is measured by
+``bench/pipeline_bench.py``. Over 400 lines because its parts run in one device call (a GPU
+machine is costly to start), sharing one loaded model.
 """
 
 from __future__ import annotations

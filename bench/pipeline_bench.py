@@ -142,7 +142,9 @@ def score(t0: float, turns: list[Turn], seen: Seen) -> list[dict[str, Any]]:
                 output_tokens=m.usage.get("output_tokens"),
             )
             span = (b.get("last_token_s") or 0) - (b.get("first_token_s") or 0)
-            tokens = m.usage.get("output_tokens") or 0
+            # answer tokens only: a reasoning lane decodes beside the speaking one
+            tokens = (m.usage.get("output_tokens") or 0) - (m.usage.get("reasoning_tokens") or 0)
+            row["answer_tokens"] = tokens
             if tokens > 1 and span > 0:
                 row["tokens_per_s"] = (tokens - 1) / span
             audio_s = b.get("answer_audio_s") or 0

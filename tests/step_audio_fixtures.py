@@ -15,7 +15,9 @@ import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from realtime.models.qwen2 import Qwen2Config
@@ -160,3 +162,40 @@ def scripted(
             head[nxt, i] = 10.0
 
     return modify
+
+
+# ---- driving an engine built on such a checkpoint -------------------------------------------
+RATE = 16000
+
+
+def cpu_engine(path: Path, **kw: object) -> Any:
+    """A ``StepAudioEngine`` on the CPU over the checkpoint at ``path`` (``kw``: EngineConfig
+    fields, and ``opts``: StepAudioOptions)."""
+    from realtime.config import EngineConfig
+    from realtime.engine.step_audio import build_step_audio_engine
+
+    opts = kw.pop("opts", None)
+    cfg = EngineConfig(backend="step-audio", model=str(path), device="cpu", max_context=512, **kw)
+    return build_step_audio_engine(cfg, opts)  # type: ignore[arg-type]
+
+
+def speechlike(seconds: float, seed: int = 0) -> np.ndarray:
+    """A gliding tone with noise: audio with some structure for the encoder (no words)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * RATE)) / RATE
+    tone = 0.3 * np.sin(2 * np.pi * (180 + 60 * np.sin(3 * t)) * t)
+    return (tone + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+def listen_in_pieces(session: Any, pcm: np.ndarray, piece: float = 0.2) -> None:
+    step = int(piece * RATE)
+    for i in range(0, pcm.shape[0], step):
+        session.listen(pcm[i : i + step])
+
+
+def heard(session: Any, audio: np.ndarray) -> Any:
+    """The turn of ``audio``: what ``session`` has not listened to yet is listened now."""
+    from realtime.engine.base import UserTurn
+
+    session.listen(audio[session._l.audio.shape[0] :])
+    return UserTurn()

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import websockets
 from server_helpers import start_server
-from step_audio_fixtures import write_tiny_checkpoint
+from step_audio_fixtures import (
+    cpu_engine,
+    write_tiny_checkpoint,
+)
 
-from realtime.config import EngineConfig, SamplingConfig, ServerConfig, load_config
+from realtime.config import SamplingConfig, ServerConfig, load_config
 from realtime.engine.base import CancelToken, EngineBusy, UserTurn
-from realtime.engine.step_audio import build_step_audio_engine
 
 RATE = 16000
 FORCED = "This is a fixed answer. Ask me again, please."
@@ -25,11 +27,6 @@ FORCED = "This is a fixed answer. Ask me again, please."
 @pytest.fixture(scope="module")
 def random_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("random"), seed=5)
-
-
-def _engine(path: Path, **kw: object):
-    cfg = EngineConfig(backend="step-audio", model=str(path), device="cpu", max_context=512, **kw)
-    return build_step_audio_engine(cfg)  # type: ignore[arg-type]
 
 
 def _answer(session) -> str:
@@ -42,8 +39,8 @@ def _answer(session) -> str:
 def test_a_forced_answer_is_spoken_word_for_word(random_dir, budget):
     """Random weights write no words; with ``forced_answer`` the speaking lane is fed the
     text's tokens (every step still runs), so the TTS gets real words."""
-    engine = _engine(random_dir, forced_answer=FORCED, max_batch=2)
-    plain = _engine(random_dir, max_batch=2)
+    engine = cpu_engine(random_dir, forced_answer=FORCED, max_batch=2)
+    plain = cpu_engine(random_dir, max_batch=2)
     s = engine.new_session("sys", SamplingConfig(think_budget=budget, max_new_tokens=200))
     assert _answer(s).strip() == FORCED
     if budget:  # the reasoning lane still ran (on random tokens) beside it, to its budget
@@ -53,7 +50,7 @@ def test_a_forced_answer_is_spoken_word_for_word(random_dir, budget):
 
 
 def test_no_free_slot_is_a_busy_error_and_counted(random_dir):
-    engine = _engine(random_dir, max_batch=1)
+    engine = cpu_engine(random_dir, max_batch=1)
     first = engine.new_session("sys", SamplingConfig())
     with pytest.raises(EngineBusy, match="cache slots"):
         engine.new_session("sys", SamplingConfig())
@@ -63,7 +60,7 @@ def test_no_free_slot_is_a_busy_error_and_counted(random_dir):
 
 
 def test_without_a_slot_for_the_fork_the_answer_thinks_first_and_is_counted(random_dir):
-    engine = _engine(random_dir, max_batch=1, forced_answer=FORCED)
+    engine = cpu_engine(random_dir, max_batch=1, forced_answer=FORCED)
     s = engine.new_session("sys", SamplingConfig(think_budget=4, max_new_tokens=200))
     assert _answer(s).strip() == FORCED
     assert engine.counters["think_first_fallbacks"] == 1 and s.stats.thinking_tokens == 4

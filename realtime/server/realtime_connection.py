@@ -1,0 +1,236 @@
+"""The state of one ``/v1/realtime`` connection: its session, settings, the response in flight
+and the user's input item, and how responses open and close (see ``openai_realtime``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from realtime.audio import StreamResampler
+from realtime.server import realtime_protocol as rp
+from realtime.server.bridge import (
+    AgentSession,
+    ServerContext,
+)
+from realtime.server.realtime_protocol import ClientError
+
+TRANSPORT = "realtime"
+MIN_COMMIT_MS = 100
+TRANSCRIPT_WAIT_S = 30.0
+ANSWER_ERRORS = frozenset({"engine_error", "tts_error", "internal_error"})
+
+
+@dataclass
+class ResponseState:
+    id: str = field(default_factory=lambda: rp.new_id("resp"))
+    item_id: str = field(default_factory=lambda: rp.new_id("item"))
+    item_open: bool = False
+    transcript: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    audio_ms: float = 0.0
+    input_text: str = ""
+    input_ms: float = 0.0
+    failed: bool = False
+    text_only: bool = False  # written, not spoken (output_modalities ["text"])
+    engine_usage: dict[str, int] = field(default_factory=dict)  # the engine's token counts
+
+    def ids(self) -> dict[str, Any]:
+        return {
+            "response_id": self.id,
+            "item_id": self.item_id,
+            "output_index": 0,
+            "content_index": 0,
+        }
+
+
+@dataclass
+class InputItem:
+    """The user audio item being buffered, then committed and transcribed (one per turn)."""
+
+    item_id: str = field(default_factory=lambda: rp.new_id("item"))
+    committed: bool = False
+    transcribed: asyncio.Event = field(default_factory=asyncio.Event)
+    audio_ms: float = 0.0
+
+
+@dataclass
+class RealtimeConnection:
+    ctx: ServerContext
+    ws: web.WebSocketResponse
+    session: AgentSession
+    settings: rp.Settings
+    voices: set[str]
+    beta: bool
+    session_id: str = field(default_factory=lambda: rp.new_id("sess"))
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    items: dict[str, str] = field(default_factory=dict)  # id -> role, in conversation order
+    user: InputItem = field(default_factory=InputItem)
+    awaiting_transcript: InputItem | None = None
+    response: ResponseState | None = None
+    drop_output: bool = False  # frames of a cancelled answer still in flight
+    stop_is_echo: bool = False  # the next SpeechStopped ends a turn committed by the client
+    pending_user_text: list[str] = field(default_factory=list)
+    last_transcript: str = ""
+    last_input_ms: float = 0.0  # the audio of the last committed user turn
+    resample: StreamResampler = field(
+        default_factory=lambda: StreamResampler(24000, dtype=np.int16)
+    )
+
+    # ---- sending -------------------------------------------------------------------------
+    async def send(self, type_: str, **body: Any) -> None:
+        if self.beta:
+            if type_ in rp.GA_ONLY:
+                return
+            type_ = rp.BETA_NAMES.get(type_, type_)
+        event = {"type": type_, "event_id": rp.new_id("event"), **body}
+        async with self.lock:
+            if not self.ws.closed:
+                await self.ws.send_str(json.dumps(event))
+
+    async def send_error(self, err: ClientError, event_id: str | None = None) -> None:
+        self.ctx.metrics.client_errors.labels(TRANSPORT, err.code).inc()
+        await self.send(
+            "error",
+            error={
+                "type": err.kind,
+                "code": err.code,
+                "message": err.message,
+                "param": err.param,
+                "event_id": event_id,
+            },
+        )
+
+    def _previous_item(self) -> str | None:
+        return next(reversed(self.items), None)
+
+    async def add_item(self, item: dict[str, Any]) -> None:
+        previous = self._previous_item()
+        self.items[item["id"]] = item["role"]
+        await self.send("conversation.item.added", previous_item_id=previous, item=item)
+
+    # ---- responses -----------------------------------------------------------------------
+    async def open_response(self) -> ResponseState:
+        if self.response is None:
+            self.response = ResponseState(
+                input_text=self.last_transcript,
+                input_ms=self.last_input_ms,
+                text_only=self.settings.text_only,
+            )
+            await self.send("response.created", response=self._response_json("in_progress"))
+        r = self.response
+        if not r.item_open:
+            r.item_open = True
+            item = rp.assistant_item(r.item_id, "in_progress", None, self.beta, r.text_only)
+            await self.send(
+                "response.output_item.added", response_id=r.id, output_index=0, item=item
+            )
+            await self.add_item(item)
+            await self.send(
+                "response.content_part.added", **r.ids(), part=content_part("", r.text_only)
+            )
+        return r
+
+    def _response_json(self, status: str, reason: str | None = None) -> dict[str, Any]:
+        r = self.response
+        assert r is not None
+        out = []
+        if r.item_open:
+            item_status = "completed" if status == "completed" else "incomplete"
+            text = "".join(r.transcript)
+            out.append(rp.assistant_item(r.item_id, item_status, text, self.beta, r.text_only))
+        body: dict[str, Any] = {
+            "object": "realtime.response",
+            "id": r.id,
+            "status": status,
+            "status_details": None if reason is None else {"type": status, "reason": reason},
+            "output": out,
+            "conversation_id": self.session_id,
+            "output_modalities": ["text"] if r.text_only else ["audio"],
+            "audio": {
+                "output": {
+                    "format": self.settings.output_format.to_json(self.beta),
+                    "voice": self.settings.voice,
+                }
+            },
+            "usage": None,
+        }
+        if status != "in_progress":
+            body["usage"] = rp.usage_json(r.engine_usage, r.input_ms, r.audio_ms)
+        return body
+
+    async def finish_response(self, status: str, reason: str | None = None) -> None:
+        r = self.response
+        if r is None:
+            return
+        text = "".join(r.transcript)
+        if r.item_open:
+            ids = r.ids()
+            if r.reasoning:
+                await self.send(rp.REASONING_DONE, **ids, text="".join(r.reasoning))
+            if r.text_only:
+                await self.send("response.output_text.done", **ids, text=text)
+            else:
+                await self.send("response.output_audio.done", **ids)
+                await self.send("response.output_audio_transcript.done", **ids, transcript=text)
+            await self.send(
+                "response.content_part.done", **ids, part=content_part(text, r.text_only)
+            )
+            item_status = "completed" if status == "completed" else "incomplete"
+            item = rp.assistant_item(r.item_id, item_status, text, self.beta, r.text_only)
+            await self.send(
+                "response.output_item.done", response_id=r.id, output_index=0, item=item
+            )
+            await self.send("conversation.item.done", item=item)
+        await self.send("response.done", response=self._response_json(status, reason))
+        self.response = None
+        if r.text_only != self.settings.text_only:  # a per-response override ends here
+            self.session.update(speak=not self.settings.text_only)
+
+    # ---- user turns ----------------------------------------------------------------------
+    async def commit_user_turn(self) -> None:
+        turn = self.user
+        if turn.committed:
+            return
+        turn.committed = True
+        for text in self.pending_user_text:
+            self.session.add_message("user", text)
+        self.pending_user_text.clear()
+        previous = self._previous_item()
+        await self.send(
+            "input_audio_buffer.committed", previous_item_id=previous, item_id=turn.item_id
+        )
+        await self.add_item(rp.user_audio_item(turn.item_id, None, self.beta))
+        self.awaiting_transcript = turn
+        self.last_input_ms = turn.audio_ms
+        self.user = InputItem()
+        self.drop_output = False
+
+    async def on_transcript(self, text: str) -> None:
+        turn = self.awaiting_transcript
+        self.last_transcript = text
+        if turn is None or turn.transcribed.is_set():
+            return
+        turn.transcribed.set()
+        await self.send(
+            "conversation.item.input_audio_transcription.completed",
+            item_id=turn.item_id,
+            content_index=0,
+            transcript=text,
+            usage={"type": "duration", "seconds": round(turn.audio_ms / 1000, 3)},
+        )
+        await self.send(
+            "conversation.item.done", item=rp.user_audio_item(turn.item_id, text, self.beta)
+        )
+
+
+def content_part(text: str, text_only: bool) -> dict[str, Any]:
+    """A content part as the ``response.content_part.*`` events carry it."""
+    return {"type": "text", "text": text} if text_only else {"type": "audio", "transcript": text}
+
+
+# ---- session frames -> server events ---------------------------------------------------------

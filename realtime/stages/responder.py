@@ -1,0 +1,113 @@
+"""The engine's stage: the turn's audio, answers and finished turns, queued on the engine's
+thread and never awaited on the input path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from realtime.context import SessionContext
+from realtime.engine.base import EngineSession
+from realtime.engine.worker import EngineWorker
+from realtime.frames import (
+    AnswerText,
+    CommitTurn,
+    DiscardTurn,
+    ErrorFrame,
+    Frame,
+    StartResponse,
+    ThinkingText,
+    ToolCall,
+    TurnAudio,
+)
+from realtime.stages.base import Stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineLink:
+    """The session's handle on the reply engine: the worker thread that runs it and the
+    engine's per-session state (made on that thread when the session starts)."""
+
+    worker: EngineWorker
+    listens: bool  # the engine hears audio (pre-fills it while the user speaks)
+    interleaved: bool  # its sessions' answers may advance step by step in turn
+    session: EngineSession | None = None
+
+
+class Responder(Stage):
+    """Runs the engine: feeds it the turn's audio (audio engines), streams the answers the
+    controller starts, and records finished turns. Engine calls are queued on the engine's
+    worker thread and never awaited on the input path."""
+
+    def __init__(self, ctx: SessionContext, engine: EngineLink) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.engine = engine
+
+    async def process(self, frame: Frame) -> None:
+        es = self.engine.session
+        if isinstance(frame, TurnAudio):
+            if self.engine.listens and es is not None:
+                self._submit(lambda: es.listen(frame.pcm))
+            return
+        if isinstance(frame, DiscardTurn):
+            if self.engine.listens and es is not None:
+                self._submit(es.discard)
+            return
+        if isinstance(frame, CommitTurn):
+            if es is not None:
+                self._submit(lambda: es.commit(frame.turn, frame.spoken, frame.interrupted))
+            return
+        await self.push(frame)
+        if isinstance(frame, StartResponse):
+            self.ctx.spawn(self._run(frame))
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        """Queue ``job`` on the engine thread (in order with every other engine job); a
+        failure is reported as an error frame, never raised into the input path."""
+        fut = self.engine.worker.submit(job)
+        loop = asyncio.get_running_loop()
+
+        def done(f: object) -> None:
+            exc = fut.exception() if not fut.cancelled() else None
+            if exc is not None:
+                log.error("engine job failed", exc_info=exc)
+                err = ErrorFrame("engine_error", f"the reply engine failed: {exc}")
+                loop.call_soon_threadsafe(lambda: self.ctx.spawn(self.push(err)))
+
+        fut.add_done_callback(done)
+
+    async def _run(self, start: StartResponse) -> None:
+        """Stream the engine's tokens for one answer as frames."""
+        es, rid, cancel = self.engine.session, start.response_id, start.cancel
+        assert es is not None, "the session was not started"
+        try:
+            stream = self.engine.worker.stream(
+                lambda: es.respond(start.turn, cancel), exclusive=not self.engine.interleaved
+            )
+            async for ev in stream:
+                if cancel.cancelled:
+                    continue  # drain: the worker stops within one step
+                if ev.kind == "answer":
+                    await self.push(AnswerText(rid, ev.text))
+                elif ev.kind == "thinking":
+                    await self.push(ThinkingText(rid, ev.text))
+                elif ev.kind == "tool_call":
+                    await self.push(ToolCall(rid, ev.text))
+        except Exception as exc:
+            log.exception("engine failed")
+            if not cancel.cancelled:
+                msg = f"the reply engine failed: {exc}"
+                await self.push(ErrorFrame("engine_error", msg, response_id=rid))
+        if not cancel.cancelled:
+            st = es.stats
+            usage = {
+                "input_tokens": st.prefill_tokens,
+                "output_tokens": st.generated_tokens,
+                "reasoning_tokens": st.thinking_tokens,
+            }
+            await self.push(AnswerText(rid, "", end=True, usage=usage))
