@@ -33,6 +33,7 @@ test: install system-deps
 	$(BIN)/python -m pytest -q
 
 bench: install system-deps
+	$(BIN)/python bench/pipeline_bench.py
 	$(BIN)/python bench/cpu_bench.py
 	$(BIN)/python bench/asr_bench.py
 	$(BIN)/python bench/tts_bench.py

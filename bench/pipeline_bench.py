@@ -147,7 +147,7 @@ def score(t0: float, turns: list[Turn], seen: Seen) -> list[dict[str, Any]]:
             row["answer_tokens"] = tokens
             if tokens > 1 and span > 0:
                 row["tokens_per_s"] = (tokens - 1) / span
-            audio_s = b.get("answer_audio_s") or 0
+            audio_s = m.audio_s
             if tokens and audio_s > 1 and not m.interrupted:
                 row["speech_tokens_per_s"] = tokens / audio_s  # the rate speaking needs
         out.append(row)

@@ -305,7 +305,6 @@ class TurnController(Stage):
             "released_s": rel(rc.wall_released),
             "first_audio_packet_s": first_packet,
             "speculative": 1.0 if resp.speculative else 0.0,
-            "answer_audio_s": resp.audio_s,  # a duration: the answer's audio handed out
         }
         return TurnMetrics(
             turn=self.turns,
@@ -313,6 +312,7 @@ class TurnController(Stage):
             breakdown=breakdown,
             usage=resp.usage,
             response_id=resp.id,
+            audio_s=resp.audio_s,
             interrupted=interrupted,
             transcript=resp.turn.text,
             answer=resp.answer.strip(),

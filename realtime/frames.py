@@ -159,6 +159,7 @@ class TurnMetrics(Frame):
     spoken: str = ""
     usage: dict[str, int] = field(default_factory=dict)  # the engine's token counts
     response_id: int | None = None  # the answer these figures are of
+    audio_s: float = 0.0  # seconds of the answer's audio handed to the transport
 
 
 @dataclass(frozen=True, slots=True)
