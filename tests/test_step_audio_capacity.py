@@ -107,3 +107,21 @@ def _get(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=10) as r:
         return r.read().decode()
+
+
+def test_a_turn_committed_while_its_answer_hands_out_an_event_ends_quietly(random_dir):
+    """A barge-in cancels the answer and the turn is committed (on the engine thread, between
+    two items of the answer's generator): the generator, resumed, must end without touching
+    the lanes the commit took off the runner."""
+    engine = cpu_engine(random_dir, forced_answer=FORCED, max_batch=2)
+    s = engine.new_session("sys", SamplingConfig(think_budget=8, max_new_tokens=200))
+    s.listen(0.1 * np.random.default_rng(1).standard_normal(RATE).astype(np.float32))
+    cancel = CancelToken()
+    it = s.respond(UserTurn(), cancel)
+    first = next(e for e in it if e is not None)  # suspended inside a step, mid-events
+    assert first.kind == "answer"
+    cancel.cancel()
+    s.commit(UserTurn(), first.text, interrupted=True)
+    assert list(it) == []  # ends at once, no KeyError from a lane that is gone
+    assert not engine.runner.lanes and engine.cache.free_slots == 1
+    assert _answer(s).strip() == FORCED  # and the next turn is answered

@@ -174,6 +174,8 @@ class Answer:
                 yield from self._feed(lane, tok)
                 if lane.role == "articulation" and answer_tokens >= max_answer:
                     lane.done = True
+            if self.released or cancel.cancelled:
+                return  # let go while its events were handed out (a commit, a close)
             if any(ln.done and ln.role == "articulation" for ln in lanes):
                 break
             self._schedule(form)
