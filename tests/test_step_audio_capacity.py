@@ -125,3 +125,35 @@ def test_a_turn_committed_while_its_answer_hands_out_an_event_ends_quietly(rando
     assert list(it) == []  # ends at once, no KeyError from a lane that is gone
     assert not engine.runner.lanes and engine.cache.free_slots == 1
     assert _answer(s).strip() == FORCED  # and the next turn is answered
+
+
+async def test_silence_between_turns_never_reaches_the_audio_engine(random_dir, say):
+    """Only the turn's audio (from the speech-start padding on) is pre-filled: half a minute
+    of silence before a question adds nothing to the cache or the encoder's window."""
+    from realtime.runtime import Runtime
+
+    cfg = load_config(
+        "step-audio-r1",
+        {
+            "engine.model": str(random_dir),
+            "engine.device": "cpu",
+            "engine.dtype": "float32",
+            "engine.max_context": 512,
+            "tts.backend": "espeak",
+        },
+    )
+    runtime = await Runtime.create(cfg, warmup=False)
+    try:
+        session = runtime.new_session(pace_output=False)
+        await session.start()
+        question = say("What is the weather like?", lead_s=0.0, tail_s=0.0)
+        audio = np.concatenate([np.zeros(30 * RATE, np.float32), question])
+        for i in range(0, len(audio), 3200):
+            await session.push_audio(audio[i : i + 3200], RATE)
+        await runtime.worker.call(lambda: None)  # the queued listen jobs have run
+        heard = session.engine.session._l.audio.shape[0] / RATE
+        pad = session.options.vad.prefix_padding_ms / 1000
+        assert len(question) / RATE - 0.2 < heard <= len(question) / RATE + pad + 0.05, heard
+        await session.close()
+    finally:
+        await runtime.close()
