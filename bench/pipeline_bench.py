@@ -36,11 +36,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.voices import DEFAULT_VOICES, QUESTIONS, RATE, available, speech_end, synthesize  # noqa: E402,I001
+from realtime.cli import feed_file  # noqa: E402
 from realtime.config import load_config  # noqa: E402
 from realtime.frames import AnswerText, EndFrame, Frame, OutputAudio, TurnMetrics  # noqa: E402
 from realtime.runtime import Runtime  # noqa: E402
 
-STEP_S = 0.02
 LEAD_S = 0.5
 
 
@@ -100,14 +100,7 @@ async def converse(runtime: Runtime, pcm: np.ndarray, budget: int | None) -> tup
                 return
 
     reader = asyncio.create_task(read())
-    step = int(STEP_S * RATE)
-    t0 = time.monotonic()
-    for i in range(0, len(pcm), step):
-        due = t0 + (i + step) / RATE
-        await session.push_audio(pcm[i : i + step], RATE, wall_arrival=due)
-        delay = due - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+    t0 = await feed_file(session, pcm, RATE, realtime=True, tail_s=0.0)  # 20 ms chunks, live
     await session.end()
     await asyncio.wait_for(reader, 120)
     await session.close()

@@ -186,9 +186,10 @@ async def _drain(session: Any, printer: Printer) -> None:
 
 async def feed_file(
     session: Any, pcm: np.ndarray, rate: int, realtime: bool, tail_s: float
-) -> None:
+) -> float:
     """Push a file in 20 ms chunks: paced like a microphone, or as fast as the pipeline goes,
-    answering turn by turn (the file's later audio waits until the answer is complete)."""
+    answering turn by turn (the file's later audio waits until the answer is complete).
+    Returns the wall time (``time.monotonic()``) the file's first sample stands for."""
     step = rate // 50
     t0 = time.monotonic()
     tail = int((tail_s if realtime else 1.0) * rate)
@@ -210,6 +211,7 @@ async def feed_file(
                 break  # the file is over and the last answer has been spoken
         elif session.busy:
             await session.wait_idle()
+    return t0
 
 
 async def run_mic(config: AgentConfig, as_json: bool) -> int:
