@@ -157,6 +157,9 @@ async def run_file(
     audio = read_audio(path)  # fails early and clearly, before any model loads
     if audio.pcm.size < audio.sample_rate * 0.05:
         raise AudioFormatError(f"{path} is too short to hold speech ({audio.duration_s:.3f} s)")
+    if not _has_speech(audio.pcm, audio.sample_rate, config):
+        print(f"no speech was heard in {path}", file=sys.stderr)  # no model needs to load
+        return EXIT_NO_SPEECH
     runtime = await Runtime.create(config)
     try:
         session = runtime.new_session(pace_output=realtime)
@@ -175,6 +178,21 @@ async def run_file(
         print(f"{msg} in {path}", file=sys.stderr)
         return EXIT_NO_SPEECH
     return 0
+
+
+def _has_speech(pcm: np.ndarray, rate: int, config: AgentConfig) -> bool:
+    """Whether the session's own endpointer would hear a turn start anywhere in the file."""
+    from realtime.audio import InputConverter
+    from realtime.vad import Endpointer
+
+    mono = InputConverter(rate)(pcm, last=True)
+    ep = Endpointer(config.vad, config.asr.speculative_after_ms)
+    step = 16000  # one second at a time
+    return any(
+        ev.kind == "start"
+        for i in range(0, len(mono), step)
+        for ev in ep.process(mono[i : i + step])
+    )
 
 
 async def _drain(session: Any, printer: Printer) -> None:

@@ -56,7 +56,7 @@ def test_a_sliding_history_is_trimmed_in_steps_and_stays_cached(engine):
     try:
         s = engine.new_session("Be brief.", SamplingConfig(max_new_tokens=6))
         prefills = []
-        for i in range(10):
+        for i in range(8):
             q = f"Say the number {i}."
             a, _ = answer(s, q)
             prefills.append(s.stats.prefill_tokens)
@@ -65,7 +65,7 @@ def test_a_sliding_history_is_trimmed_in_steps_and_stays_cached(engine):
         engine.cfg.history_turns = old
     refills = [k for k, n in enumerate(prefills) if n > 2 * min(prefills)]
     assert len(s._conv.messages) - s._conv.first <= 2 * 4  # the window holds
-    assert len(refills) <= 3, prefills  # one-turn sliding re-fills at every turn from the 5th
+    assert len(refills) <= 2, prefills  # one-turn sliding re-fills at every turn from the 5th
 
 
 def test_cancel_stops_within_one_step(engine):

@@ -17,7 +17,7 @@ from realtime.models.decode import DecodeRunner, LaneSampling, RunnerOptions
 from realtime.models.layers import layer_decode
 from realtime.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 
-STEPS = 24
+STEPS = 16
 OPTS = RunnerOptions(cuda_graphs=False, compile=False, batch_sizes=(1, 2), len_buckets=(128,))
 
 
