@@ -303,3 +303,22 @@ def test_no_thread_is_left_behind_by_a_closed_session(models):
     before = threading.active_count()
     asyncio.run(main())
     assert threading.active_count() <= before + 1  # the ASR executor's thread at most
+
+
+async def test_a_tts_failure_ends_the_answer_as_failed_with_an_error(models):
+    class BrokenStream(ToneStream):
+        async def chunks(self) -> AsyncIterator[AudioChunk]:
+            raise RuntimeError("voice file unreadable")
+            yield  # pragma: no cover
+
+    models.tts.open_stream = lambda *a, **k: BrokenStream()  # type: ignore[method-assign]
+    session = await started(models)
+    await session.respond("hi")
+    await settle(session)
+    frames = drain(session)
+    errors = [f for f in frames if getattr(f, "code", None) == "tts_error"]
+    assert errors and errors[0].response_id == 1 and "voice file" in errors[0].message
+    assert not [f for f in frames if isinstance(f, OutputAudio)]
+    assert session.controller.last_response is not None
+    assert session.controller.last_response.failed  # not a silent "completed"
+    await session.close()
