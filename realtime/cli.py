@@ -280,8 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.serve:
             from realtime.server.app import serve
+            from realtime.server.auth import AccessConfigError, check_bind
 
-            serve(config, args.host or config.server.host, args.port or config.server.port)
+            host = args.host or config.server.host
+            try:
+                check_bind(host, config.server)  # before any model loads
+            except AccessConfigError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            serve(config, host, args.port or config.server.port)
             return 0
         if args.mic:
             return asyncio.run(run_mic(config, args.json))

@@ -105,6 +105,11 @@ class ServerConfig:
     max_message_bytes: int = 1 << 20
     max_sessions: int = 16
     idle_timeout_s: float = 300.0
+    # Access (realtime/server/auth.py): Bearer keys, also from REALTIME_AGENT_API_KEYS; required
+    # to serve on anything but loopback. Twilio's auth token (or TWILIO_AUTH_TOKEN) turns on the
+    # X-Twilio-Signature check on /twilio.
+    api_keys: list[str] = field(default_factory=list)
+    twilio_auth_token: str | None = None
 
 
 @dataclass
@@ -136,6 +141,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")

@@ -98,3 +98,42 @@ async def test_page_talks_and_shows_transcript(server: RunningServer, tmp_path: 
         finally:
             await browser.close()
     await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize("how", ["fragment", "prompt"])
+async def test_page_with_api_keys_uses_a_client_secret(tmp_path: Path, how: str) -> None:
+    """With keys on, the page trades the key (from /#key=... or a prompt) for a client secret
+    and connects with it; the key leaves the address bar."""
+    from playwright.async_api import async_playwright
+    from server_helpers import FakeRuntime
+
+    key = "sk-browser-test"
+    srv = await start_server(FakeRuntime(), ServerConfig(api_keys=[key]))
+    wav = write_wav(tmp_path / "silence.wav", np.zeros(48000 * 3, np.int16), 48000)
+    try:
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(
+                executable_path=str(CHROMIUM), headless=True, args=chromium_args(wav)
+            )
+            try:
+                page = await browser.new_page()
+                prompts: list[str] = []
+
+                async def on_dialog(dialog: Any) -> None:
+                    prompts.append(dialog.message)
+                    await dialog.accept(key)
+
+                page.on("dialog", on_dialog)
+                url = f"{srv.http}/#key={key}" if how == "fragment" else srv.http
+                await page.goto(url)
+                await page.click("#talk")
+                await page.wait_for_function(
+                    "document.getElementById('status').textContent === 'Your turn'",
+                    timeout=30_000,
+                )
+                assert key not in page.url
+                assert len(prompts) == (1 if how == "prompt" else 0)
+            finally:
+                await browser.close()
+    finally:
+        await srv.runner.cleanup()

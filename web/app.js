@@ -213,8 +213,42 @@ function waitIceGathering(pc) {
   });
 }
 
+// ---- access ------------------------------------------------------------------------------
+// A server with API keys wants a key or a short-lived client secret on /offer. The page never
+// holds more than this tab's key: from the address's fragment (`/#key=...`, which browsers do
+// not send to the server, so it stays out of its logs) or a prompt. It trades the key for a
+// client secret (POST /v1/realtime/client_secrets) at each start and offers with the secret.
+// A server without keys hands out a secret to anyone, which it then does not check.
+const KEY_ITEM = "voiceAgentKey";
+
+function apiKey() {
+  const m = location.hash.match(/(?:^#|&)key=([^&]+)/);
+  if (m) {
+    sessionStorage.setItem(KEY_ITEM, decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem(KEY_ITEM);
+}
+
+async function clientSecret() {
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const key = apiKey();
+    const headers = { "Content-Type": "application/json" };
+    if (key) headers.Authorization = `Bearer ${key}`;
+    const r = await fetch("/v1/realtime/client_secrets", { method: "POST", headers, body: "{}" });
+    if (r.ok) return (await r.json()).value;
+    if (r.status !== 401) throw new Error(`client secret: HTTP ${r.status}`);
+    sessionStorage.removeItem(KEY_ITEM);
+    const typed = window.prompt(key ? "That API key was refused. API key:" : "This server needs an API key:");
+    if (!typed || !typed.trim()) break;
+    sessionStorage.setItem(KEY_ITEM, typed.trim());
+  }
+  throw new Error("This server needs a valid API key (open the page as /#key=YOUR_KEY).");
+}
+
 async function start() {
   setStatus("Connecting", "thinking");
+  const secret = await clientSecret();
   state.stream = await navigator.mediaDevices.getUserMedia({
     audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
   });
@@ -245,7 +279,7 @@ async function start() {
   await waitIceGathering(pc);
   const response = await fetch("/offer", {
     method: "POST",
-    headers: { "Content-Type": "application/json" },
+    headers: { "Content-Type": "application/json", Authorization: `Bearer ${secret}` },
     body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
   });
   const body = await response.json().catch(() => ({}));

@@ -15,12 +15,14 @@ from aiohttp import web
 
 from realtime.config import AgentConfig, ServerConfig
 from realtime.server import openai_realtime, twilio, webrtc
+from realtime.server.auth import Access, check_bind
 from realtime.server.bridge import WEB_DIR, AgentRuntime, ServerContext
 from realtime.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
 CTX_KEY: web.AppKey[ServerContext] = web.AppKey("ctx", ServerContext)
+ACCESS_KEY: web.AppKey[Access] = web.AppKey("access", Access)
 
 
 def context(request: web.Request) -> ServerContext:
@@ -64,12 +66,17 @@ def create_app(
     # error event from the handler (and the connection lives on) instead of a bare close.
     app = web.Application(client_max_size=config.max_message_bytes * 4)
     app[CTX_KEY] = ctx
+    access = app[ACCESS_KEY] = Access.from_config(config)
     app.router.add_get("/", _index)
     app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_post("/offer", webrtc.make_offer_handler(ctx))
-    app.router.add_get("/v1/realtime", openai_realtime.make_handler(ctx))
-    app.router.add_get("/twilio", twilio.make_handler(ctx))
+    app.router.add_get("/metrics", access.require_key(_metrics, secrets_ok=False))
+    app.router.add_post("/offer", access.require_key(webrtc.make_offer_handler(ctx)))
+    app.router.add_get("/v1/realtime", access.require_key(openai_realtime.make_handler(ctx)))
+    app.router.add_post(
+        "/v1/realtime/client_secrets",
+        access.require_key(access.create_client_secret, secrets_ok=False),
+    )
+    app.router.add_get("/twilio", access.require_twilio_signature(twilio.make_handler(ctx)))
     if web_dir.is_dir():
         app.router.add_static("/static/", web_dir)
     app.on_shutdown.append(_on_shutdown)
@@ -79,7 +86,10 @@ def create_app(
 async def run_server(
     runtime: AgentRuntime, config: ServerConfig, host: str, port: int
 ) -> web.AppRunner:
-    """Start serving on ``host:port`` and return the runner (``await runner.cleanup()``)."""
+    """Start serving on ``host:port`` and return the runner (``await runner.cleanup()``).
+
+    Raises ``AccessConfigError`` for a non-loopback ``host`` without API keys."""
+    check_bind(host, config)
     runner = web.AppRunner(create_app(runtime, config), handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -94,6 +104,7 @@ async def serve_forever(
 
     host = host or config.server.host
     port = port or config.server.port
+    check_bind(host, config.server)  # before the models load
     runtime = await Runtime.create(config)
     runner = await run_server(runtime, config.server, host, port)
     log.info("serving on http://%s:%d (page /, WebRTC /offer, /v1/realtime, /twilio)", host, port)
