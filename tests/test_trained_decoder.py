@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from realtime.config import load_config
 from realtime.models.decode import DecodeRunner, LaneSampling, RunnerOptions
 from realtime.models.layers import layer_decode
 from realtime.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
@@ -22,10 +21,8 @@ OPTS = RunnerOptions(cuda_graphs=False, compile=False, batch_sizes=(1, 2), len_b
 
 
 @pytest.fixture(scope="module")
-def smollm():
-    from realtime.engine import build_engine
-
-    engine = build_engine(load_config("embedded").engine)
+def smollm(runtime):
+    engine = runtime.engine  # the default stack's SmolLM2 engine, loaded once per test run
     tok = engine.tokenizer
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "Why is the sky blue? Explain it in two sentences."}],
