@@ -242,6 +242,7 @@ async def test_barge_in_interrupts_and_the_history_keeps_what_was_heard(models):
     assert last_audio < frames.index(interruption)  # no audio after the interruption
     assert models.engine.commits == [("hello", interruption.spoken_text, True)]
     assert c.history[-1].spoken == interruption.spoken_text and c.history[-1].interrupted
+    assert not session.speaker._streams and not session.speaker._ends  # nothing left behind
     await session.close()
 
 

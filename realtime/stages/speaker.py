@@ -53,6 +53,7 @@ class Speaker(Stage):
 
     async def _pump(self, rid: int, stream: TTSStream) -> None:
         frame_s = self.ctx.config.audio.output_frame_ms / 1000
+        end: AnswerText | None = None
         try:
             async for chunk in stream.chunks():
                 if stream.cancelled:
@@ -69,8 +70,8 @@ class Speaker(Stage):
             if not stream.cancelled:
                 msg = f"speech synthesis failed: {exc}"
                 await self.push(ErrorFrame("tts_error", msg, response_id=rid))
-        finally:
+        finally:  # a cancelled answer leaves nothing behind either
             self._streams.pop(rid, None)
-        end = self._ends.pop(rid, None)
+            end = self._ends.pop(rid, None)
         if not stream.cancelled:
             await self.push(end or AnswerText(rid, "", end=True))
