@@ -254,9 +254,9 @@ class Session:
         self.ctx.options = replace(self.options, **changes, **({"vad": vad} if vad else {}))
         if vad is not None or "turn_detection" in changes:
             self.detector.reconfigure()
-        es = self.engine.session
-        if "instructions" in changes and es is not None and hasattr(es, "system_prompt"):
-            es.system_prompt = self.system_prompt  # type: ignore[attr-defined]
+        es, prompt = self.engine.session, self.system_prompt
+        if "instructions" in changes and es is not None:  # queued: never waits on the engine
+            self.models.worker.submit(lambda: es.set_instructions(prompt))
 
     def add_message(self, role: str, text: str) -> None:
         if role == "user":

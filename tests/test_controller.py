@@ -62,6 +62,9 @@ class EchoSession:
     def discard(self) -> None:
         pass
 
+    def set_instructions(self, system_prompt: str) -> None:
+        self.engine.instructions.append(system_prompt)
+
     def close(self) -> None:
         pass
 
@@ -74,6 +77,7 @@ class EchoEngine:
     def __init__(self, words: int = 0, step_s: float = 0.002, commit_s: float = 0.0) -> None:
         self.words, self.step_s, self.commit_s = words, step_s, commit_s
         self.commits: list[tuple[str, str, bool]] = []
+        self.instructions: list[str] = []
 
     def new_session(self, system_prompt: str, sampling: SamplingConfig) -> EchoSession:
         return EchoSession(self)
@@ -322,4 +326,14 @@ async def test_a_tts_failure_ends_the_answer_as_failed_with_an_error(models):
     assert not [f for f in frames if isinstance(f, OutputAudio)]
     assert session.controller.last_response is not None
     assert session.controller.last_response.failed  # not a silent "completed"
+    await session.close()
+
+
+async def test_new_instructions_reach_the_engine_without_waiting_on_it(models):
+    models.engine.commit_s = 0.0
+    session = await started(models)
+    session.update(instructions="Answer like a pirate.")
+    await models.worker.call(lambda: None)  # the queued job has run
+    assert models.engine.instructions == ["Answer like a pirate."]
+    assert session.system_prompt == "Answer like a pirate."
     await session.close()

@@ -293,3 +293,21 @@ def test_audio_heard_while_answering_is_listened_after_the_answer(random_dir: Pa
     assert (s._l.pos, s._l.audio.shape[0]) == (pos, before)  # nothing written over the answer
     list(it)
     assert s._l.audio.shape[0] == before + int(0.7 * RATE)  # heard once the answer was done
+
+
+def test_new_instructions_apply_from_the_next_turn(bigram_dir: Path) -> None:
+    """``session.update(instructions=...)`` on the Step-Audio engine: the history is re-filled
+    under the new system prompt when the next turn opens (it used to be ignored)."""
+    engine = cpu_engine(bigram_dir)
+    s = engine.new_session("sys", SamplingConfig(think_budget=0, max_new_tokens=4))
+    listen_in_pieces(s, speechlike(0.7))
+    list(s.respond(UserTurn(), CancelToken()))
+    s.commit(UserTurn(), "Hi you", interrupted=False)
+    before = s._hist_len
+    s.set_instructions("You answer in one word, always.")
+    assert s._hist_len == before  # nothing changes mid-conversation until the next turn
+    listen_in_pieces(s, speechlike(0.5, seed=2))
+    prompt = engine.builder.render(s.conv.messages(), add_generation_prompt=False)
+    assert s._hist_len == len(prompt.ids) > before
+    assert "one word, always" in engine.tok.decode(prompt.ids)
+    assert _text(_events(s.respond(UserTurn(), CancelToken())), "answer") == "Hi you"

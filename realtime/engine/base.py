@@ -97,6 +97,9 @@ class EngineSession(Protocol):
     def discard(self) -> None:
         """Forget the current (partial) turn: pre-filled audio, speculative work."""
 
+    def set_instructions(self, system_prompt: str) -> None:
+        """A new system prompt, in force from the next turn on."""
+
     def close(self) -> None:
         """Free everything this session holds (cache slots)."""
 

@@ -285,6 +285,9 @@ class SmolLMSession:
     def discard(self) -> None:
         """Nothing to undo: the next respond re-uses the cache up to the common prefix."""
 
+    def set_instructions(self, system_prompt: str) -> None:
+        self.system_prompt = system_prompt  # the next prompt differs from its start: re-filled
+
     def close(self) -> None:
         self._cache = None  # type: ignore[assignment]
         self._conv = _Conversation()

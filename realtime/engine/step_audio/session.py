@@ -55,6 +55,7 @@ class StepAudioSession:
         self._answer: Answer | None = None  # while ``respond`` runs
         self._deferred: list[np.ndarray] = []  # audio heard while answering, listened after
         self._closed = False
+        self._prompt_changed = False
         self.on_token: Callable[[Role, int, float], None] | None = None  # bench/debug hook
         self.handovers = 0  # reasoning blocks handed to the speaking lane (all turns)
         self._rebuild_history()
@@ -98,10 +99,20 @@ class StepAudioSession:
         self._open_turn()
         self._l.hear(pcm)
 
+    def set_instructions(self, system_prompt: str) -> None:
+        """From the next turn on: the history is re-filled under the new prompt when that turn
+        opens (a turn already being heard keeps the prompt it was heard under)."""
+        self.conv.system_prompt = system_prompt
+        self._prompt_changed = True
+
     def _open_turn(self) -> None:
         lst, e = self._l, self.engine
         if lst.opened:
             return
+        if self._prompt_changed:
+            self._prompt_changed = False
+            self._rebuild_history()
+            lst.pos = self._hist_len
         limit = e.cfg.history_turns
         too_long = self._hist_len + 64 > e.cache.max_len // 2 and bool(self.conv.turns)
         if too_long or (limit and len(self.conv.turns) > limit):
