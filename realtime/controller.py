@@ -85,7 +85,6 @@ class TurnController(Stage):
         self.turns = 0
         self.pending_text: str | None = None  # a committed turn awaiting respond()
         self._ids = itertools.count(1)
-        self._turn_open = False  # a turn ended and its answer is not finished yet
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -108,8 +107,7 @@ class TurnController(Stage):
                 await self._drop_speculation()
                 await self.push(DiscardTurn())
             else:
-                self._turn_open = True
-                self._idle.clear()
+                self._idle.clear()  # busy until the turn's answer is done (or there is none)
         elif isinstance(frame, Transcript) and frame.candidate:
             opts = self.ctx.options
             if opts.create_response and self.ctx.config.engine.speculative:
@@ -130,7 +128,6 @@ class TurnController(Stage):
             await self.interrupt()
 
     async def _on_final(self, text: str) -> None:
-        self._turn_open = True
         self._idle.clear()
         resp = self.response
         if not text.strip() and self.text_input:
@@ -275,7 +272,6 @@ class TurnController(Stage):
         self._close_turn()
 
     def _close_turn(self) -> None:
-        self._turn_open = False
         if self.response is None or not self.response.released:
             self._idle.set()
 
