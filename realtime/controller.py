@@ -48,6 +48,7 @@ from realtime.frames import (
     ToolCall,
     Transcript,
     TurnMetrics,
+    answer_id,
 )
 from realtime.stages import Stage
 from realtime.turn import Response, TurnClock
@@ -235,7 +236,7 @@ class TurnController(Stage):
     def on_output(self, frame: Frame, played: bool) -> None:
         """What the output stage received (``played=False``) or handed out (``True``)."""
         resp = self.response
-        if resp is None or getattr(frame, "response_id", None) != resp.id:
+        if resp is None or answer_id(frame) != resp.id:
             return
         if not played:
             if isinstance(frame, AnswerText) and not frame.end:

@@ -177,6 +177,14 @@ class EndFrame(Frame):
     reason: str = ""
 
 
+def answer_id(frame: Frame) -> int | None:
+    """The response a frame of an answer belongs to (text, audio, tool call, or its error);
+    None for every other frame."""
+    if isinstance(frame, (AnswerText, ThinkingText, ToolCall, OutputAudio, ErrorFrame)):
+        return frame.response_id
+    return None
+
+
 def frame_to_event(frame: Frame) -> dict[str, Any] | None:
     """The JSON-lines event of a frame (``run_agent.py --json`` and the data channel)."""
     if isinstance(frame, Transcript):

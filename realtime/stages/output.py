@@ -12,14 +12,12 @@ from realtime.context import SessionContext
 from realtime.frames import (
     AnswerText,
     CancelResponse,
-    ErrorFrame,
     Frame,
     OutputAudio,
     ReleaseResponse,
     StartResponse,
-    ThinkingText,
-    ToolCall,
     TurnAudio,
+    answer_id,
 )
 from realtime.stages.base import CONTROL_FRAMES, Stage
 
@@ -63,7 +61,7 @@ class Output(Stage):
             self.flush()
         elif isinstance(frame, CONTROL_FRAMES + (TurnAudio,)):
             pass  # control never reaches the transport
-        elif (rid := _response_id(frame)) is not None:
+        elif (rid := answer_id(frame)) is not None:
             answer = self._answers.get(rid)
             if answer is None:
                 return  # an answer that was cancelled meanwhile
@@ -93,7 +91,7 @@ class Output(Stage):
             await self._emit(frame)
 
     async def _emit(self, frame: Frame) -> None:
-        rid = _response_id(frame)
+        rid = answer_id(frame)
         if rid not in self._answers:
             return  # cancelled while queued
         if isinstance(frame, OutputAudio):
@@ -121,11 +119,3 @@ class Output(Stage):
         """Drop queued audio at once (barge-in)."""
         while not self._play.empty():
             self._play.get_nowait()
-
-
-def _response_id(frame: Frame) -> int | None:
-    if isinstance(frame, (AnswerText, ThinkingText, ToolCall, OutputAudio)):
-        return frame.response_id
-    if isinstance(frame, ErrorFrame):
-        return frame.response_id
-    return None
