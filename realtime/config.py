@@ -113,6 +113,28 @@ class ServerConfig:
 
 
 @dataclass
+class MicConfig:
+    """``run_agent.py --mic`` (realtime/transports/mic.py)."""
+
+    # take the agent's own voice, played through the speakers, out of the microphone signal
+    # (realtime/echo.py), so that it cannot barge in on itself
+    echo_cancellation: bool = True
+    noise_suppression: bool = False  # WebRTC's noise suppressor on the microphone too
+
+
+@dataclass
+class TelephonyConfig:
+    """Phone calls (realtime/server/twilio.py)."""
+
+    # a key the caller presses also reaches the conversation as user text ("[keypad: 1]"),
+    # which the engine reads with the caller's next words
+    dtmf_to_engine: bool = True
+    # keys pressed and then nothing said for this long: the agent answers the keys alone
+    # (0 = keys wait for the caller's next words)
+    dtmf_respond_after_s: float = 2.0
+
+
+@dataclass
 class AgentConfig:
     name: str = "embedded"
     audio: AudioConfig = field(default_factory=AudioConfig)
@@ -121,6 +143,8 @@ class AgentConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     tts: TTSConfig = field(default_factory=TTSConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    mic: MicConfig = field(default_factory=MicConfig)
+    telephony: TelephonyConfig = field(default_factory=TelephonyConfig)
 
 
 T = TypeVar("T")

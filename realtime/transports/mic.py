@@ -5,7 +5,11 @@ PortAudio (through ``sounddevice``) calls back on its own threads: the input cal
 barge-in empties at once. The session paces its output in real time, so the buffer stays
 a few frames deep.
 
-There is no echo cancellation here: use headphones, or ``half_duplex=True`` (the microphone
+With speakers, the microphone hears the agent too: acoustic echo cancellation
+(``realtime.echo``, on by default: ``mic.echo_cancellation`` in the config) takes the played
+answer out of the microphone signal, so that the agent does not barge in on itself while a
+user speaking over it still does. Its reference is what the output callback hands to the
+speakers, block by block. Without it, use headphones, or ``half_duplex=True`` (the microphone
 is muted while the agent speaks, which also disables barge-in).
 """
 
@@ -21,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from realtime.audio import StreamResampler
+from realtime.audio import PIPELINE_RATE, StreamResampler
+from realtime.echo import EchoCanceller
 from realtime.frames import EndFrame, Interruption, OutputAudio, frame_to_event
 
 BLOCK_MS = 20
@@ -135,13 +140,21 @@ async def run_mic(
     on_event: Callable[[dict[str, Any]], None] | None = print_event,
     half_duplex: bool = False,
     stop: asyncio.Event | None = None,
+    echo_cancellation: bool | None = None,
 ) -> None:
     """Converse through the microphone until ``stop`` is set or the task is cancelled (Ctrl-C).
 
+    ``echo_cancellation``: None takes the config's ``mic.echo_cancellation``.
     Raises ``NoAudioDeviceError`` before anything starts when there is no input or output.
     """
     devices = find_devices(input_device, output_device)
     import sounddevice as sd
+
+    mic_cfg = runtime.config.mic
+    if echo_cancellation is None:
+        echo_cancellation = mic_cfg.echo_cancellation
+    aec = EchoCanceller(mic_cfg.noise_suppression) if echo_cancellation else None
+    input_rate = PIPELINE_RATE if aec is not None else devices.input_rate  # what feed() gets
 
     loop = asyncio.get_running_loop()
     blocks: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=500)
@@ -153,6 +166,8 @@ async def run_mic(
 
     def on_input(indata: np.ndarray, frames: int, time: Any, status: Any) -> None:
         block = indata[:, 0].copy()
+        if aec is not None:  # here, in the device's order of play and capture, not the loop's
+            block = aec.process(block, devices.input_rate)
         with contextlib.suppress(RuntimeError):  # the loop is closing
             loop.call_soon_threadsafe(_offer, block)
 
@@ -162,13 +177,16 @@ async def run_mic(
 
     def on_output(outdata: np.ndarray, frames: int, time: Any, status: Any) -> None:
         playback.read_into(outdata)
+        if aec is not None:  # the reference: what the speakers play now (silence too)
+            aec.played(outdata[:, 0], devices.output_rate)
 
     async def feed() -> None:
         while True:
             block = await blocks.get()
             if half_duplex and playback.playing:
                 block = np.zeros_like(block)
-            await session.push_audio(block, devices.input_rate)
+            if block.size:
+                await session.push_audio(block, input_rate)
 
     async def pump() -> None:
         resample = StreamResampler(devices.output_rate, dtype=np.int16)
