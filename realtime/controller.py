@@ -26,7 +26,7 @@ import enum
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from realtime.context import SessionContext
 from realtime.engine.base import UserTurn
@@ -40,6 +40,7 @@ from realtime.frames import (
     Interruption,
     OutputAudio,
     ReleaseResponse,
+    ReviseTurn,
     SpeechPaused,
     SpeechStarted,
     SpeechStopped,
@@ -70,6 +71,8 @@ class HistoryEntry:
     answer: str
     spoken: str
     interrupted: bool
+    engine_turn: int | None = None  # its index among the turns the engine committed
+    response: Response | None = field(default=None, repr=False, compare=False)
 
 
 class TurnController(Stage):
@@ -86,6 +89,7 @@ class TurnController(Stage):
         self.turns = 0
         self.pending_text: str | None = None  # a committed turn awaiting respond()
         self._ids = itertools.count(1)
+        self._committed = 0  # turns committed to the engine (CommitTurn)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -141,6 +145,8 @@ class TurnController(Stage):
             self.pending_text = text
             self._close_turn()
             return
+        if self.pending_text is not None:  # typed text or keypad keys before the words
+            text, self.pending_text = f"{self.pending_text} {text}".strip(), None
         if resp is not None and resp.speculative and not resp.released:
             if resp.turn.text == text and not resp.failed:
                 await self._release(resp)
@@ -173,14 +179,45 @@ class TurnController(Stage):
         await self.push(Interruption(spoken))
         await self._finish(resp, interrupted=True)
 
-    def truncate(self, audio_end_ms: int) -> str:
-        """The client played only ``audio_end_ms`` of the last answer; returns what was heard."""
-        if not self.history:
+    def entry(self, response_id: int | None = None) -> HistoryEntry:
+        """The history entry of answer ``response_id`` (None: the last answer); KeyError if none."""
+        for e in reversed(self.history):
+            if e.response is not None and (response_id is None or e.response.id == response_id):
+                return e
+        raise KeyError(f"no answer {response_id} in the history")
+
+    def truncate(self, audio_end_ms: int, response_id: int | None = None) -> str:
+        """The client played only ``audio_end_ms`` of an answer (default: the last one): the
+        history, the engine's too, keeps what was heard, which is returned."""
+        try:
+            e = self.entry(response_id)
+        except KeyError:
+            if response_id is not None:
+                raise
             return ""
-        last = self.history[-1]
-        if self.last_response is not None:
-            last.spoken = self.last_response.heard_text(audio_end_ms / 1000)
-        return last.spoken
+        assert e.response is not None
+        heard = e.response.heard_text(audio_end_ms / 1000)
+        if heard != e.spoken:
+            e.spoken = heard
+            e.interrupted = e.interrupted or heard != e.answer.strip()
+            as_committed = f"{heard} ..." if e.interrupted and heard else heard  # as commit() does
+            self._revise(ReviseTurn(-1, answer=as_committed), e)
+        return e.spoken
+
+    def forget(self, response_id: int, user: bool, answer: bool) -> None:
+        """Delete the user's part and/or the answer of a turn, from the engine's history too."""
+        e = self.entry(response_id)
+        if user:
+            e.user = ""
+        if answer:
+            e.answer = e.spoken = ""
+        self._revise(ReviseTurn(-1, forget_user=user, forget_answer=answer), e)
+
+    def _revise(self, change: ReviseTurn, e: HistoryEntry) -> None:
+        if e.engine_turn is None:
+            return
+        frame = ReviseTurn(e.engine_turn, change.answer, change.forget_user, change.forget_answer)
+        self.ctx.spawn(self.push(frame))  # after the turn's CommitTurn, in order
 
     async def discard(self) -> None:
         """The client cleared the input: the engine forgets the turn's audio."""
@@ -266,7 +303,11 @@ class TurnController(Stage):
         self.last_response = resp
         spoken = self._delivered(resp, interrupted)
         self.turns += 1
-        self.history.append(HistoryEntry(resp.turn.text, resp.answer, spoken, interrupted))
+        entry = HistoryEntry(
+            resp.turn.text, resp.answer, spoken, interrupted, self._committed, resp
+        )
+        self._committed += 1
+        self.history.append(entry)
         await self.push(self._metrics(resp, interrupted, spoken))
         await self.push(CommitTurn(resp.turn, spoken, interrupted))
         self._enter(Phase.LISTENING)

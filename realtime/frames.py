@@ -142,6 +142,18 @@ class DiscardTurn(Frame):
 
 
 @dataclass(frozen=True, slots=True)
+class ReviseTurn(Frame):
+    """Change an earlier turn of the engine's history (``turn``: its index among the turns
+    committed in this session, from 0): the answer as heard (``answer``), or forget the
+    user's part or the answer (conversation.item.truncate / delete)."""
+
+    turn: int
+    answer: str | None = None
+    forget_user: bool = False
+    forget_answer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Interruption(Frame):
     """The user barged in: the answer in flight is cancelled."""
 
@@ -168,6 +180,13 @@ class ErrorFrame(Frame):
     message: str
     fatal: bool = False
     response_id: int | None = None  # the answer that failed, if the error is an answer's
+
+
+@dataclass(frozen=True, slots=True)
+class Dtmf(Frame):
+    """A key the caller pressed on the phone's keypad (telephony DTMF): 0-9, *, #, A-D."""
+
+    digit: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,4 +243,6 @@ def frame_to_event(frame: Frame) -> dict[str, Any] | None:
         return {"event": "error", "code": frame.code, "message": frame.message}
     if isinstance(frame, EndFrame):
         return {"event": "end", "reason": frame.reason}
+    if isinstance(frame, Dtmf):
+        return {"event": "dtmf", "digit": frame.digit}
     return None

@@ -30,7 +30,7 @@ from realtime.context import SessionContext, SessionOptions, Tasks
 from realtime.controller import HistoryEntry, Phase, TurnController
 from realtime.engine.base import Engine
 from realtime.engine.worker import EngineWorker
-from realtime.frames import EndFrame, ErrorFrame, Frame, InputAudio
+from realtime.frames import Dtmf, EndFrame, ErrorFrame, Frame, InputAudio
 from realtime.listener import Listener
 from realtime.stages import (
     EngineLink,
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MAX_CHUNK_S = 10.0  # one push_audio call may carry at most this much audio
 MAX_ITEM_AUDIO_S = 28.0  # a clip transcribed whole fits one Whisper window (with its padding)
+DTMF_KEYS = frozenset("0123456789*#ABCD")
 
 
 @dataclass(eq=False)
@@ -99,6 +100,7 @@ class Session:
         self._converter: InputConverter | None = None
         self._t = 0.0  # stream time of the next input sample
         self._closed = False
+        self._keys_timer: asyncio.Task[None] | None = None
         self.on_close: Callable[[Session], None] | None = None  # the runtime forgets it
         # the data path, top to bottom
         self.detector = TurnDetector(self.ctx)
@@ -268,9 +270,46 @@ class Session:
         else:
             raise ValueError(f"unknown role {role!r}; expected user, assistant or system")
 
-    def truncate(self, audio_end_ms: int) -> str:
-        """The client played only ``audio_end_ms`` of the last answer; returns what was heard."""
-        return self.controller.truncate(audio_end_ms)
+    def truncate(self, audio_end_ms: int, response_id: int | None = None) -> str:
+        """The client played only ``audio_end_ms`` of an answer (default: the last): the
+        history and the engine's keep the words heard, which are returned. KeyError for an
+        unknown ``response_id``."""
+        return self.controller.truncate(audio_end_ms, response_id)
+
+    def forget(self, response_id: int, user: bool = False, answer: bool = False) -> None:
+        """Delete a turn's user part and/or answer from the history and the engine's.
+        KeyError for an unknown ``response_id``."""
+        self.controller.forget(response_id, user, answer)
+
+    async def press_key(self, digit: str) -> None:
+        """A key the caller pressed (telephony DTMF). It goes out as a ``Dtmf`` frame and, with
+        ``telephony.dtmf_to_engine``, into the conversation as user text ("[keypad: 1]") that
+        the engine reads with the caller's next words, or alone once no words came for
+        ``telephony.dtmf_respond_after_s``. The key itself is never logged (it may be a PIN)."""
+        if not isinstance(digit, str) or digit not in DTMF_KEYS:
+            raise ValueError(f"a keypad key is one of 0-9, *, #, A-D; got {digit!r}")
+        if self._closed:
+            raise RuntimeError("the session is closed")
+        log.info("session %s: keypad key pressed", self.id)
+        await self.output.process(Dtmf(digit))
+        tel = self.ctx.config.telephony
+        if not tel.dtmf_to_engine:
+            return
+        self.controller.add_user_text(f"[keypad: {digit}]")
+        if tel.dtmf_respond_after_s > 0:
+            if self._keys_timer is not None:
+                self._keys_timer.cancel()
+            self._keys_timer = self.ctx.spawn(self._answer_keys(tel.dtmf_respond_after_s))
+
+    async def _answer_keys(self, after_s: float) -> None:
+        """No more keys and no words for ``after_s``: answer the keys pressed."""
+        while True:
+            await self.controller.wait_idle()
+            await asyncio.sleep(after_s)
+            if not self.controller.busy and not self.detector.endpointer.in_speech:
+                break
+        if self.controller.pending_text is not None:  # the caller's words took them meanwhile
+            await self.respond()
 
     async def respond(self, text: str | None = None) -> None:
         """Start a response: to ``text``, to pending user messages, or to the last turn."""

@@ -25,6 +25,7 @@ from aiohttp import web
 from realtime.config import ServerConfig, VADConfig
 from realtime.frames import (
     AnswerText,
+    Dtmf,
     EndFrame,
     ErrorFrame,
     Frame,
@@ -187,6 +188,11 @@ class FakeSession:
                 if self.options.create_response:
                     await self.respond()
 
+    async def press_key(self, digit: str) -> None:
+        if digit not in "0123456789*#ABCD" or len(digit) != 1:
+            raise ValueError(f"not a keypad key: {digit!r}")
+        await self.queue.put(Dtmf(digit))
+
     async def commit(self) -> None:
         self.speaking = False
         if self.options.create_response:
@@ -249,8 +255,12 @@ class FakeSession:
     def add_message(self, role: str, text: str) -> None:
         self.messages.append((role, text))
 
-    def truncate(self, audio_end_ms: int) -> None:
+    def truncate(self, audio_end_ms: int, response_id: int | None = None) -> str:
         self.truncated.append(audio_end_ms)
+        return ""
+
+    def forget(self, response_id: int, user: bool = False, answer: bool = False) -> None:
+        pass
 
     async def end(self) -> None:
         await self.queue.put(EndFrame("input ended"))

@@ -100,6 +100,12 @@ class EngineSession(Protocol):
     def set_instructions(self, system_prompt: str) -> None:
         """A new system prompt, in force from the next turn on."""
 
+    def revise(self, turn: int, answer: str | None, forget_user: bool, forget_answer: bool) -> None:
+        """Change committed turn number ``turn`` (0 = this session's first) of the history, in
+        force from the next turn on: its answer becomes ``answer`` (the part that was heard),
+        or its user part or answer is forgotten. A turn already dropped from the history
+        (``history_turns``) is left alone."""
+
     def close(self) -> None:
         """Free everything this session holds (cache slots)."""
 

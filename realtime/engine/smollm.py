@@ -161,7 +161,11 @@ class SmolLMSession:
 
     # -- prompt -------------------------------------------------------------------------
     def _messages(self, user_text: str | None) -> list[dict[str, str]]:
-        history = self._conv.messages[self._conv.first :]
+        history = [
+            {"role": m["role"], "content": m["content"]}
+            for m in self._conv.messages[self._conv.first :]
+            if "forgotten" not in m
+        ]
         msgs = [{"role": "system", "content": self.system_prompt}, *history]
         if user_text is not None:
             msgs.append({"role": "user", "content": user_text})
@@ -287,6 +291,19 @@ class SmolLMSession:
 
     def set_instructions(self, system_prompt: str) -> None:
         self.system_prompt = system_prompt  # the next prompt differs from its start: re-filled
+
+    def revise(self, turn: int, answer: str | None, forget_user: bool, forget_answer: bool) -> None:
+        """The next prompt differs from the revised turn on: the cache is re-filled from there."""
+        msgs = self._conv.messages
+        if not 0 <= 2 * turn < len(msgs) - 1:
+            return
+        user, reply = msgs[2 * turn], msgs[2 * turn + 1]
+        if answer is not None:
+            reply["content"] = answer.strip()
+        if forget_user:
+            user["forgotten"] = "1"
+        if forget_answer:
+            reply["forgotten"] = "1"
 
     def close(self) -> None:
         self._cache = None  # type: ignore[assignment]

@@ -118,6 +118,7 @@ async def _pump(conn: RealtimeConnection) -> None:
             await conn.finish_response("cancelled", "turn_detected")
         elif isinstance(frame, TurnMetrics):
             conn.ctx.metrics.observe_turn(TRANSPORT, frame)
+            conn.bind_turn(frame.response_id)
             if frame.transcript and conn.awaiting_transcript is not None:
                 await conn.on_transcript(frame.transcript)
             if conn.response is not None:

@@ -80,9 +80,18 @@ class RealtimeConnection:
     resample: StreamResampler = field(
         default_factory=lambda: StreamResampler(24000, dtype=np.int16)
     )
+    # conversation items (retrieve, truncate, delete): each item as last sent, and which turn
+    # of the session's history (its answer's response id; the user's part or the answer) an
+    # item is; the user and assistant items whose turn has no answer yet
+    item_json: dict[str, dict[str, Any]] = field(default_factory=dict)
+    item_turn: dict[str, tuple[int, str]] = field(default_factory=dict)
+    turn_items: list[str] = field(default_factory=list)
 
     # ---- sending -------------------------------------------------------------------------
     async def send(self, type_: str, **body: Any) -> None:
+        item = body.get("item")
+        if type_ in ("conversation.item.added", "conversation.item.done") and item is not None:
+            self.item_json[item["id"]] = item
         if self.beta:
             if type_ in rp.GA_ONLY:
                 return
@@ -130,6 +139,7 @@ class RealtimeConnection:
                 "response.output_item.added", response_id=r.id, output_index=0, item=item
             )
             await self.add_item(item)
+            self.turn_items.append(r.item_id)
             await self.send(
                 "response.content_part.added", **r.ids(), part=content_part("", r.text_only)
             )
@@ -205,10 +215,22 @@ class RealtimeConnection:
             "input_audio_buffer.committed", previous_item_id=previous, item_id=turn.item_id
         )
         await self.add_item(rp.user_audio_item(turn.item_id, None, self.beta))
+        self.turn_items.append(turn.item_id)
         self.awaiting_transcript = turn
         self.last_input_ms = turn.audio_ms
         self.user = InputItem()
         self.drop_output = False
+
+    def bind_turn(self, response_id: int | None) -> None:
+        """The session's answer ``response_id`` is done: the items waiting for their turn are
+        that turn's (the user's part, the answer)."""
+        if response_id is None:
+            return
+        for item_id in self.turn_items:
+            role = self.items.get(item_id)
+            if role is not None:
+                self.item_turn[item_id] = (response_id, role)
+        self.turn_items.clear()
 
     async def on_transcript(self, text: str) -> None:
         turn = self.awaiting_transcript

@@ -213,6 +213,8 @@ async def handle_event(
         else:
             s.add_message(role, text)
         item_id = item.get("id") if isinstance(item.get("id"), str) else rp.new_id("item")
+        if role == "user":
+            conn.turn_items.append(item_id)  # part of the next turn
         heard = role == "user" and any(
             isinstance(p, dict) and p.get("type") == "input_audio" for p in item["content"]
         )
@@ -229,27 +231,72 @@ async def handle_event(
             raise ClientError(f"no assistant item {item_id!r} to truncate", param="item_id")
         if isinstance(end_ms, bool) or not isinstance(end_ms, int) or end_ms < 0:
             raise ClientError("audio_end_ms must be a non-negative integer", param="audio_end_ms")
-        if item_id == next((i for i in reversed(conn.items) if conn.items[i] == "assistant"), None):
-            s.truncate(end_ms)
+        turn = conn.item_turn.get(item_id)
+        last = next((i for i in reversed(conn.items) if conn.items[i] == "assistant"), None)
+        heard: str | None = None
+        if turn is not None:
+            heard = s.truncate(end_ms, turn[0])
+        elif item_id == last and (conn.response is None or conn.response.item_id != item_id):
+            heard = s.truncate(end_ms)  # the last answer, done but not yet bound to its turn
+        if heard is not None:
+            _set_transcript(conn, item_id, heard)
         await conn.send(
             "conversation.item.truncated",
             item_id=item_id,
             content_index=event.get("content_index", 0),
             audio_end_ms=end_ms,
         )
+    elif kind == "conversation.item.retrieve":
+        item_id = event.get("item_id")
+        if item_id not in conn.items or item_id not in conn.item_json:
+            raise ClientError(f"no item {item_id!r} in the conversation", param="item_id")
+        await conn.send("conversation.item.retrieved", item=conn.item_json[item_id])
     elif kind == "conversation.item.delete":
         item_id = event.get("item_id")
         if item_id not in conn.items:
             raise ClientError(f"no item {item_id!r} in the conversation", param="item_id")
-        del conn.items[item_id]
-        delete = getattr(s, "delete_item", None)
-        if delete is not None:
-            delete(item_id)
+        if conn.response is not None and conn.response.item_id == item_id:
+            raise ClientError(
+                "the item's response is in progress; cancel it first (response.cancel)",
+                param="item_id",
+            )
+        turn = conn.item_turn.pop(item_id, None)
+        if turn is not None:  # the engine forgets it too
+            with contextlib.suppress(KeyError):  # the turn left the history meanwhile
+                s.forget(turn[0], user=turn[1] == "user", answer=turn[1] == "assistant")
+        conn.items.pop(item_id)
+        full = conn.item_json.pop(item_id, None) or {}
+        if item_id in conn.turn_items:  # its turn has not been answered yet
+            conn.turn_items.remove(item_id)
+            text = _item_text(full)
+            if text in conn.pending_user_text:  # typed, not yet sent to the session
+                conn.pending_user_text.remove(text)
         await conn.send("conversation.item.deleted", item_id=item_id)
     elif isinstance(kind, str):
         raise ClientError(f"unknown event type {kind!r}", code="unknown_event", param="type")
     else:
         raise ClientError("every event needs a string 'type'", code="invalid_event", param="type")
+
+
+def _item_text(item: dict[str, Any]) -> str | None:
+    for p in item.get("content") or []:
+        if isinstance(p, dict) and isinstance(p.get("text"), str):
+            return p["text"]
+    return None
+
+
+def _set_transcript(conn: RealtimeConnection, item_id: str, text: str) -> None:
+    """A truncated answer's item keeps only the words heard (conversation.item.retrieve)."""
+    item = conn.item_json.get(item_id)
+    if item is None:
+        return
+    parts = [dict(p) for p in item.get("content") or []]
+    for p in parts:
+        if "transcript" in p:
+            p["transcript"] = text
+        elif "text" in p:
+            p["text"] = text
+    conn.item_json[item_id] = {**item, "content": parts}
 
 
 def parse_message(data: str, limit: int) -> dict[str, Any]:

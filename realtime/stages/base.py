@@ -8,10 +8,18 @@ from realtime.frames import (
     DiscardTurn,
     Frame,
     ReleaseResponse,
+    ReviseTurn,
     StartResponse,
 )
 
-CONTROL_FRAMES = (StartResponse, ReleaseResponse, CancelResponse, CommitTurn, DiscardTurn)
+CONTROL_FRAMES = (
+    StartResponse,
+    ReleaseResponse,
+    CancelResponse,
+    CommitTurn,
+    DiscardTurn,
+    ReviseTurn,
+)
 
 
 class Stage:

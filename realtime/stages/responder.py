@@ -17,6 +17,7 @@ from realtime.frames import (
     DiscardTurn,
     ErrorFrame,
     Frame,
+    ReviseTurn,
     StartResponse,
     ThinkingText,
     ToolCall,
@@ -61,6 +62,14 @@ class Responder(Stage):
         if isinstance(frame, CommitTurn):
             if es is not None:
                 self._submit(lambda: es.commit(frame.turn, frame.spoken, frame.interrupted))
+            return
+        if isinstance(frame, ReviseTurn):
+            if es is not None:
+                self._submit(
+                    lambda: es.revise(
+                        frame.turn, frame.answer, frame.forget_user, frame.forget_answer
+                    )
+                )
             return
         await self.push(frame)
         if isinstance(frame, StartResponse):

@@ -56,6 +56,7 @@ class StepAudioSession:
         self._deferred: list[np.ndarray] = []  # audio heard while answering, listened after
         self._closed = False
         self._prompt_changed = False
+        self._dropped = 0  # committed turns trimmed from the history so far
         self.on_token: Callable[[Role, int, float], None] | None = None  # bench/debug hook
         self.handovers = 0  # reasoning blocks handed to the speaking lane (all turns)
         self._rebuild_history()
@@ -84,6 +85,7 @@ class StepAudioSession:
     def _trim_history(self, keep: int) -> None:
         """Keep the last ``keep`` turns and re-fill the cache from position 0 (the stored
         audio embeddings are reused; this runs when the next turn starts, before it is heard)."""
+        self._dropped += len(self.conv.turns) - keep
         self.conv.turns = self.conv.turns[len(self.conv.turns) - keep :]
         self._turn_embeds = self._turn_embeds[len(self._turn_embeds) - keep :]
         self._rebuild_history()
@@ -103,6 +105,21 @@ class StepAudioSession:
         """From the next turn on: the history is re-filled under the new prompt when that turn
         opens (a turn already being heard keeps the prompt it was heard under)."""
         self.conv.system_prompt = system_prompt
+        self._prompt_changed = True
+
+    def revise(self, turn: int, answer: str | None, forget_user: bool, forget_answer: bool) -> None:
+        """Like a new system prompt, the history is re-filled when the next turn opens."""
+        i = turn - self._dropped
+        if not 0 <= i < len(self.conv.turns):
+            return
+        t = self.conv.turns[i]
+        if answer is not None:
+            t.answer = answer.strip()
+        if forget_answer:
+            t.answer = ""
+        if forget_user:
+            t.user = Message.text("human", "")
+            self._turn_embeds[i] = []  # its audio goes with it
         self._prompt_changed = True
 
     def _open_turn(self) -> None:
