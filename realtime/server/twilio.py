@@ -2,10 +2,15 @@
 
 Inbound ``media`` is 8 kHz mu-law, 20 ms a message. The answer goes back as 20 ms mu-law
 ``media`` messages as fast as it is synthesised (Twilio buffers and plays it), with a
-``mark`` at every piece boundary and at the end of the answer. Twilio echoes a mark when
-the audio before it has played, so the echoed marks say how much the caller really heard.
-When the caller speaks over audio that has not played yet, the handler sends ``clear``
-(Twilio drops its queue) and tells the session how much was heard (``truncate``).
+``mark`` at every piece boundary and at the end of the answer, named
+``"<response id>:<ms>"``: the answer's audio before the mark, on the session's own clock of
+the answer (``-end`` added to the last). Twilio echoes a mark when the audio before it has
+played, so the echoed marks say how much the caller really heard. When the caller speaks
+over audio that has not played yet, the handler sends ``clear`` (Twilio drops its queue) and
+truncates the answer in the session's history, the engine's too, at the last echoed mark:
+the words before it stay, those after it go.
+
+A ``dtmf`` message (a key the caller pressed) goes to the session (``press_key``).
 
 Bad messages get ``{"event": "error", "error": {"code", "message"}}`` back (Twilio logs and
 ignores events it does not know); a stream in another media format is refused and closed.
@@ -62,14 +67,16 @@ class TwilioCall:
     stream_sid: str | None = None
     call_sid: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    answer: int = 0  # answers started so far; marks are named "<answer>:<ms>"
-    sent_ms: float = 0.0  # audio of the current answer sent to Twilio
-    played_ms: float = 0.0  # audio of the current answer Twilio says has played
+    answer: int | None = None  # the session's response id of the answer being sent
+    audio_s: float = 0.0  # audio of the current answer sent, on the session's clock
+    sent_ms: float = 0.0  # mu-law audio of the current answer sent to Twilio (with padding)
+    played_ms: float = 0.0  # audio of the current answer (session clock) Twilio has played
     outstanding: set[str] = field(default_factory=set)  # marks sent, not yet echoed
+    acked: list[str] = field(default_factory=list)  # marks echoed, in order
     pending: bytearray = field(default_factory=bytearray)  # mu-law not yet a whole frame
     resample: StreamResampler = field(default_factory=lambda: StreamResampler(RATE, dtype=np.int16))
     media_in: int = 0
-    dtmf: list[str] = field(default_factory=list)
+    dtmf: int = 0  # keys pressed (which ones is the caller's business: never logged)
 
     async def send(self, message: dict[str, Any]) -> None:
         async with self.lock:
@@ -108,31 +115,39 @@ class TwilioCall:
             await self._media(chunk)
 
     async def mark(self, label: str = "") -> None:
-        name = f"{self.answer}:{int(self.sent_ms)}{label}"
+        """A mark after the audio sent so far: named by the answer and the audio before it (ms,
+        rounded down, on the session's clock: the piece that starts here is not before it)."""
+        name = f"{self.answer}:{int(self.audio_s * 1000)}{label}"
         self.outstanding.add(name)
         await self.send({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}})
 
     def on_mark(self, name: str) -> None:
+        if name not in self.outstanding:
+            return  # not ours, or of audio already cleared
         self.outstanding.discard(name)
+        self.acked.append(name)
         answer, _, rest = name.partition(":")
         ms = rest.split("-", 1)[0]
         if answer == str(self.answer) and ms.isdigit():
             self.played_ms = max(self.played_ms, float(ms))
 
     async def barge_in(self) -> None:
-        """Drop what Twilio still has queued and tell the session what was heard."""
-        if self.sent_ms <= self.played_ms and not self.pending:
+        """Drop what Twilio still has queued; the answer's history keeps what was heard."""
+        sent_ms = self.audio_s * 1000
+        if self.answer is None or (sent_ms <= self.played_ms and not self.pending):
             return  # everything sent has played: nothing to cut
         self.pending.clear()
         self.outstanding.clear()
-        heard, self.played_ms = self.played_ms, self.sent_ms
+        heard, self.played_ms = self.played_ms, sent_ms
         await self.send({"event": "clear", "streamSid": self.stream_sid})
-        with contextlib.suppress(Exception):
-            self.session.truncate(int(heard))
+        try:
+            self.session.truncate(int(heard), self.answer)
+        except KeyError:  # the answer never reached the history (nothing of it was kept)
+            pass
 
-    def new_answer(self) -> None:
-        self.answer += 1
-        self.sent_ms = self.played_ms = 0.0
+    def new_answer(self, response_id: int | None) -> None:
+        self.answer = response_id
+        self.audio_s = self.sent_ms = self.played_ms = 0.0
 
 
 async def _pump(call: TwilioCall) -> None:
@@ -142,11 +157,12 @@ async def _pump(call: TwilioCall) -> None:
             if call.stream_sid is None:
                 continue
             if not in_answer:
-                call.new_answer()
+                call.new_answer(frame.response_id)
                 in_answer = True
             elif frame.text:
                 await call.flush()
                 await call.mark()  # a piece boundary
+            call.audio_s += len(frame.pcm) / frame.sample_rate
             await call.send_audio(ulaw_encode(call.resample(frame.pcm, frame.sample_rate)))
         elif isinstance(frame, (SpeechStarted, Interruption)):
             await call.barge_in()
@@ -224,10 +240,15 @@ async def _handle(call: TwilioCall, msg: dict[str, Any]) -> bool:
             call.on_mark(mark["name"])
         return True
     if event == "dtmf":
-        digit = (msg.get("dtmf") or {}).get("digit")
-        if isinstance(digit, str):
-            call.dtmf.append(digit)
-            log.info("twilio stream %s: DTMF %s", call.stream_sid, digit)
+        dtmf = msg.get("dtmf")
+        digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
+        if not isinstance(digit, str):
+            raise TwilioError("invalid_message", 'a "dtmf" message needs dtmf.digit')
+        try:
+            await call.session.press_key(digit)
+        except ValueError as exc:
+            raise TwilioError("invalid_message", str(exc)) from None
+        call.dtmf += 1
         return True
     if event == "stop":
         return False
