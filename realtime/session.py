@@ -308,7 +308,7 @@ class Session:
             await asyncio.sleep(after_s)
             if not self.controller.busy and not self.detector.endpointer.in_speech:
                 break
-        if self.controller.pending_text is not None:  # the caller's words took them meanwhile
+        if self.controller.pending_text is not None:  # (None: the caller's words took them)
             await self.respond()
 
     async def respond(self, text: str | None = None) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from realtime.audio import PIPELINE_RATE, StreamResampler
+from realtime.config import MicConfig
 from realtime.echo import EchoCanceller
 from realtime.frames import EndFrame, Interruption, OutputAudio, frame_to_event
 
@@ -150,7 +151,8 @@ async def run_mic(
     devices = find_devices(input_device, output_device)
     import sounddevice as sd
 
-    mic_cfg = runtime.config.mic
+    config = getattr(runtime, "config", None)  # a stand-in runtime may have none
+    mic_cfg = config.mic if config is not None else MicConfig()
     if echo_cancellation is None:
         echo_cancellation = mic_cfg.echo_cancellation
     aec = EchoCanceller(mic_cfg.noise_suppression) if echo_cancellation else None
