@@ -23,6 +23,7 @@ import base64
 import contextlib
 import json
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,7 +73,7 @@ class TwilioCall:
     sent_ms: float = 0.0  # mu-law audio of the current answer sent to Twilio (with padding)
     played_ms: float = 0.0  # audio of the current answer (session clock) Twilio has played
     outstanding: set[str] = field(default_factory=set)  # marks sent, not yet echoed
-    acked: list[str] = field(default_factory=list)  # marks echoed, in order
+    acked: deque[str] = field(default_factory=lambda: deque(maxlen=64))  # echoed, in order
     pending: bytearray = field(default_factory=bytearray)  # mu-law not yet a whole frame
     resample: StreamResampler = field(default_factory=lambda: StreamResampler(RATE, dtype=np.int16))
     media_in: int = 0
@@ -246,7 +247,7 @@ async def _handle(call: TwilioCall, msg: dict[str, Any]) -> bool:
             raise TwilioError("invalid_message", 'a "dtmf" message needs dtmf.digit')
         try:
             await call.session.press_key(digit)
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:  # not a key; the session has closed
             raise TwilioError("invalid_message", str(exc)) from None
         call.dtmf += 1
         return True
