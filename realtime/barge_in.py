@@ -8,6 +8,8 @@ import re
 from collections.abc import Iterable
 
 _NOT_WORD = re.compile(r"[^a-z0-9']+")
+# hums and fillers however many letters Whisper writes ("mmmmm", "hmmm", "uhhh", "mhm")
+_HUM = re.compile(r"^(m+|h+m+|m+h+m+|u+h+|u+m+|a+h+|o+h+|e+r+m*|h+u+h+)$")
 
 
 def _words(text: str) -> list[str]:
@@ -32,6 +34,11 @@ class BackchannelFilter:
                     i += len(p)
                     break
             else:
-                keep.append(words[i])
+                if not _HUM.match(words[i]):
+                    keep.append(words[i])
                 i += 1
         return keep
+
+    @staticmethod
+    def count(text: str) -> int:
+        return len(_words(text))

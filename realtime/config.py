@@ -47,7 +47,7 @@ class VADConfig:
 
 
 BACKCHANNELS = [
-    "uh-huh", "uh huh", "mm-hm", "mm-hmm", "mhm", "mm", "hmm", "hm", "uh", "um", "ah", "oh",
+    "uh-huh", "uh huh", "uh-uh", "mm-hm", "mm-hmm", "mhm", "mm", "hmm", "hm", "uh", "um", "ah", "oh",
     "okay", "ok", "right", "yeah", "yes", "yep", "sure", "i see", "got it", "alright", "all right",
 ]  # fmt: skip
 
@@ -56,13 +56,16 @@ BACKCHANNELS = [
 class BargeInConfig:
     """What the user's speech does to an answer being spoken (realtime/controller.py).
     ``immediate``: any speech stops it. ``hold``: it goes on while the speech is judged; it
-    stops when the speech lasts ``min_speech_ms`` or its transcript has ``min_words`` words
-    that are not backchannels. A backchannel-only or noise burst is neither answered nor
+    stops when the speech lasts ``min_speech_ms`` or its transcript (at a pause, or at its
+    end) has ``min_words`` words that are not backchannels. A backchannel-only or noise burst is neither answered nor
     put in the engine's history."""
 
     mode: Literal["immediate", "hold"] = "hold"
     min_speech_ms: int = 700  # speech this long (from its start) stops the answer
     min_words: int = 1  # recognised words that are not backchannels, to stop the answer
+    # A transcript with more words a second of speech than this is Whisper hearing words in a
+    # cough or a hum (it does): it stops nothing.
+    max_words_per_s: float = 6.0
     backchannels: list[str] = field(default_factory=lambda: list(BACKCHANNELS))
 
 

@@ -96,6 +96,7 @@ class TurnController(Stage):
         self.pending_text: str | None = None  # a committed turn awaiting respond()
         self._ids = itertools.count(1)
         self.held = False  # the user speaks over an answer: judged before it is stopped
+        self._t_speech = [0.0, 0.0]  # stream times: the user's speech started, last ended
         self._backchannels = BackchannelFilter(ctx.config.barge_in.backchannels)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -110,6 +111,7 @@ class TurnController(Stage):
     async def process(self, frame: Frame) -> None:
         await self.push(frame)
         if isinstance(frame, SpeechStarted):
+            self._t_speech = [frame.t, frame.t]
             await self._on_speech()
         elif isinstance(frame, SpeechSustained):
             if self.held:
@@ -119,7 +121,10 @@ class TurnController(Stage):
                 await self.interrupt()
         elif isinstance(frame, SpeechPaused) and frame.resumed:
             await self._drop_speculation()
+        elif isinstance(frame, SpeechPaused):
+            self._t_speech[1] = frame.t
         elif isinstance(frame, SpeechStopped):
+            self._t_speech[1] = frame.t_end
             self.clock.on_stopped(frame)
             if frame.noise:
                 self.held = False  # a cough, a click: the answer goes on
@@ -148,10 +153,17 @@ class TurnController(Stage):
                 await self.interrupt()
 
     async def _judge(self, frame: Transcript) -> None:
-        """A transcript of speech over the answer: words that are not backchannels stop it
-        (and the turn goes on as any other); a final one of backchannels only is dropped."""
+        """A transcript of speech over the answer, at a pause or at its end: words that are not
+        backchannels stop it (and the turn goes on as any other); a final one of backchannels
+        only, or of more words than the speech could hold (Whisper hearing words in a cough),
+        is dropped."""
+        if not (frame.final or frame.candidate):
+            return  # a partial is of audio still coming: the pause or the end judges it
+        policy = self.ctx.config.barge_in
         words = self._backchannels.real_words(frame.text)
-        if len(words) >= max(1, self.ctx.config.barge_in.min_words):
+        speech_s = max(0.1, self._t_speech[1] - self._t_speech[0])
+        plausible = self._backchannels.count(frame.text) <= policy.max_words_per_s * speech_s
+        if len(words) >= max(1, policy.min_words) and plausible:
             log.debug("barge-in: %r", frame.text)
             await self.interrupt()
             self.held = False

@@ -3,8 +3,8 @@ speech start / pause / resume / stop events with the timing rules of the config.
 
 A *pause* is a short silence inside a turn (``speculative_after_ms``): the listener uses it to
 decode ahead of the endpoint. A *stop* is a silence of ``silence_duration_ms``: the turn ends.
-*Sustained* says once that the turn has lasted ``sustain_ms`` from its start (what turns a
-barge-in on hold into an interruption). All times are stream seconds of the 16 kHz input.
+*Sustained* says once that the turn's speech has gone on ``sustain_ms`` from its start: a
+voiced, loud frame that late (what turns a barge-in on hold into an interruption). All times are stream seconds of the 16 kHz input.
 
 With ``vad.end_of_turn.mode: semantic`` a silence of ``check_ms`` raises a *check*: the caller
 asks the turn model (realtime/endpoint.py) and hands its answer to ``verdict``: complete ends
@@ -205,6 +205,7 @@ class Endpointer:
             turn.wait_ms = self._first_wait_ms()  # the user went on: a new pause, a new check
         if (
             self.sustain_s is not None
+            and speech
             and not turn.sustained
             and self._t - turn.t_start + 1e-6 >= self.sustain_s
         ):
