@@ -167,6 +167,11 @@ def summarise(rows: list[dict], clips: list[Clip]) -> dict:
         "endpoint_p50_complete_s": pct(
             [r["delay_s"] for r in complete if r["delay_s"] is not None], 50
         ),
+        "endpoint_p95_complete_s": pct(
+            [r["delay_s"] for r in complete if r["delay_s"] is not None], 95
+        ),
+        "complete_waited_over_1s": sum((r["delay_s"] or 0) > 1.0 for r in complete),
+        "complete_clips": len(complete),
         "false_cutoffs": sum(r["cut_off"] for r in paused),
         "paused_clips": len(paused),
         "false_cutoff_rate": round(sum(r["cut_off"] for r in paused) / max(1, len(paused)), 3),
@@ -208,16 +213,18 @@ async def main() -> None:
             r.update(voice=c.voice, text=c.text)
         results[name]["clips"] = rows
     print(f"{len(clips)} clips, voices: {', '.join(voices)}")
-    head = (
-        f"{'mode':24} {'p50 s':>7} {'p95 s':>7} {'p50 compl.':>10} {'cut-offs':>10} {'model ms':>9}"
+    print(
+        f"{'mode':24} {'p50 s':>7} {'p95 s':>7} {'complete p50/p95 s':>19} "
+        f"{'complete >1 s':>13} {'false cut-offs':>14} {'model ms':>9}"
     )
-    print(head)
     for name, r in results.items():
         s = r["summary"]
+        both = f"{s['endpoint_p50_complete_s']}/{s['endpoint_p95_complete_s']}"
+        slow = f"{s['complete_waited_over_1s']}/{s['complete_clips']}"
+        cuts = f"{s['false_cutoffs']}/{s['paused_clips']}"
         print(
-            f"{name:24} {s['endpoint_p50_s']!s:>7} {s['endpoint_p95_s']!s:>7} "
-            f"{s['endpoint_p50_complete_s']!s:>10} "
-            f"{s['false_cutoffs']:>4}/{s['paused_clips']:<5} {s['model_ms_p50']!s:>9}"
+            f"{name:24} {s['endpoint_p50_s']!s:>7} {s['endpoint_p95_s']!s:>7} {both:>19} "
+            f"{slow:>13} {cuts:>14} {s['model_ms_p50']!s:>9}"
         )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
