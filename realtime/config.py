@@ -20,6 +20,21 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class EndOfTurnConfig:
+    """When a pause ends the turn (realtime/endpoint.py). ``silence``: after
+    ``vad.silence_duration_ms`` of silence. ``semantic``: at a pause of ``check_ms`` the Smart
+    Turn v3 model hears the turn; at P(complete) >= ``threshold`` it ends there, otherwise it
+    waits for the user to go on, up to ``max_wait_ms`` of silence. Without the model (not
+    installed, still loading, too slow) the silence timer decides."""
+
+    mode: Literal["silence", "semantic"] = "silence"
+    check_ms: int = 200  # silence after which the model is asked
+    threshold: float = 0.9  # P(complete) that ends the turn at the check (tuned: bench)
+    max_wait_ms: int = 1500  # silence that ends a turn the model found incomplete
+    model_timeout_ms: int = 1000  # a verdict slower than this is not waited for (silence timer)
+
+
+@dataclass
 class VADConfig:
     aggressiveness: int = 2  # webrtcvad mode 0..3
     frame_ms: int = 20  # 10, 20 or 30
@@ -28,6 +43,30 @@ class VADConfig:
     prefix_padding_ms: int = 300  # audio kept from before speech started
     min_speech_ms: int = 200  # shorter bursts are ignored as noise
     max_turn_s: float = 30.0  # a longer turn is cut and answered
+    end_of_turn: EndOfTurnConfig = field(default_factory=EndOfTurnConfig)
+
+
+BACKCHANNELS = [
+    "uh-huh", "uh huh", "uh-uh", "mm-hm", "mm-hmm", "mhm", "mm", "hmm", "hm", "uh", "um", "ah", "oh",
+    "okay", "ok", "right", "yeah", "yes", "yep", "sure", "i see", "got it", "alright", "all right",
+]  # fmt: skip
+
+
+@dataclass
+class BargeInConfig:
+    """What the user's speech does to an answer being spoken (realtime/controller.py).
+    ``immediate``: any speech stops it. ``hold``: it goes on while the speech is judged; it
+    stops when the speech lasts ``min_speech_ms`` or its transcript (at a pause, or at its
+    end) has ``min_words`` words that are not backchannels. A backchannel-only or noise burst is neither answered nor
+    put in the engine's history."""
+
+    mode: Literal["immediate", "hold"] = "hold"
+    min_speech_ms: int = 700  # speech this long (from its start) stops the answer
+    min_words: int = 1  # recognised words that are not backchannels, to stop the answer
+    # A transcript with more words a second of speech than this is Whisper hearing words in a
+    # cough or a hum (it does): it stops nothing.
+    max_words_per_s: float = 6.0
+    backchannels: list[str] = field(default_factory=lambda: list(BACKCHANNELS))
 
 
 @dataclass
@@ -145,6 +184,7 @@ class AgentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     mic: MicConfig = field(default_factory=MicConfig)
     telephony: TelephonyConfig = field(default_factory=TelephonyConfig)
+    barge_in: BargeInConfig = field(default_factory=BargeInConfig)
 
 
 T = TypeVar("T")

@@ -15,6 +15,13 @@ Phases of the current turn::
     ANSWERING --first audio out--> SPEAKING --answer done--> LISTENING
     ANSWERING | SPEAKING --user speaks (barge-in) / cancel--> INTERRUPTED --> LISTENING
 
+Barge-in (``barge_in`` in the config): ``immediate`` stops the answer at the user's first
+voiced 60 ms. ``hold`` (the default) lets it go on while the speech is judged: it stops as soon
+as the speech has lasted ``min_speech_ms`` (``SpeechSustained``) or a transcript of it has
+``min_words`` words that are not backchannels; a burst that ends first with only backchannels
+("uh-huh", "okay", a cough) is dropped: the answer goes on, nothing is answered and the engine
+forgets its audio (the Realtime API client still sees its speech events and transcript).
+
 A speculative answer is generated and synthesised while the endpointer is still waiting out
 its silence, but nothing of it is heard until it is released.
 """
@@ -28,6 +35,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from realtime.barge_in import BackchannelFilter
 from realtime.context import SessionContext
 from realtime.engine.base import UserTurn
 from realtime.frames import (
@@ -44,6 +52,7 @@ from realtime.frames import (
     SpeechPaused,
     SpeechStarted,
     SpeechStopped,
+    SpeechSustained,
     StartResponse,
     ThinkingText,
     ToolCall,
@@ -90,6 +99,9 @@ class TurnController(Stage):
         self.pending_text: str | None = None  # a committed turn awaiting respond()
         self._ids = itertools.count(1)
         self._committed = 0  # turns committed to the engine (CommitTurn)
+        self.held = False  # the user speaks over an answer: judged before it is stopped
+        self._t_speech = [0.0, 0.0]  # stream times: the user's speech started, last ended
+        self._backchannels = BackchannelFilter(ctx.config.barge_in.backchannels)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -103,34 +115,77 @@ class TurnController(Stage):
     async def process(self, frame: Frame) -> None:
         await self.push(frame)
         if isinstance(frame, SpeechStarted):
+            self._t_speech = [frame.t, frame.t]
             await self._on_speech()
+        elif isinstance(frame, SpeechSustained):
+            if self.held:
+                log.debug(
+                    "barge-in: speech went on for %d ms", self.ctx.config.barge_in.min_speech_ms
+                )
+                await self.interrupt()
         elif isinstance(frame, SpeechPaused) and frame.resumed:
             await self._drop_speculation()
+        elif isinstance(frame, SpeechPaused):
+            self._t_speech[1] = frame.t
         elif isinstance(frame, SpeechStopped):
+            self._t_speech[1] = frame.t_end
             self.clock.on_stopped(frame)
             if frame.noise:
+                self.held = False  # a cough, a click: the answer goes on
                 await self._drop_speculation()
                 await self.push(DiscardTurn())
             else:
                 self._idle.clear()  # busy until the turn's answer is done (or there is none)
-        elif isinstance(frame, Transcript) and frame.candidate:
-            opts = self.ctx.options
-            if opts.create_response and self.ctx.config.engine.speculative:
-                await self._start(UserTurn(text=frame.text), speculative=True)
-        elif isinstance(frame, Transcript) and frame.final:
-            self.clock.on_transcript()
-            await self._on_final(frame.text)
+        elif isinstance(frame, Transcript) and self.held:
+            await self._judge(frame)
+        elif isinstance(frame, Transcript):
+            await self._on_transcript(frame)
 
     async def _on_speech(self) -> None:
         """Speech started: a new turn; barge in on an answer being heard."""
         self.clock = TurnClock()
+        self.held = False
         resp = self.response
         if resp is None:
             return
         if not resp.released:
             await self._drop_speculation()
         elif self.ctx.options.interrupt_response:
+            if self.ctx.config.barge_in.mode == "hold":
+                self.held = True
+            else:
+                await self.interrupt()
+
+    async def _judge(self, frame: Transcript) -> None:
+        """A transcript of speech over the answer, at a pause or at its end: words that are not
+        backchannels stop it (and the turn goes on as any other); a final one of backchannels
+        only, or of more words than the speech could hold (Whisper hearing words in a cough),
+        is dropped."""
+        if not (frame.final or frame.candidate):
+            return  # a partial is of audio still coming: the pause or the end judges it
+        policy = self.ctx.config.barge_in
+        words = self._backchannels.real_words(frame.text)
+        speech_s = max(0.1, self._t_speech[1] - self._t_speech[0])
+        plausible = self._backchannels.count(frame.text) <= policy.max_words_per_s * speech_s
+        if len(words) >= max(1, policy.min_words) and plausible:
+            log.debug("barge-in: %d words that are not backchannels", len(words))
             await self.interrupt()
+            self.held = False
+            await self._on_transcript(frame)
+        elif frame.final:
+            log.debug("backchannel only: the answer goes on")
+            self.held = False
+            await self.push(DiscardTurn())
+            self._close_turn()
+
+    async def _on_transcript(self, frame: Transcript) -> None:
+        if frame.candidate:
+            opts = self.ctx.options
+            if opts.create_response and self.ctx.config.engine.speculative:
+                await self._start(UserTurn(text=frame.text), speculative=True)
+        elif frame.final:
+            self.clock.on_transcript()
+            await self._on_final(frame.text)
 
     async def _on_final(self, text: str) -> None:
         self._idle.clear()
@@ -170,6 +225,7 @@ class TurnController(Stage):
 
     async def interrupt(self) -> None:
         """Stop the answer in flight; what the user heard of it goes to the history."""
+        self.held = False
         resp = self.response
         if resp is None:
             return

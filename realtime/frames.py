@@ -61,6 +61,14 @@ class SpeechStarted(Frame):
 
 
 @dataclass(frozen=True, slots=True)
+class SpeechSustained(Frame):
+    """The speech that started at ``t`` has gone on for ``barge_in.min_speech_ms``: long
+    enough to be more than a backchannel."""
+
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
 class SpeechStopped(Frame):
     t_end: float  # stream time of the end of the last voiced frame (the true end)
     t_decided: float  # stream time at which the silence wait ran out

@@ -3,7 +3,13 @@ speech start / pause / resume / stop events with the timing rules of the config.
 
 A *pause* is a short silence inside a turn (``speculative_after_ms``): the listener uses it to
 decode ahead of the endpoint. A *stop* is a silence of ``silence_duration_ms``: the turn ends.
-All times are stream seconds of the 16 kHz input.
+*Sustained* says once that the turn's speech has gone on ``sustain_ms`` from its start: a
+voiced, loud frame that late (what turns a barge-in on hold into an interruption). All times are stream seconds of the 16 kHz input.
+
+With ``vad.end_of_turn.mode: semantic`` a silence of ``check_ms`` raises a *check*: the caller
+asks the turn model (realtime/endpoint.py) and hands its answer to ``verdict``: complete ends
+the turn at once; incomplete waits up to ``max_wait_ms`` of silence; no answer (no model, too
+slow) falls back to ``silence_duration_ms``. Until the answer comes, the turn waits.
 
 WebRTC's VAD keeps calling frames voiced for 100-150 ms after the words stop (its hangover),
 which would delay the pause, and with it the speculative answer, by as much. So a pause also
@@ -24,7 +30,7 @@ import webrtcvad
 from realtime.audio import PIPELINE_RATE, to_int16
 from realtime.config import VADConfig
 
-EventKind = Literal["start", "pause", "resume", "stop", "discard"]
+EventKind = Literal["start", "pause", "resume", "stop", "discard", "check", "sustained"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,9 @@ class _TurnState:
     vad_quiet: bool = False  # the VAD itself has heard a pause's worth of silence
     resume_run: int = 0
     peak_rms: float = 0.0
+    wait_ms: float = 0.0  # silence that ends this turn (the timer, or the semantic wait)
+    checked_at: float | None = None  # t_last_voiced when the last check was raised
+    sustained: bool = False
     # (frame end time, rms) of the last frames: enough to look back past the VAD's hangover
     recent: collections.deque[tuple[float, float]] = field(
         default_factory=lambda: collections.deque(maxlen=150)
@@ -67,13 +76,23 @@ class _TurnState:
 
 
 class Endpointer:
-    def __init__(self, cfg: VADConfig, pause_ms: int = 120) -> None:
+    def __init__(self, cfg: VADConfig, pause_ms: int = 120, sustain_ms: int | None = None) -> None:
         if cfg.frame_ms not in (10, 20, 30):
             raise ValueError(f"vad.frame_ms must be 10, 20 or 30, got {cfg.frame_ms}")
         if not 0 <= cfg.aggressiveness <= 3:
             raise ValueError(f"vad.aggressiveness must be 0..3, got {cfg.aggressiveness}")
+        eot = cfg.end_of_turn
+        if eot.mode == "semantic" and not 0 < eot.check_ms <= eot.max_wait_ms:
+            raise ValueError(
+                "vad.end_of_turn needs 0 < check_ms <= max_wait_ms, got "
+                f"{eot.check_ms} and {eot.max_wait_ms}"
+            )
+        if not 0.0 <= eot.threshold <= 1.0:
+            raise ValueError(f"vad.end_of_turn.threshold must be in [0, 1], got {eot.threshold}")
         self.cfg = cfg
+        self.semantic = eot.mode == "semantic"
         self.pause_s = pause_ms / 1000
+        self.sustain_s = None if sustain_ms is None else sustain_ms / 1000
         self._vad = webrtcvad.Vad(cfg.aggressiveness)
         self._frame = PIPELINE_RATE * cfg.frame_ms // 1000
         self._frame_s = cfg.frame_ms / 1000
@@ -134,7 +153,11 @@ class Endpointer:
             self._run_s += self._frame_s
             if self._run_s * 1000 + 1e-6 >= cfg.start_ms:
                 self._turn = _TurnState(
-                    self._run_start, self._t, t_last_loud=self._t, voiced_s=self._run_s
+                    self._run_start,
+                    self._t,
+                    t_last_loud=self._t,
+                    voiced_s=self._run_s,
+                    wait_ms=self._first_wait_ms(),
                 )
                 self._run_start, self._run_s = None, 0.0
                 return [VadEvent("start", self._turn.t_start, self._t)]
@@ -165,13 +188,53 @@ class Endpointer:
                 turn.paused = True
                 out.append(VadEvent("pause", turn.t_last_loud, self._t))
         if not voiced:
-            silence = self._t - turn.t_last_voiced
-            if silence * 1000 + 1e-6 >= cfg.silence_duration_ms:
+            silence_ms = (self._t - turn.t_last_voiced) * 1000 + 1e-6
+            if silence_ms >= turn.wait_ms:
                 out.append(self._end(turn, self._t))
                 return out
+            if (
+                self.semantic
+                and silence_ms >= cfg.end_of_turn.check_ms
+                and turn.checked_at != turn.t_last_voiced
+            ):
+                turn.checked_at = turn.t_last_voiced
+                out.append(VadEvent("check", turn.true_end(), self._t))
+        elif (
+            self.semantic and turn.checked_at is not None and turn.checked_at != turn.t_last_voiced
+        ):
+            turn.wait_ms = self._first_wait_ms()  # the user went on: a new pause, a new check
+        if (
+            self.sustain_s is not None
+            and speech
+            and not turn.sustained
+            and self._t - turn.t_start + 1e-6 >= self.sustain_s
+        ):
+            turn.sustained = True
+            out.append(VadEvent("sustained", turn.t_start, self._t))
         if self._t - turn.t_start >= cfg.max_turn_s:
             out.append(self._end(turn, self._t))
         return out
+
+    def _first_wait_ms(self) -> float:
+        """Silence that ends a turn before any verdict: the timer, or (semantic) the longest
+        wait, so that the verdict decides."""
+        eot = self.cfg.end_of_turn
+        return float(eot.max_wait_ms if self.semantic else self.cfg.silence_duration_ms)
+
+    def verdict(self, complete: bool | None) -> list[VadEvent]:
+        """The turn model's answer to the last check: complete ends the turn now (a stop with
+        the true end of speech); incomplete waits up to ``max_wait_ms``; None (no answer)
+        falls back to the silence timer. Ignored if the user spoke again since the check."""
+        turn = self._turn
+        if turn is None or turn.checked_at != turn.t_last_voiced:
+            return []
+        if complete:
+            return [self._end(turn, self._t)]
+        eot = self.cfg.end_of_turn
+        turn.wait_ms = float(eot.max_wait_ms if complete is False else self.cfg.silence_duration_ms)
+        if (self._t - turn.t_last_voiced) * 1000 + 1e-6 >= turn.wait_ms:
+            return [self._end(turn, self._t)]
+        return []
 
     def _end(self, turn: _TurnState, t_now: float) -> VadEvent:
         self._turn = None

@@ -26,6 +26,7 @@ from realtime.frames import (
     SpeechPaused,
     SpeechStarted,
     SpeechStopped,
+    SpeechSustained,
     Transcript,
     TurnMetrics,
 )
@@ -236,6 +237,8 @@ async def test_barge_in_interrupts_and_the_history_keeps_what_was_heard(models):
     await asyncio.sleep(0.45)  # about four words heard
     assert c.phase is Phase.SPEAKING
     await c.process(SpeechStarted(3.0))
+    assert c.phase is Phase.SPEAKING  # on hold (barge_in.mode): a backchannel stops nothing
+    await c.process(SpeechSustained(3.0))  # the speech went on: a real interruption
     assert c.phases[-2:] == [Phase.INTERRUPTED, Phase.LISTENING] and c.response is None
     await asyncio.sleep(0.3)
     frames = drain(session)
@@ -254,6 +257,7 @@ async def test_the_audio_intake_never_waits_on_the_engine_thread(models, say):
     """The engine thread is busy for 1.5 s recording each turn; the user's next words (a
     barge-in) must still go in at once, and be heard."""
     models.engine.words, models.engine.commit_s = 30, 1.5
+    models.config.barge_in.mode = "immediate"  # the barge-in's first voice stops the answer
     session = await started(models, pace_output=True)
     question = say("What time is it?", tail_s=1.2)
     for i in range(0, len(question), 320):

@@ -17,6 +17,7 @@ from realtime.frames import (
     OutputAudio,
     SpeechStarted,
     SpeechStopped,
+    SpeechSustained,
     Transcript,
     TurnMetrics,
 )
@@ -110,9 +111,17 @@ async def test_barge_in_stops_audio_and_cancels_the_answer(runtime, say):
 
     t_interrupt = next(t for t, f in seen if isinstance(f, Interruption))
     barge = [t for t, f in seen if isinstance(f, SpeechStarted) and t <= t_interrupt][-1]
+    # recognised as an interruption, not a backchannel: the speech lasted barge_in.min_speech_ms,
+    # or a transcript of it at a pause had a real word
+    recognised = [
+        t
+        for t, f in seen
+        if isinstance(f, (SpeechSustained, Transcript)) and barge <= t <= t_interrupt
+    ][-1]
+    assert recognised - barge < 1.0, recognised - barge
     first_resp_audio = [t for t, f in seen if isinstance(f, OutputAudio) and t <= t_interrupt + 1.0]
     last_audio = max(t for t in first_resp_audio if t < t_interrupt + 0.5)
-    assert last_audio - barge < 0.1, last_audio - barge  # audio stopped within 100 ms
+    assert last_audio - recognised < 0.1, last_audio - recognised  # stopped within 100 ms
     # the interrupting words became a turn of their own
     finals = [normalise(t.text) for t in of(seen, Transcript) if t.final]
     assert any("stop" in f or "wait" in f for f in finals), finals

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from realtime.config import VADConfig
+from realtime.endpoint import end_of_turn_for
 from realtime.server import realtime_protocol as rp
 from realtime.server.codecs import AudioDecodeError, b64decode_strict
 from realtime.server.realtime_connection import (
@@ -50,6 +51,10 @@ def apply_settings(conn: RealtimeConnection, new: rp.Settings, base_vad: VADConf
                     aggressiveness=td.aggressiveness,
                     prefix_padding_ms=td.prefix_padding_ms,
                     silence_duration_ms=td.silence_duration_ms,
+                    end_of_turn=end_of_turn_for(
+                        base_vad.end_of_turn,
+                        td.eagerness if td.kind == "semantic_vad" else None,
+                    ),
                 ),
             )
     if changes:

@@ -118,6 +118,9 @@ def parse_format(value: Any, param: str) -> AudioFormat:
     return fmt
 
 
+EAGERNESS = ("low", "medium", "high", "auto")  # semantic_vad (see realtime/endpoint.py)
+
+
 @dataclass(frozen=True)
 class TurnDetection:
     threshold: float = 0.5
@@ -126,8 +129,16 @@ class TurnDetection:
     create_response: bool = True
     interrupt_response: bool = True
     kind: str = "server_vad"
+    eagerness: str = "auto"  # semantic_vad: low | medium | high | auto
 
     def to_json(self) -> dict[str, Any]:
+        if self.kind == "semantic_vad":
+            return {
+                "type": self.kind,
+                "eagerness": self.eagerness,
+                "create_response": self.create_response,
+                "interrupt_response": self.interrupt_response,
+            }
         return {
             "type": self.kind,
             "threshold": self.threshold,
@@ -199,6 +210,14 @@ def parse_turn_detection(
     for key in ("prefix_padding_ms", "silence_duration_ms"):
         if key in value and value[key] is not None:
             changes[key] = int(_number(value[key], f"{param}.{key}", 0, 10000))
+    if value.get("eagerness") is not None:
+        if value["eagerness"] not in EAGERNESS:
+            raise ClientError(
+                f"{param}.eagerness must be one of {', '.join(EAGERNESS)}, "
+                f"got {value['eagerness']!r}",
+                param=f"{param}.eagerness",
+            )
+        changes["eagerness"] = value["eagerness"]
     for key in ("create_response", "interrupt_response"):
         if key in value and value[key] is not None:
             if not isinstance(value[key], bool):

@@ -1,4 +1,5 @@
-"""Turn detection: WebRTC VAD endpointing into speech started / paused / stopped frames."""
+"""Turn detection: WebRTC VAD endpointing into speech started / paused / stopped frames; with
+``vad.end_of_turn.mode: semantic`` the turn model judges each pause (realtime/endpoint.py)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import time
 
 from realtime.audio import PIPELINE_RATE
 from realtime.context import SessionContext
+from realtime.endpoint import RecentAudio, TurnClassifier
 from realtime.frames import (
     Frame,
     InputAudio,
     SpeechPaused,
     SpeechStarted,
     SpeechStopped,
+    SpeechSustained,
 )
 from realtime.stages.base import Stage
 from realtime.vad import Endpointer
+
+TURN_LEAD_S = 0.5  # audio before the speech start the turn model hears (pipecat uses 0.5 s)
 
 
 class TurnDetector(Stage):
@@ -24,14 +29,26 @@ class TurnDetector(Stage):
     def __init__(self, ctx: SessionContext) -> None:
         super().__init__()
         self.ctx = ctx
+        self.classifier: TurnClassifier | None = None
         self.endpointer = self._endpointer()
+        self._recent = RecentAudio()
+        self._t_speech = 0.0  # stream time the turn in progress started
         self._arrivals: collections.deque[tuple[float, float, float]] = collections.deque(
             maxlen=500
         )
         self._unstopped = False  # manual turns: audio came since the last stop
 
     def _endpointer(self) -> Endpointer:
-        return Endpointer(self.ctx.options.vad, self.ctx.config.asr.speculative_after_ms)
+        vad = self.ctx.options.vad
+        barge = self.ctx.config.barge_in
+        self.classifier = (
+            TurnClassifier(vad.end_of_turn) if vad.end_of_turn.mode == "semantic" else None
+        )
+        return Endpointer(
+            vad,
+            self.ctx.config.asr.speculative_after_ms,
+            sustain_ms=barge.min_speech_ms if barge.mode == "hold" else None,
+        )
 
     def reconfigure(self) -> None:
         self.endpointer = self._endpointer()
@@ -58,12 +75,28 @@ class TurnDetector(Stage):
         if not self.ctx.options.turn_detection:
             self._unstopped = True
             return
+        if self.classifier is not None:
+            self._recent.append(frame.pcm, frame.t_start)
         for ev in self.endpointer.process(frame.pcm):
+            if ev.kind == "check":
+                await self._check()
+            else:
+                await self._emit(ev.kind, ev.t, ev.t_decided)
+
+    async def _check(self) -> None:
+        """A pause: ask the turn model; the detector (only this session's) waits for it."""
+        assert self.classifier is not None
+        audio = self._recent.since(self._t_speech - TURN_LEAD_S)
+        complete = await self.classifier.complete(audio)
+        for ev in self.endpointer.verdict(complete):
             await self._emit(ev.kind, ev.t, ev.t_decided)
 
     async def _emit(self, kind: str, t: float, t_decided: float) -> None:
         if kind == "start":
+            self._t_speech = t
             await self.push(SpeechStarted(t))
+        elif kind == "sustained":
+            await self.push(SpeechSustained(t))
         elif kind == "pause":
             await self.push(SpeechPaused(t))
         elif kind == "resume":
@@ -87,4 +120,5 @@ class TurnDetector(Stage):
 
     def reset(self) -> None:
         self.endpointer.reset()
+        self._recent.clear()
         self._unstopped = False
