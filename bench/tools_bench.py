@@ -160,7 +160,9 @@ def main() -> None:
             )
     summary: dict[str, dict[str, Any]] = {}
     print()
-    print("| mode | tool cases | right tool | valid args | exact args | no-tool cases without a call |")
+    print(
+        "| mode | tool cases | right tool | valid args | exact args | no-tool cases without a call |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for mode in a.modes:
         rs = [r for r in results if r.mode == mode]

@@ -88,7 +88,9 @@ def test_a_scripted_call_comes_out_and_its_result_goes_back_as_input(caller_dir:
     s.commit(UserTurn(tool_results=(result,)), "", interrupted=False)
     history = tok.decode(engine.builder.render(s.conv.messages(), False).ids)
     turn2 = history[history.index("</tool_call><|EOT|>") :]
-    assert turn2.startswith('</tool_call><|EOT|><|BOT|>input\n{"sky": "sunny"}<|EOT|><|BOT|>assistant')
+    assert turn2.startswith(
+        '</tool_call><|EOT|><|BOT|>input\n{"sky": "sunny"}<|EOT|><|BOT|>assistant'
+    )
     assert s._hist_len == len(engine.builder.render(s.conv.messages(), False).ids)
     s.close()
 
