@@ -110,6 +110,16 @@ class ToolCall(Frame):
     text: str = ""  # the raw payload between the model's call markers
 
 
+@dataclass(frozen=True, slots=True)
+class ToolOutput(Frame):
+    """The client returned a tool's output (it goes to the engine with the next answer);
+    shown to the user (the browser's reasoning panel), never spoken."""
+
+    call_id: str
+    name: str
+    output: str
+
+
 # ---- control frames (turn controller -> engine, TTS and output stages) -------------------------
 @dataclass(frozen=True, slots=True)
 class StartResponse(Frame):
@@ -205,6 +215,13 @@ def frame_to_event(frame: Frame) -> dict[str, Any] | None:
             "call_id": frame.call_id,
             "name": frame.name,
             "arguments": frame.arguments,
+        }
+    if isinstance(frame, ToolOutput):
+        return {
+            "event": "tool_result",
+            "call_id": frame.call_id,
+            "name": frame.name,
+            "output": frame.output,
         }
     if isinstance(frame, SpeechStarted):
         return {"event": "speech_started", "t": round(frame.t, 3)}

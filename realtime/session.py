@@ -31,7 +31,7 @@ from realtime.controller import HistoryEntry, Phase, TurnController
 from realtime.engine.base import Engine
 from realtime.engine.tools import ToolResult
 from realtime.engine.worker import EngineWorker
-from realtime.frames import EndFrame, ErrorFrame, Frame, InputAudio
+from realtime.frames import EndFrame, ErrorFrame, Frame, InputAudio, ToolOutput
 from realtime.listener import Listener
 from realtime.stages import (
     EngineLink,
@@ -281,6 +281,7 @@ class Session:
         """The client ran a tool the model called: its output goes to the engine with the next
         answer (``respond()``), in the model's tool-result role."""
         self.controller.add_tool_result(ToolResult(call_id, name, output))
+        self._out.put_nowait(ToolOutput(call_id, name, output))  # for the user to see
 
     def add_message(self, role: str, text: str) -> None:
         if role == "user":
