@@ -106,3 +106,34 @@ def test_session_update_tools_and_choice_round_trip() -> None:
         rp.parse_session_update({"tools": []}, named, {"v"})
     cleared = rp.parse_session_update({"tools": [], "tool_choice": "auto"}, named, {"v"})
     assert cleared.tools == () and cleared.tool_choice == "auto"
+
+
+def test_the_responder_gives_calls_ids_and_refuses_undeclared_tools() -> None:
+    from realtime.config import AgentConfig
+    from realtime.context import SessionContext, SessionOptions, Tasks
+    from realtime.frames import ErrorFrame, ToolCall
+    from realtime.stages.responder import Responder
+
+    ctx = SessionContext(
+        SessionOptions(tools=(WEATHER,)), AgentConfig(), False, Tasks("t", lambda e: None)
+    )
+    responder = Responder(ctx, engine=None)  # type: ignore[arg-type]
+    (a,) = responder._tool_calls(7, '{"name": "get_weather", "arguments": {"city": "Oslo"}}')
+    assert isinstance(a, ToolCall) and (a.response_id, a.name, a.arguments) == (
+        7,
+        "get_weather",
+        '{"city":"Oslo"}',
+    )
+    assert a.call_id.startswith("call_")
+    (other,) = responder._tool_calls(7, '{"name": "launch", "arguments": {}}')
+    assert isinstance(other, ErrorFrame) and other.code == "invalid_tool_call"
+    assert "not a declared tool ['get_weather']" in other.message
+    (garbled,) = responder._tool_calls(7, "get weather please")
+    assert isinstance(garbled, ErrorFrame) and "unreadable" in garbled.message
+    ctx.options = SessionOptions(tools=(WEATHER,), tool_choice="none")
+    (refused,) = responder._tool_calls(7, '{"name": "get_weather", "arguments": {}}')
+    assert isinstance(refused, ErrorFrame) and "tool_choice is 'none'" in refused.message
+    ctx.options = SessionOptions(tools=(WEATHER,))
+    # every call gets its own id
+    (c1,), (c2,) = (responder._tool_calls(1, 'get_weather{"city": "x"}') for _ in range(2))
+    assert isinstance(c1, ToolCall) and isinstance(c2, ToolCall) and c1.call_id != c2.call_id

@@ -95,8 +95,12 @@ class Responder(Stage):
         for call in calls:
             spec = next((t for t in opts.tools if t.name == call.name), None)
             if spec is None or opts.tool_choice == NONE:
-                declared = [t.name for t in opts.tools] if opts.tool_choice != NONE else []
-                msg = f"the model called {call.name!r}, which is not a declared tool {declared}"
+                declared = [t.name for t in opts.tools]
+                msg = f"the model called {call.name!r}, " + (
+                    "but tool_choice is 'none'"
+                    if opts.tool_choice == NONE
+                    else f"which is not a declared tool {declared}"
+                )
                 out.append(ErrorFrame("invalid_tool_call", msg))
                 continue
             problems = argument_errors(spec, call.arguments)
