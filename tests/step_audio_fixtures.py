@@ -167,6 +167,12 @@ def scripted(
     return modify
 
 
+# A scripted tool call (``scripted(*TOOL_CALL)``, with ``words=TOOL_CALL_WORDS`` so that each
+# piece is one token): ``<|CALL_START|>get_weather{"city":"Paris"}<|CALL_END|>``.
+TOOL_CALL_WORDS = ("get", "weather", '{"', "city", '":"', "Paris", '"}')
+TOOL_CALL = ("<|CALL_START|>", "get", "_", *TOOL_CALL_WORDS[1:], "<|CALL_END|>")
+
+
 # ---- driving an engine built on such a checkpoint -------------------------------------------
 RATE = 16000
 

@@ -17,8 +17,7 @@ import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
 from server_helpers import RunningServer, start_server
-from step_audio_fixtures import scripted, write_tiny_checkpoint
-from test_step_audio_tools import CALL, CALL_WORDS
+from step_audio_fixtures import TOOL_CALL, TOOL_CALL_WORDS, scripted, write_tiny_checkpoint
 
 from realtime.config import load_config
 from realtime.runtime import Runtime
@@ -40,7 +39,7 @@ WEATHER = {
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def step_audio_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     path = write_tiny_checkpoint(
-        tmp_path_factory.mktemp("caller"), modify=scripted(*CALL), words=CALL_WORDS
+        tmp_path_factory.mktemp("caller"), modify=scripted(*TOOL_CALL), words=TOOL_CALL_WORDS
     )
     cfg = load_config(
         "step-audio-r1",

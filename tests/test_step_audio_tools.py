@@ -8,16 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from step_audio_fixtures import cpu_engine, scripted, write_tiny_checkpoint
+from step_audio_fixtures import (
+    TOOL_CALL,
+    TOOL_CALL_WORDS,
+    cpu_engine,
+    scripted,
+    write_tiny_checkpoint,
+)
 
 from realtime.config import SamplingConfig
 from realtime.engine.base import CancelToken, TokenEvent, UserTurn
 from realtime.engine.tools import ToolResult, ToolSpec, parse_tool_calls
 from realtime.models.step_audio.prompt import Message
 
-# the model's call, one token each (a scripted chain repeats no token)
-CALL_WORDS = ("get", "weather", '{"', "city", '":"', "Paris", '"}')
-CALL = ("<|CALL_START|>", "get", "_", "weather", '{"', "city", '":"', "Paris", '"}', "<|CALL_END|>")
 WEATHER = ToolSpec(
     "get_weather",
     "Current weather in a city.",
@@ -28,7 +31,7 @@ WEATHER = ToolSpec(
 @pytest.fixture(scope="module")
 def caller_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_checkpoint(
-        tmp_path_factory.mktemp("caller"), modify=scripted(*CALL), words=CALL_WORDS
+        tmp_path_factory.mktemp("caller"), modify=scripted(*TOOL_CALL), words=TOOL_CALL_WORDS
     )
 
 
