@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from realtime.config import AgentConfig, VADConfig
+from realtime.engine.tools import ToolChoice, ToolSpec
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ class SessionOptions:
     output_sample_rate: int | None = None  # None = the TTS head's own rate
     speak: bool = True  # False: answers are text only (no TTS, no audio frames)
     think_budget: int | None = None  # reasoning tokens before speaking; None = the config's
+    tools: tuple[ToolSpec, ...] = ()  # functions the model may call (session.update tools)
+    tool_choice: ToolChoice = "auto"  # auto | none | required | one tool's name
 
 
 class Tasks:

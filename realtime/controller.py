@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from realtime.barge_in import BackchannelFilter
 from realtime.context import SessionContext
 from realtime.engine.base import UserTurn
+from realtime.engine.tools import ToolResult
 from realtime.frames import (
     AnswerText,
     CancelResponse,
@@ -97,6 +98,7 @@ class TurnController(Stage):
         self.history: list[HistoryEntry] = []
         self.turns = 0
         self.pending_text: str | None = None  # a committed turn awaiting respond()
+        self.pending_results: list[ToolResult] = []  # tool outputs for the next answer
         self._ids = itertools.count(1)
         self._committed = 0  # turns committed to the engine (CommitTurn)
         self.held = False  # the user speaks over an answer: judged before it is stopped
@@ -214,11 +216,15 @@ class TurnController(Stage):
         """Start an answer: to ``text``, to pending user messages, or to the last turn."""
         if text is None:
             text, self.pending_text = self.pending_text, None
-        if text is None:
+        results, self.pending_results = tuple(self.pending_results), []
+        if text is None and not results:
             raise ValueError("nothing to respond to: no committed audio or user message")
         self.clock = TurnClock()
         self.clock.wall_speech_end = self.clock.wall_decided = time.monotonic()
-        await self._start(UserTurn(text=text), speculative=False)
+        await self._start(UserTurn(text=text or "", tool_results=results), speculative=False)
+
+    def add_tool_result(self, result: ToolResult) -> None:
+        self.pending_results.append(result)
 
     def add_user_text(self, text: str) -> None:
         self.pending_text = text if self.pending_text is None else f"{self.pending_text} {text}"

@@ -108,8 +108,24 @@ class AnswerText(Frame):
 
 @dataclass(frozen=True, slots=True)
 class ToolCall(Frame):
+    """The model called a declared tool: no audio is spoken for it; the client runs it and
+    returns the output (``Session.add_tool_result``) for the next answer."""
+
     response_id: int
-    text: str  # the raw tool-call payload between the call markers
+    call_id: str
+    name: str
+    arguments: str  # a JSON object, as text
+    text: str = ""  # the raw payload between the model's call markers
+
+
+@dataclass(frozen=True, slots=True)
+class ToolOutput(Frame):
+    """The client returned a tool's output (it goes to the engine with the next answer);
+    shown to the user (the browser's reasoning panel), never spoken."""
+
+    call_id: str
+    name: str
+    output: str
 
 
 # ---- control frames (turn controller -> engine, TTS and output stages) -------------------------
@@ -221,7 +237,19 @@ def frame_to_event(frame: Frame) -> dict[str, Any] | None:
     if isinstance(frame, AnswerText):
         return None if frame.end else {"event": "answer", "text": frame.text}
     if isinstance(frame, ToolCall):
-        return {"event": "tool_call", "text": frame.text}
+        return {
+            "event": "tool_call",
+            "call_id": frame.call_id,
+            "name": frame.name,
+            "arguments": frame.arguments,
+        }
+    if isinstance(frame, ToolOutput):
+        return {
+            "event": "tool_result",
+            "call_id": frame.call_id,
+            "name": frame.name,
+            "output": frame.output,
+        }
     if isinstance(frame, SpeechStarted):
         return {"event": "speech_started", "t": round(frame.t, 3)}
     if isinstance(frame, SpeechStopped):

@@ -29,8 +29,9 @@ from realtime.config import AgentConfig
 from realtime.context import SessionContext, SessionOptions, Tasks
 from realtime.controller import HistoryEntry, Phase, TurnController
 from realtime.engine.base import Engine
+from realtime.engine.tools import ToolResult
 from realtime.engine.worker import EngineWorker
-from realtime.frames import Dtmf, EndFrame, ErrorFrame, Frame, InputAudio
+from realtime.frames import Dtmf, EndFrame, ErrorFrame, Frame, InputAudio, ToolOutput
 from realtime.listener import Listener
 from realtime.stages import (
     EngineLink,
@@ -143,6 +144,8 @@ class Session:
         self.engine.session = await self.models.worker.call(
             lambda: engine.new_session(prompt, sampling)
         )
+        if self.options.tools:
+            self._submit_tools()
 
     async def close(self) -> None:
         if self._closed:
@@ -259,6 +262,28 @@ class Session:
         es, prompt = self.engine.session, self.system_prompt
         if "instructions" in changes and es is not None:  # queued: never waits on the engine
             self.models.worker.submit(lambda: es.set_instructions(prompt))
+        if ("tools" in changes or "tool_choice" in changes) and es is not None:
+            self._submit_tools()
+
+    def _submit_tools(self) -> None:
+        """Queue the declared tools on the engine's thread (never awaited here)."""
+        es, opts = self.engine.session, self.options
+        if es is None:
+            return
+        tools, choice = tuple(opts.tools), opts.tool_choice
+        fut = self.models.worker.submit(lambda: es.set_tools(tools, choice))
+
+        def done(f: Any) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                log.error("the engine refused the tools", exc_info=f.exception())
+
+        fut.add_done_callback(done)
+
+    def add_tool_result(self, call_id: str, name: str, output: str) -> None:
+        """The client ran a tool the model called: its output goes to the engine with the next
+        answer (``respond()``), in the model's tool-result role."""
+        self.controller.add_tool_result(ToolResult(call_id, name, output))
+        self._out.put_nowait(ToolOutput(call_id, name, output))  # for the user to see
 
     def add_message(self, role: str, text: str) -> None:
         if role == "user":

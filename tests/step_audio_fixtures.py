@@ -60,9 +60,10 @@ def tiny_config() -> StepAudioConfig:
     )
 
 
-def tiny_tokenizer_json() -> str:
-    """The random backend's byte-level tokenizer with merges for the test words."""
-    return random_tokenizer_json(TINY_WORDS)
+def tiny_tokenizer_json(words: tuple[str, ...] = ()) -> str:
+    """The random backend's byte-level tokenizer with merges for the test words (and
+    ``words``: each becomes one token if it is one pre-token)."""
+    return random_tokenizer_json(TINY_WORDS + tuple(words))
 
 
 def tokenizer_config_json() -> dict[str, object]:
@@ -99,16 +100,18 @@ def write_tiny_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     modify: Callable[[StepAudioModel, TextTokenizer], None] | None = None,
     stop_ids: tuple[int, ...] | None = R1_STOP_IDS,
+    words: tuple[str, ...] = (),
 ) -> Path:
     """Write a random tiny checkpoint to directory ``path`` (created) and return it.
     ``modify(model, tokenizer)`` may set weights before they are saved; ``stop_ids`` is the
-    ``eos_token_id`` of ``generation_config.json`` (``None``: no such file)."""
+    ``eos_token_id`` of ``generation_config.json`` (``None``: no such file); ``words`` are
+    made single tokens (for a ``scripted`` chain that must not repeat a token)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = tiny_config()
-    (path / "tokenizer.json").write_text(tiny_tokenizer_json())
+    (path / "tokenizer.json").write_text(tiny_tokenizer_json(words))
     (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config_json(), indent=2))
     (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     if stop_ids is not None:
@@ -164,6 +167,12 @@ def scripted(
     return modify
 
 
+# A scripted tool call (``scripted(*TOOL_CALL)``, with ``words=TOOL_CALL_WORDS`` so that each
+# piece is one token): ``<|CALL_START|>get_weather{"city":"Paris"}<|CALL_END|>``.
+TOOL_CALL_WORDS = ("get", "weather", '{"', "city", '":"', "Paris", '"}')
+TOOL_CALL = ("<|CALL_START|>", "get", "_", *TOOL_CALL_WORDS[1:], "<|CALL_END|>")
+
+
 # ---- driving an engine built on such a checkpoint -------------------------------------------
 RATE = 16000
 
@@ -175,7 +184,8 @@ def cpu_engine(path: Path, **kw: object) -> Any:
     from realtime.engine.step_audio import build_step_audio_engine
 
     opts = kw.pop("opts", None)
-    cfg = EngineConfig(backend="step-audio", model=str(path), device="cpu", max_context=512, **kw)
+    kw.setdefault("max_context", 512)
+    cfg = EngineConfig(backend="step-audio", model=str(path), device="cpu", **kw)
     return build_step_audio_engine(cfg, opts)  # type: ignore[arg-type]
 
 

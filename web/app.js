@@ -59,8 +59,19 @@ function onEvent(ev) {
       startAnswer();
       state.thinkingChars += ev.text.length;
       ui.thinking.className = "";
-      ui.thinking.textContent += ev.text;
+      ui.thinking.append(ev.text);
       ui.thinkingCount.textContent = `${state.thinkingChars} chars`;
+      break;
+    case "tool_call":
+      startAnswer();
+      addToolLine("tool-call", `→ ${ev.name}(${ev.arguments})`);
+      setStatus("Calling a tool", "thinking");
+      break;
+    case "tool_result":
+      // the answer from this result comes next: the call and its result stay above it
+      state.freshAnswer = false;
+      setText(ui.answer, "", "");
+      addToolLine("tool-result", `← ${ev.name}: ${ev.output}`);
       break;
     case "answer":
       startAnswer();
@@ -83,6 +94,16 @@ function onEvent(ev) {
     default:
       break;
   }
+}
+
+// Tool calls and the results sent back, as lines of their own in the reasoning panel.
+function addToolLine(cls, text) {
+  if (ui.thinking.classList.contains("placeholder")) setText(ui.thinking, "", "");
+  const line = document.createElement("span");
+  line.className = `tool-line ${cls}`;
+  line.textContent = text;
+  ui.thinking.append(line);
+  ui.thinkingPanel.open = true;
 }
 
 function startAnswer() {
@@ -111,7 +132,13 @@ function addTurn(ev) {
   ui.history.prepend(li);
   if (fp != null) {
     state.latencies.push(fp);
-    drawLatency();
+    // For page scripts: declare tools, return a tool's output, ask for the answer from it.
+window.voiceAgent.send = (command) => {
+  if (!state.dc || state.dc.readyState !== "open") throw new Error("not connected");
+  state.dc.send(JSON.stringify(command));
+};
+
+drawLatency();
   }
 }
 
@@ -331,5 +358,11 @@ $("ask").addEventListener("submit", (e) => {
   setStatus("Thinking", "thinking");
   input.value = "";
 });
+
+// For page scripts: declare tools, return a tool's output, ask for the answer from it.
+window.voiceAgent.send = (command) => {
+  if (!state.dc || state.dc.readyState !== "open") throw new Error("not connected");
+  state.dc.send(JSON.stringify(command));
+};
 
 drawLatency();

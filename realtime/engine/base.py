@@ -28,6 +28,7 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 
 from realtime.config import SamplingConfig
+from realtime.engine.tools import ToolChoice, ToolResult, ToolSpec
 
 TokenKind = Literal["thinking", "answer", "tool_call", "speech_tokens"]
 
@@ -45,6 +46,9 @@ class UserTurn:
     engines answer it). Audio engines answer the audio they were given through ``listen``."""
 
     text: str = ""
+    # outputs of the tool calls the last answer made, returned by the client: the engine
+    # writes them into its history (in its model's tool-result role) before ``text``
+    tool_results: tuple[ToolResult, ...] = ()
 
 
 @dataclass
@@ -105,6 +109,12 @@ class EngineSession(Protocol):
         force from the next turn on: its answer becomes ``answer`` (the part that was heard),
         or its user part or answer is forgotten. A turn already dropped from the history
         (``history_turns``) is left alone."""
+
+    def set_tools(self, tools: tuple[ToolSpec, ...], choice: ToolChoice) -> None:
+        """The functions the model may call, and whether it must (``choice``), from the next
+        turn on. The tool calls an answer makes come out of ``respond`` as ``tool_call``
+        events (the payload between the model's call markers) and are kept in the history by
+        ``commit``."""
 
     def close(self) -> None:
         """Free everything this session holds (cache slots)."""

@@ -28,6 +28,14 @@ import torch
 from realtime.config import EngineConfig, SamplingConfig
 from realtime.engine.base import CancelToken, TokenEvent, TurnStats, UserTurn
 from realtime.engine.parser import ReasoningParser
+from realtime.engine.tools import (
+    AUTO,
+    NONE,
+    REQUIRED,
+    ToolChoice,
+    ToolSpec,
+    forced_name,
+)
 from realtime.models.sampling import sample_tokens
 
 log = logging.getLogger(__name__)
@@ -140,6 +148,34 @@ class SmolLMEngine:
         pass
 
 
+TOOLS_INTRO = "You can call these tools:"
+TOOLS_HOWTO = (
+    "When one of them answers the request, reply with only the call, like "
+    '<tool_call>{"name": "tool_name", "arguments": {"argument": "value"}}</tool_call>. '
+    "The tool's result comes back in a message from the tool: then answer the user from it."
+)
+
+
+def _signature(spec: ToolSpec) -> str:
+    """``name(arg: type, ...): description``: a compact form a small model reads better than
+    a JSON schema (which it tends to copy)."""
+    props = spec.parameters.get("properties") or {}
+    required = set(spec.parameters.get("required") or ())
+    args = ", ".join(
+        f"{k}: {(v or {}).get('type', 'any')}{'' if k in required else ' (optional)'}"
+        for k, v in props.items()
+    )
+    return f"{spec.name}({args}): {spec.description}".rstrip(": ")
+
+
+def _turn_messages(turn: UserTurn) -> list[dict[str, str]]:
+    """A turn's messages: the tool outputs it returns (role ``tool``), then the user's words."""
+    msgs = [{"role": "tool", "content": r.output} for r in turn.tool_results]
+    if turn.text or not msgs:
+        msgs.append({"role": "user", "content": turn.text})
+    return msgs
+
+
 @dataclass
 class _Conversation:
     messages: list[dict[str, str]] = field(default_factory=list)
@@ -158,18 +194,46 @@ class SmolLMSession:
         self._conv = _Conversation()
         self._cache = DynamicCache(config=engine.model.config)
         self._generator = torch.Generator().manual_seed(sampling.seed)
+        self.tools: tuple[ToolSpec, ...] = ()
+        self.tool_choice: ToolChoice = AUTO
+        self._calls: list[str] = []  # the tool-call payloads of the last answer
 
     # -- prompt -------------------------------------------------------------------------
-    def _messages(self, user_text: str | None) -> list[dict[str, str]]:
-        history = [
-            {"role": m["role"], "content": m["content"]}
-            for m in self._conv.messages[self._conv.first :]
-            if "forgotten" not in m
-        ]
-        msgs = [{"role": "system", "content": self.system_prompt}, *history]
-        if user_text is not None:
-            msgs.append({"role": "user", "content": user_text})
+    def _system(self) -> str:
+        """The system prompt, with the declared tools and the call convention after it."""
+        if not self.tools or self.tool_choice == NONE:
+            return self.system_prompt
+        listed = "\n".join(f"- {_signature(t)}" for t in self.tools)
+        return f"{self.system_prompt}\n\n{TOOLS_INTRO}\n{listed}\n{TOOLS_HOWTO}"
+
+    def _messages(self, turn: UserTurn | None) -> list[dict[str, str]]:
+        history = [m for m in self._conv.messages[self._conv.first :] if "forgotten" not in m]
+        msgs = [{"role": "system", "content": self._system()}, *history]
+        if turn is not None:
+            msgs += _turn_messages(turn)
         return msgs
+
+    def _call_prefix(self) -> str:
+        """What the answer is made to start with when the choice requires a call: the call
+        marker; for a named tool also its name and its first argument's name (a model this
+        small otherwise tends to copy the schema instead of filling it in)."""
+        if not self.tools or self.tool_choice in (AUTO, NONE):
+            return ""
+        if self.tool_choice == REQUIRED:
+            return "<tool_call>"
+        name = forced_name(self.tool_choice)
+        prefix = f'<tool_call>{{"name": "{name}", "arguments": {{'
+        spec = next((t for t in self.tools if t.name == name), None)
+        props = (spec.parameters.get("properties") or {}) if spec else {}
+        first = next(iter(spec.parameters.get("required") or props), None) if spec else None
+        if isinstance(first, str):
+            prefix += f'"{first}": '
+            if (props.get(first) or {}).get("type") == "string":
+                prefix += '"'
+        return prefix
+
+    def set_tools(self, tools: tuple[ToolSpec, ...], choice: ToolChoice) -> None:
+        self.tools, self.tool_choice = tuple(tools), choice  # the prompt's start changes
 
     def _ids(self, messages: list[dict[str, str]], generation: bool) -> list[int]:
         out = self.engine.tokenizer.apply_chat_template(
@@ -217,13 +281,18 @@ class SmolLMSession:
     def respond(self, turn: UserTurn, cancel: CancelToken) -> Iterator[TokenEvent | None]:
         self.stats = stats = TurnStats()
         tok = self.engine.tokenizer
-        prompt_ids = self._ids(self._messages(turn.text), generation=True)
+        prefix = self._call_prefix()
+        prompt_ids = self._ids(self._messages(turn), generation=True)
+        if prefix:
+            prompt_ids += list(tok.encode(prefix, add_special_tokens=False))
         budget = self.engine.cfg.max_context - len(prompt_ids)
         if budget <= 0:
             raise RuntimeError("the conversation no longer fits engine.max_context")
         logits = self._extend(prompt_ids)
         stats.wall_prefill_done = time.monotonic()
         parser = ReasoningParser(in_thinking=False)
+        parser.feed(prefix)  # held back: a call marker and the start of its payload
+        self._calls = []
         generated: list[int] = []
         text_so_far = ""
         max_new = min(self.sampling.max_new_tokens, budget)
@@ -257,9 +326,9 @@ class SmolLMSession:
                     stats.wall_first_answer_token = time.monotonic()
                 if ev.kind == "thinking":
                     stats.thinking_tokens += 1
-                yield ev
-            if parser.done or cancel.cancelled:
-                break
+                yield self._record(ev)
+            if parser.done or cancel.cancelled or self._calls:
+                break  # (an answer ends with its tool call: the result comes next turn)
             out = self.engine.model(
                 input_ids=torch.tensor([[next_id]]),
                 position_ids=torch.tensor([[len(self._conv.cached_ids)]]),
@@ -268,17 +337,23 @@ class SmolLMSession:
             )
             self._conv.cached_ids.append(next_id)
             logits = out.logits[0, -1]
-        yield from parser.close()
+        for ev in parser.close():
+            yield self._record(ev)
+
+    def _record(self, ev: TokenEvent) -> TokenEvent:
+        if ev.kind == "tool_call":
+            self._calls.append(ev.text)
+        return ev
 
     def commit(self, turn: UserTurn, spoken_answer: str, interrupted: bool) -> None:
         answer = spoken_answer.strip()
         if interrupted:
             answer = (answer + " ...").strip()
+        if not interrupted:  # the calls the answer made stay in the history, after its words
+            answer += "".join(f"<tool_call>{c.strip()}</tool_call>" for c in self._calls)
+        self._calls = []
         conv = self._conv
-        conv.messages += [
-            {"role": "user", "content": turn.text},
-            {"role": "assistant", "content": answer},
-        ]
+        conv.messages += [*_turn_messages(turn), {"role": "assistant", "content": answer}]
         keep = self.engine.cfg.history_turns
         if len(conv.messages) - conv.first > 2 * keep:
             # Drop old turns in one go, down to half the window: the prompt's prefix then

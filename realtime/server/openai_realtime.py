@@ -33,6 +33,7 @@ from realtime.frames import (
     SpeechStarted,
     SpeechStopped,
     ThinkingText,
+    ToolCall,
     Transcript,
     TurnMetrics,
 )
@@ -85,6 +86,9 @@ async def _pump(conn: RealtimeConnection) -> None:
             else:
                 r.reasoning.append(frame.text)
                 await conn.send(rp.REASONING_DELTA, **ids, delta=frame.text)
+        elif isinstance(frame, ToolCall):
+            if not conn.drop_output:
+                await conn.add_call(frame.call_id, frame.name, frame.arguments)
         elif isinstance(frame, (SpeechStarted, SpeechStopped)) and (
             conn.settings.turn_detection is None
         ):

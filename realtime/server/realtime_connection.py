@@ -38,12 +38,15 @@ class ResponseState:
     failed: bool = False
     text_only: bool = False  # written, not spoken (output_modalities ["text"])
     engine_usage: dict[str, int] = field(default_factory=dict)  # the engine's token counts
+    n_outputs: int = 0  # output items so far (the message, function calls)
+    message_index: int = 0  # the output index of the message item, once it is open
+    calls: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (index, item)
 
     def ids(self) -> dict[str, Any]:
         return {
             "response_id": self.id,
             "item_id": self.item_id,
-            "output_index": 0,
+            "output_index": self.message_index,
             "content_index": 0,
         }
 
@@ -69,6 +72,7 @@ class RealtimeConnection:
     session_id: str = field(default_factory=lambda: rp.new_id("sess"))
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     items: dict[str, str] = field(default_factory=dict)  # id -> role, in conversation order
+    calls: dict[str, str] = field(default_factory=dict)  # call_id -> tool name (the model's calls)
     user: InputItem = field(default_factory=InputItem)
     awaiting_transcript: InputItem | None = None
     response: ResponseState | None = None
@@ -119,11 +123,13 @@ class RealtimeConnection:
 
     async def add_item(self, item: dict[str, Any]) -> None:
         previous = self._previous_item()
-        self.items[item["id"]] = item["role"]
+        self.items[item["id"]] = item.get("role") or item["type"]
         await self.send("conversation.item.added", previous_item_id=previous, item=item)
 
     # ---- responses -----------------------------------------------------------------------
-    async def open_response(self) -> ResponseState:
+    async def open_response(self, message: bool = True) -> ResponseState:
+        """The response in flight (created now if there is none), with its message item open
+        unless ``message`` is False (a function call opens no message)."""
         if self.response is None:
             self.response = ResponseState(
                 input_text=self.last_transcript,
@@ -132,11 +138,15 @@ class RealtimeConnection:
             )
             await self.send("response.created", response=self._response_json("in_progress"))
         r = self.response
-        if not r.item_open:
+        if message and not r.item_open:
             r.item_open = True
+            r.message_index, r.n_outputs = r.n_outputs, r.n_outputs + 1
             item = rp.assistant_item(r.item_id, "in_progress", None, self.beta, r.text_only)
             await self.send(
-                "response.output_item.added", response_id=r.id, output_index=0, item=item
+                "response.output_item.added",
+                response_id=r.id,
+                output_index=r.message_index,
+                item=item,
             )
             await self.add_item(item)
             self.turn_items.append(r.item_id)
@@ -145,14 +155,39 @@ class RealtimeConnection:
             )
         return r
 
+    async def add_call(self, call_id: str, name: str, arguments: str) -> None:
+        """A function call of the model: its own output item, its arguments, and no audio."""
+        r = await self.open_response(message=False)
+        index, r.n_outputs = r.n_outputs, r.n_outputs + 1
+        item_id = rp.new_id("item")
+        item = rp.function_call_item(item_id, call_id, name, "", "in_progress")
+        await self.send(
+            "response.output_item.added", response_id=r.id, output_index=index, item=item
+        )
+        await self.add_item(item)
+        where = {"response_id": r.id, "item_id": item_id, "output_index": index, "call_id": call_id}
+        await self.send("response.function_call_arguments.delta", **where, delta=arguments)
+        await self.send(
+            "response.function_call_arguments.done", **where, name=name, arguments=arguments
+        )
+        done = rp.function_call_item(item_id, call_id, name, arguments, "completed")
+        await self.send(
+            "response.output_item.done", response_id=r.id, output_index=index, item=done
+        )
+        await self.send("conversation.item.done", item=done)
+        r.calls.append((index, done))
+        self.calls[call_id] = name
+
     def _response_json(self, status: str, reason: str | None = None) -> dict[str, Any]:
         r = self.response
         assert r is not None
-        out = []
+        outputs: list[tuple[int, dict[str, Any]]] = list(r.calls)
         if r.item_open:
             item_status = "completed" if status == "completed" else "incomplete"
             text = "".join(r.transcript)
-            out.append(rp.assistant_item(r.item_id, item_status, text, self.beta, r.text_only))
+            item = rp.assistant_item(r.item_id, item_status, text, self.beta, r.text_only)
+            outputs.append((r.message_index, item))
+        out = [item for _, item in sorted(outputs, key=lambda o: o[0])]
         body: dict[str, Any] = {
             "object": "realtime.response",
             "id": r.id,
@@ -193,7 +228,10 @@ class RealtimeConnection:
             item_status = "completed" if status == "completed" else "incomplete"
             item = rp.assistant_item(r.item_id, item_status, text, self.beta, r.text_only)
             await self.send(
-                "response.output_item.done", response_id=r.id, output_index=0, item=item
+                "response.output_item.done",
+                response_id=r.id,
+                output_index=r.message_index,
+                item=item,
             )
             await self.send("conversation.item.done", item=item)
         await self.send("response.done", response=self._response_json(status, reason))

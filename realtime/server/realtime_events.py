@@ -37,6 +37,8 @@ def apply_settings(conn: RealtimeConnection, new: rp.Settings, base_vad: VADConf
         changes["output_sample_rate"] = new.output_format.rate
     if new.text_only != old.text_only:
         changes["speak"] = not new.text_only
+    if new.tools != old.tools or new.tool_choice != old.tool_choice:
+        changes.update(tools=new.tools, tool_choice=new.tool_choice)
     if new.turn_detection != old.turn_detection:
         td = new.turn_detection
         if td is None:
@@ -124,6 +126,23 @@ def _response_text_only(body: Any, default: bool) -> bool:
     return default
 
 
+async def _function_output(conn: RealtimeConnection, item: dict[str, Any]) -> None:
+    """The client ran a tool the model called: its output is kept for the next response."""
+    call_id, output = item.get("call_id"), item.get("output")
+    if not isinstance(call_id, str) or call_id not in conn.calls:
+        raise ClientError(
+            f"item.call_id {call_id!r} is not a function call of this conversation",
+            param="item.call_id",
+        )
+    if not isinstance(output, str):
+        raise ClientError("item.output must be a string (e.g. JSON text)", param="item.output")
+    conn.session.add_tool_result(call_id, conn.calls[call_id], output)
+    item_id = item.get("id") if isinstance(item.get("id"), str) else rp.new_id("item")
+    full = rp.function_output_item(item_id, call_id, output)
+    await conn.add_item(full)
+    await conn.send("conversation.item.done", item=full)
+
+
 async def handle_event(
     conn: RealtimeConnection, event: dict[str, Any], base_vad: VADConfig
 ) -> None:
@@ -204,9 +223,13 @@ async def handle_event(
         item = event.get("item")
         if not isinstance(item, dict):
             raise ClientError("conversation.item.create needs an 'item' object", param="item")
+        if item.get("type") == "function_call_output":
+            await _function_output(conn, item)
+            return
         if item.get("type", "message") != "message":
             raise ClientError(
-                f"item type {item.get('type')!r} is not supported (only 'message')",
+                f"item type {item.get('type')!r} is not supported "
+                "(only 'message' and 'function_call_output')",
                 param="item.type",
             )
         role = item.get("role")

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from realtime.engine.tools import AUTO, NONE, REQUIRED, ToolSpec, validate_tool
 from realtime.server import codecs
 
 # Beta clients know these events by older names; the rest are the same in both dialects.
@@ -166,6 +167,8 @@ class Settings:
     output_format: AudioFormat = PCM24
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
     text_only: bool = False  # output_modalities ["text"]: answers are written, not spoken
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: str = AUTO  # auto | none | required | the name of one declared tool
 
     @property
     def output_modalities(self) -> list[str]:
@@ -224,6 +227,52 @@ def parse_turn_detection(
                 raise ClientError(f"{param}.{key} must be true or false", param=f"{param}.{key}")
             changes[key] = value[key]
     return replace(td, **changes)
+
+
+def parse_tools(value: Any, param: str) -> tuple[ToolSpec, ...]:
+    """``tools``: a list of ``{"type": "function", "name", "description", "parameters"}``
+    (the Chat Completions form with a ``function`` object is taken too)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ClientError(f"{param} must be a list of function tools", param=param)
+    tools: list[ToolSpec] = []
+    for i, spec in enumerate(value):
+        try:
+            tool = validate_tool(spec, f"{param}[{i}]")
+        except ValueError as exc:
+            raise ClientError(str(exc), param=f"{param}[{i}]") from None
+        if any(t.name == tool.name for t in tools):
+            raise ClientError(f"{param}[{i}]: two tools are named {tool.name!r}", param=param)
+        tools.append(tool)
+    return tuple(tools)
+
+
+def parse_tool_choice(value: Any, tools: tuple[ToolSpec, ...], param: str) -> str:
+    """``"auto"``, ``"none"``, ``"required"`` or ``{"type": "function", "name": ...}`` (also
+    ``{"type": "function", "function": {"name": ...}}``) -> auto / none / required / a name."""
+    if value in (AUTO, NONE, REQUIRED):
+        return str(value)
+    name = None
+    if isinstance(value, dict) and value.get("type") == "function":
+        fn = value.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else value.get("name")
+    if not isinstance(name, str):
+        raise ClientError(
+            f"{param} must be 'auto', 'none', 'required' or "
+            f'{{"type": "function", "name": ...}}, got {value!r}',
+            param=param,
+        )
+    if not any(t.name == name for t in tools):
+        raise ClientError(
+            f"{param} names {name!r}, which is not among the tools {[t.name for t in tools]}",
+            param=param,
+        )
+    return name
+
+
+def tool_choice_json(choice: str) -> Any:
+    return choice if choice in (AUTO, NONE, REQUIRED) else {"type": "function", "name": choice}
 
 
 def _text(value: Any, param: str) -> str:
@@ -293,6 +342,19 @@ def parse_session_update(session: Any, current: Settings, voices: set[str]) -> S
     speed = a_out.get("speed", session.get("speed"))
     if speed is not None:
         s = replace(s, speed=_number(speed, "session.audio.output.speed", 0.25, 4.0))
+    if "tools" in session:
+        s = replace(s, tools=parse_tools(session["tools"], "session.tools"))
+    if session.get("tool_choice") is not None:
+        s = replace(
+            s, tool_choice=parse_tool_choice(session["tool_choice"], s.tools, "session.tool_choice")
+        )
+    elif s.tool_choice not in (AUTO, NONE, REQUIRED) and all(
+        t.name != s.tool_choice for t in s.tools
+    ):
+        raise ClientError(
+            f"session.tool_choice names {s.tool_choice!r}, which the new tools no longer have",
+            param="session.tool_choice",
+        )
     return s
 
 
@@ -311,8 +373,8 @@ def session_json(sid: str, s: Settings, beta: bool) -> dict[str, Any]:
             "input_audio_transcription": {"model": "local-asr"},
             "turn_detection": td,
             "speed": s.speed,
-            "tools": [],
-            "tool_choice": "auto",
+            "tools": [t.to_realtime() for t in s.tools],
+            "tool_choice": tool_choice_json(s.tool_choice),
             "max_response_output_tokens": "inf",
         }
     return {
@@ -335,8 +397,8 @@ def session_json(sid: str, s: Settings, beta: bool) -> dict[str, Any]:
                 "speed": s.speed,
             },
         },
-        "tools": [],
-        "tool_choice": "auto",
+        "tools": [t.to_realtime() for t in s.tools],
+        "tool_choice": tool_choice_json(s.tool_choice),
         "max_output_tokens": "inf",
     }
 
@@ -361,6 +423,31 @@ def text_item(item_id: str, role: str, text: str, beta: bool) -> dict[str, Any]:
         "role": role,
         "status": "completed",
         "content": [{"type": kind, "text": text}],
+    }
+
+
+def function_call_item(
+    item_id: str, call_id: str, name: str, arguments: str, status: str
+) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "function_call",
+        "status": status,
+        "name": name,
+        "call_id": call_id,
+        "arguments": arguments,
+    }
+
+
+def function_output_item(item_id: str, call_id: str, output: str) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "function_call_output",
+        "status": "completed",
+        "call_id": call_id,
+        "output": output,
     }
 
 

@@ -29,9 +29,11 @@ from realtime.frames import (
     EndFrame,
     Interruption,
     OutputAudio,
+    ToolCall,
     TurnMetrics,
     frame_to_event,
 )
+from realtime.server import realtime_protocol as rp
 from realtime.server.bridge import AgentSession, CapacityError, ServerContext, cancel_task
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,7 @@ class PeerState:
     pending: list[str] = field(default_factory=list)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     closed: bool = False
+    calls: dict[str, str] = field(default_factory=dict)  # the model's tool calls: id -> name
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -166,6 +169,8 @@ async def _pump_frames(state: PeerState, session: AgentSession) -> None:
             state.out_track.clear()
         elif isinstance(frame, TurnMetrics):
             state.ctx.metrics.observe_turn("webrtc", frame)
+        elif isinstance(frame, ToolCall):
+            state.calls[frame.call_id] = frame.name
         event = frame_to_event(frame)
         if event is not None:
             state.send_event(event)
@@ -174,7 +179,9 @@ async def _pump_frames(state: PeerState, session: AgentSession) -> None:
 
 
 async def _on_message(state: PeerState, message: object) -> None:
-    """Commands from the page: ``{"type": "cancel"}`` or ``{"type": "text", "text": ...}``."""
+    """Commands from the page: ``{"type": "cancel"}``, ``{"type": "text", "text": ...}``,
+    ``{"type": "tools", "tools": [...], "tool_choice": ...}`` (as in ``session.update``) and
+    ``{"type": "tool_result", "call_id": ..., "output": ...}`` (then ``text`` or ``respond``)."""
     session = state.session
     try:
         if not isinstance(message, str):
@@ -191,8 +198,24 @@ async def _on_message(state: PeerState, message: object) -> None:
             await session.cancel()
         elif kind == "text" and isinstance(cmd.get("text"), str) and cmd["text"].strip():
             await session.respond(cmd["text"])
+        elif kind == "tools":
+            tools = rp.parse_tools(cmd.get("tools"), "tools")
+            choice = rp.parse_tool_choice(cmd.get("tool_choice", "auto"), tools, "tool_choice")
+            session.update(tools=tools, tool_choice=choice)
+        elif kind == "tool_result":
+            call_id, output = cmd.get("call_id"), cmd.get("output")
+            if not isinstance(call_id, str) or call_id not in state.calls:
+                raise ValueError(f"call_id {call_id!r} is not a tool call of this session")
+            if not isinstance(output, str):
+                raise ValueError("output must be a string")
+            session.add_tool_result(call_id, state.calls[call_id], output)
+        elif kind == "respond":
+            await session.respond()
         else:
-            raise ValueError(f"unknown command {kind!r} (expected 'cancel' or 'text')")
+            raise ValueError(
+                f"unknown command {kind!r} "
+                "(expected 'cancel', 'text', 'tools', 'tool_result' or 'respond')"
+            )
     except (ValueError, json.JSONDecodeError) as exc:
         state.send_event({"event": "error", "code": "bad_command", "message": str(exc)})
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from realtime.context import SessionContext
 from realtime.engine.base import EngineSession
+from realtime.engine.tools import NONE, ToolCallError, argument_errors, parse_tool_calls
 from realtime.engine.worker import EngineWorker
 from realtime.frames import (
     AnswerText,
@@ -90,6 +92,33 @@ class Responder(Stage):
 
         fut.add_done_callback(done)
 
+    def _tool_calls(self, rid: int, payload: str) -> list[ToolCall | ErrorFrame]:
+        """The model's calls as ``ToolCall`` frames with fresh call ids, or an error (not an
+        answer error: the answer goes on) for what is not a call to a declared tool."""
+        opts = self.ctx.options
+        try:
+            calls = parse_tool_calls(payload)
+        except ToolCallError as exc:
+            return [ErrorFrame("invalid_tool_call", f"the model's tool call is unreadable: {exc}")]
+        out: list[ToolCall | ErrorFrame] = []
+        for call in calls:
+            spec = next((t for t in opts.tools if t.name == call.name), None)
+            if spec is None or opts.tool_choice == NONE:
+                declared = [t.name for t in opts.tools]
+                msg = f"the model called {call.name!r}, " + (
+                    "but tool_choice is 'none'"
+                    if opts.tool_choice == NONE
+                    else f"which is not a declared tool {declared}"
+                )
+                out.append(ErrorFrame("invalid_tool_call", msg))
+                continue
+            problems = argument_errors(spec, call.arguments)
+            if problems:  # passed on as written (the client decides), but logged
+                log.info("tool call %s: arguments do not fit the schema: %s", call.name, problems)
+            call_id = f"call_{uuid.uuid4().hex[:22]}"
+            out.append(ToolCall(rid, call_id, call.name, call.arguments, payload))
+        return out
+
     async def _run(self, start: StartResponse) -> None:
         """Stream the engine's tokens for one answer as frames."""
         es, rid, cancel = self.engine.session, start.response_id, start.cancel
@@ -106,7 +135,8 @@ class Responder(Stage):
                 elif ev.kind == "thinking":
                     await self.push(ThinkingText(rid, ev.text))
                 elif ev.kind == "tool_call":
-                    await self.push(ToolCall(rid, ev.text))
+                    for frame in self._tool_calls(rid, ev.text):
+                        await self.push(frame)
         except Exception as exc:
             log.exception("engine failed")
             if not cancel.cancelled:

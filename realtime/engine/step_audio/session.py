@@ -23,7 +23,15 @@ from realtime.engine.base import CancelToken, EngineBusy, TokenEvent, TurnStats,
 from realtime.engine.step_audio.answering import Answer, Role
 from realtime.engine.step_audio.core import StepAudioCore
 from realtime.engine.step_audio.listening import Listening
-from realtime.models.step_audio.prompt import AudioSlot, Conversation, Message, Turn, assistant_text
+from realtime.engine.tools import NONE, ToolChoice, ToolSpec, tools_json
+from realtime.models.step_audio.prompt import (
+    TOOL_RESULT_ROLE,
+    AudioSlot,
+    Conversation,
+    Message,
+    Turn,
+    assistant_text,
+)
 
 
 @dataclass
@@ -34,6 +42,7 @@ class _Answered:
     pieces: list[torch.Tensor]  # the audio embeddings of the turn, one tensor per piece
     audio: np.ndarray
     user: Message  # the user turn as the history renders it
+    inputs: tuple[Message, ...] = ()  # tool results before it (a turn that returns them)
 
 
 class StepAudioSession:
@@ -57,6 +66,7 @@ class StepAudioSession:
         self._closed = False
         self._prompt_changed = False
         self._dropped = 0  # committed turns trimmed from the history so far
+        self._calls: list[str] = []  # the tool-call payloads of the last answer
         self.on_token: Callable[[Role, int, float], None] | None = None  # bench/debug hook
         self.handovers = 0  # reasoning blocks handed to the speaking lane (all turns)
         self._rebuild_history()
@@ -122,6 +132,13 @@ class StepAudioSession:
             self._turn_embeds[i] = []  # its audio goes with it
         self._prompt_changed = True
 
+    def set_tools(self, tools: tuple[ToolSpec, ...], choice: ToolChoice) -> None:
+        """From the next turn on, like ``set_instructions``: the tool schemas go in their own
+        ``tool_json_schemas`` turn after the system prompt (none with ``choice`` "none"). A
+        ``required`` or named choice is not enforced on this engine: the schemas are offered."""
+        self.conv.tools = tools_json(tools) if tools and choice != NONE else ""
+        self._prompt_changed = True
+
     def _open_turn(self) -> None:
         lst, e = self._l, self.engine
         if lst.opened:
@@ -149,8 +166,19 @@ class StepAudioSession:
         gen = e.builder.generation_prompt().ids
         if self.sampling.think_budget <= 0:
             gen = gen + e.think_close_ids  # an empty reasoning block: answer at once
-        if audio.shape[0] == 0 and turn.text:  # a typed turn: text where the audio would be
-            pieces: list[torch.Tensor] = []
+        inputs: tuple[Message, ...] = ()
+        pieces: list[torch.Tensor] = []
+        if audio.shape[0] == 0 and turn.tool_results:  # tool outputs (and words) from the client
+            inputs = tuple(Message.text(TOOL_RESULT_ROLE, r.output) for r in turn.tool_results)
+            if turn.text:
+                user = Message.text("human", turn.text)
+            else:
+                inputs, user = inputs[:-1], inputs[-1]
+            rendered = e.builder.render([*inputs, user], add_generation_prompt=False).ids
+            # the whole turn from its <|BOT|> on (the opened human header is written over)
+            start = lst.body_start - len(e.builder.open_turn("human").ids)
+            parts, ids = [e.embed_ids(rendered)], []
+        elif audio.shape[0] == 0 and turn.text:  # a typed turn: text where the audio would be
             parts, start = [e.embed_ids(e.text_ids(turn.text))], lst.body_start
             ids = [e.special.eot]
             user = Message.text("human", turn.text)
@@ -163,7 +191,7 @@ class StepAudioSession:
         embeds = torch.cat([*parts, e.embed_ids(ids + gen)])
         self.stats.prefill_tokens = embeds.shape[0]
         logits = self._prefill(embeds, start)
-        self._answered = _Answered(turn_end, pieces, audio, user)
+        self._answered = _Answered(turn_end, pieces, audio, user, inputs)
         return logits, turn_end + len(gen)
 
     # ---- respond ------------------------------------------------------------------------------
@@ -175,10 +203,14 @@ class StepAudioSession:
         logits, gen_end = self._close_turn(turn)
         answer = Answer(self.engine, self.slot, self.sampling, self.stats, self.on_token)
         self._answer = answer
+        self._calls = []
         try:
             answer.start(gen_end, logits)
             self.stats.wall_prefill_done = time.monotonic()
-            yield from answer.events(cancel)
+            for ev in answer.events(cancel):
+                if ev is not None and ev.kind == "tool_call":
+                    self._calls.append(ev.text.strip())
+                yield ev
         finally:
             answer.release()
             self.handovers += answer.handovers
@@ -200,11 +232,14 @@ class StepAudioSession:
         answer = spoken_answer.strip()
         if interrupted and answer:
             answer += " ..."
+        if not interrupted:  # the calls the answer made stay in the history, after its words
+            answer += "".join(f"<tool_call>{c}</tool_call>" for c in self._calls)
+        self._calls = []
         msg = Message.text("assistant", assistant_text(answer))
         ids = e.builder.message(msg).ids
         self._prefill(e.embed_ids(ids), ans.turn_end)
         self._hist_len = ans.turn_end + len(ids)
-        self.conv.turns.append(Turn(user=ans.user, answer=answer))
+        self.conv.turns.append(Turn(user=ans.user, answer=answer, inputs=ans.inputs))
         self._turn_embeds.append(ans.pieces)
         self._answered = None
         self._l = self._new_turn()

@@ -1,8 +1,11 @@
 """Chat prompt of Step-Audio 2 / R1 as token ids, with the positions the audio goes to.
 
     <|BOT|>system\n{system prompt}<|EOT|>
+    <|BOT|>tool_json_schemas\n[{"type": "function", "function": {...}}, ...]<|EOT|>   (if tools)
     <|BOT|>human\n{text and audio parts}<|EOT|>
     <|BOT|>assistant\n<think>\n{reasoning}\n</think>\n{answer}<|EOT|>     (earlier turns)
+    <|BOT|>assistant\n...{answer}<tool_call>function\n{name}\n{json args}</tool_call><|EOT|>
+    <|BOT|>input\n{the tool's output}<|EOT|>                             (a tool result)
     <|BOT|>human\n<audio_start><audio_patch>x N<audio_end><|EOT|>        (this turn)
     <|BOT|>assistant\n<think>\n                                         (generation prompt)
 
@@ -20,7 +23,9 @@ from typing import Literal
 from realtime.models.step_audio.lengths import chunk_spans, embeddings_for_samples
 from realtime.models.step_audio.tokens import SpecialTokens, TextTokenizer
 
-Role = Literal["system", "human", "assistant", "tool_json_schemas"]
+Role = Literal["system", "human", "assistant", "tool_json_schemas", "input"]
+TOOLS_ROLE: Role = "tool_json_schemas"  # the declared functions, as a JSON list
+TOOL_RESULT_ROLE: Role = "input"  # what a called tool returned
 GENERATION_ROLE = "assistant"
 THINK_PREFIX = "<think>\n"
 
@@ -52,7 +57,8 @@ def audio_slots(n_samples: int) -> tuple[AudioSlot, ...]:
 
 
 def assistant_text(answer: str, reasoning: str = "") -> str:
-    """An earlier reply as history: the reasoning block (empty by default) then the answer."""
+    """An earlier reply as history: the reasoning block (empty by default) then the answer
+    (with the ``<tool_call>...</tool_call>`` blocks of the calls it made)."""
     return f"{THINK_PREFIX}{reasoning}\n</think>\n{answer}"
 
 
@@ -122,8 +128,9 @@ class Turn:
     """One finished exchange of the history: what the user said, what was answered."""
 
     user: Message
-    answer: str
+    answer: str  # as history renders it (tool calls included)
     reasoning: str = ""
+    inputs: tuple[Message, ...] = ()  # tool results the turn returned, before ``user``
 
 
 @dataclass
@@ -133,13 +140,17 @@ class Conversation:
     system_prompt: str = ""
     turns: list[Turn] = field(default_factory=list)
     max_turns: int = 0  # keep at most this many earlier turns (0 = all)
+    tools: str = ""  # the declared tools as a JSON list ("" = none)
 
     def messages(self, user: Message | None = None) -> list[Message]:
         out: list[Message] = []
         if self.system_prompt:
             out.append(Message.text("system", self.system_prompt))
+        if self.tools:
+            out.append(Message.text(TOOLS_ROLE, self.tools))
         turns = self.turns[-self.max_turns :] if self.max_turns else self.turns
         for t in turns:
+            out.extend(t.inputs)
             out.append(t.user)
             out.append(Message.text("assistant", assistant_text(t.answer, t.reasoning)))
         if user is not None:
