@@ -341,3 +341,23 @@ async def test_immediate_mode_stops_at_the_first_voice(models):
     await session.controller.process(SpeechStarted(10.0))
     assert session.controller.phases[-2:] == [Phase.INTERRUPTED, Phase.LISTENING]
     await session.close()
+
+
+async def test_speculative_answers_still_start_at_the_pause_with_the_semantic_end(models):
+    """The 120 ms pause starts the answer ahead of the model's 200 ms check; the "complete"
+    verdict releases it."""
+    await endpoint.ready()
+    models.config.vad.end_of_turn.mode = "semantic"
+    models.asr = FixedASR("my package never arrived")
+    models.engine.words = 0
+    session = Session(models, pace_output=False)
+    await session.start()
+    pcm, _ = spoken(COMPLETE, tail_s=2.0)
+    for i in range(0, pcm.size, 320):
+        await session.push_audio(pcm[i : i + 320], RATE)
+    await session.wait_idle()
+    (metrics,) = [f for f in drain(session) if isinstance(f, TurnMetrics)]
+    assert metrics.breakdown["speculative"] == 1.0 and not metrics.interrupted
+    assert session.detector.classifier is not None
+    assert session.detector.classifier.last_probability > 0.9  # the model did decide
+    await session.close()
