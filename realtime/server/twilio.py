@@ -32,7 +32,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from realtime.audio import StreamResampler
-from realtime.frames import EndFrame, Interruption, OutputAudio, SpeechStarted, TurnMetrics
+from realtime.frames import EndFrame, Interruption, OutputAudio, TurnMetrics
 from realtime.server.bridge import (
     AgentSession,
     CapacityError,
@@ -165,7 +165,7 @@ async def _pump(call: TwilioCall) -> None:
                 await call.mark()  # a piece boundary
             call.audio_s += len(frame.pcm) / frame.sample_rate
             await call.send_audio(ulaw_encode(call.resample(frame.pcm, frame.sample_rate)))
-        elif isinstance(frame, (SpeechStarted, Interruption)):
+        elif isinstance(frame, Interruption):  # not SpeechStarted: a backchannel is no barge-in
             await call.barge_in()
             in_answer = False
         elif isinstance(frame, TurnMetrics):
