@@ -238,6 +238,11 @@ class FakeSession:
             TurnMetrics(self.turn, (first or t0) - t0, {}, False, transcript, self.rt.answer)
         )
 
+    @property
+    def busy(self) -> bool:
+        """An answer is running (the server's drain lets it finish)."""
+        return self.task is not None and not self.task.done()
+
     async def cancel(self) -> None:
         if self.task is not None and not self.task.done():
             self.task.cancel()
