@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import time
 from typing import Any
@@ -491,3 +492,39 @@ async def test_drain_tells_every_session_then_closes_and_refuses_newcomers() -> 
     finally:
         await peer.close()
         await server.runner.cleanup()
+
+
+# ---- a turn longer than vad.max_turn_s (the Session's own limit) ---------------------------
+async def test_a_turn_past_max_turn_s_is_cut_with_an_error_and_answered(runtime: Any) -> None:
+    from server_helpers import speech
+
+    from realtime.context import SessionOptions
+    from realtime.frames import ErrorFrame, SpeechStarted, SpeechStopped, Transcript, TurnMetrics
+
+    vad = dataclasses.replace(runtime.config.vad, max_turn_s=1.2)
+    session = runtime.new_session(SessionOptions(vad=vad), pace_output=False)
+    await session.start()
+    frames: list[Any] = []
+    try:
+        long_turn = speech("Tell me everything you know about the weather in the mountains")
+        for i in range(0, len(long_turn), 1600):
+            await session.push_audio(long_turn[i : i + 1600], 16000)
+        await session.push_audio(np.zeros(16000, np.int16), 16000)
+        async with asyncio.timeout(120):
+            async for frame in session.frames():
+                frames.append(frame)
+                if isinstance(frame, TurnMetrics):
+                    break
+    finally:
+        await session.close()
+    kinds = [type(f).__name__ for f in frames]
+    cut = next(i for i, f in enumerate(frames) if isinstance(f, ErrorFrame))
+    assert frames[cut].code == "turn_too_long" and "max_turn_s" in frames[cut].message
+    assert not frames[cut].fatal
+    stop = next(i for i, f in enumerate(frames) if isinstance(f, SpeechStopped))
+    assert cut < stop, kinds
+    started = next(f for f in frames if isinstance(f, SpeechStarted))
+    assert frames[stop].t_decided - started.t < 1.2 + 0.1  # cut at the limit, mid-sentence
+    assert len(long_turn) / 16000 > 3.0
+    finals = [f.text for f in frames if isinstance(f, Transcript) and f.final]
+    assert finals and finals[0].strip(), kinds  # what was heard up to the cut is answered

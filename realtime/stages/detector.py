@@ -8,6 +8,7 @@ import time
 from realtime.audio import PIPELINE_RATE
 from realtime.context import SessionContext
 from realtime.frames import (
+    ErrorFrame,
     Frame,
     InputAudio,
     SpeechPaused,
@@ -59,6 +60,15 @@ class TurnDetector(Stage):
             self._unstopped = True
             return
         for ev in self.endpointer.process(frame.pcm):
+            if ev.cut:
+                limit = self.ctx.options.vad.max_turn_s
+                await self.push(
+                    ErrorFrame(
+                        "turn_too_long",
+                        f"the turn reached the limit of {limit:g} s (vad.max_turn_s) and was cut "
+                        "there; it is answered as heard so far",
+                    )
+                )
             await self._emit(ev.kind, ev.t, ev.t_decided)
 
     async def _emit(self, kind: str, t: float, t_decided: float) -> None:
