@@ -17,6 +17,7 @@ import pytest
 import websockets
 from server_helpers import speech, start_server
 
+from realtime import log_context
 from realtime.config import ServerConfig
 
 pytestmark = pytest.mark.asyncio
@@ -42,6 +43,7 @@ async def test_a_spoken_turn_leaves_no_words_in_logs_or_on_disk(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     monkeypatch.chdir(cwd)
     caplog.set_level(logging.DEBUG)  # the root logger: every logger of the process
+    log_context.install([caplog.handler])  # as run_agent.py does: %(session)s on each line
 
     server = await start_server(runtime, ServerConfig(api_keys=[KEY]))
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -75,7 +77,12 @@ async def test_a_spoken_turn_leaves_no_words_in_logs_or_on_disk(
     logs = "\n".join(
         f"{r.name} {r.getMessage()} {r.exc_text or ''}" for r in server_records
     ).lower()
-    assert "session" in logs and " opened" in logs  # the logs were captured, with session ids
+    # the logs name the session by the id its client was given: the server's lines and the
+    # pipeline's own (its tasks inherit the id)
+    sid = created["session"]["id"]
+    assert f"realtime session {sid} opened".lower() in logs
+    tagged = {r.name for r in server_records if getattr(r, "session", "-") == sid}
+    assert "realtime.controller" in tagged, tagged
     for word in heard:
         assert word not in logs, f"the user's word {word!r} is in the logs"
     assert transcript.lower().strip() not in logs

@@ -117,7 +117,7 @@ class LiveSession:
     @property
     def id(self) -> str:
         """The session's id for logs (never what was said)."""
-        return str(getattr(self.session, "id", f"{id(self.session):x}"))
+        return str(getattr(self.session, "id", f"sess_{id(self.session):x}"))
 
     def touch(self) -> None:
         self.last_input = time.monotonic()

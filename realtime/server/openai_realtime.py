@@ -201,7 +201,13 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
             return ws
         session = live.session
         conn = RealtimeConnection(
-            ctx=ctx, ws=ws, session=session, settings=settings, voices=voices, beta=beta
+            ctx=ctx,
+            ws=ws,
+            session=session,
+            settings=settings,
+            voices=voices,
+            beta=beta,
+            session_id=live.id,  # the id the client sees is the one the logs name
         )
 
         async def notify(notice: Notice) -> None:
