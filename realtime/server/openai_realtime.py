@@ -210,9 +210,9 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
             session_id=live.id,  # the id the client sees is the one the logs name
         )
 
-        async def notify(notice: Notice) -> None:
-            err = ClientError(notice.message, code=notice.code, kind="server_error")
-            await conn.send_error(err)
+        async def notify(notice: Notice) -> None:  # the server's doing: no client error counted
+            error = {"type": "server_error", "code": notice.code, "message": notice.message}
+            await conn.send("error", error={**error, "param": None, "event_id": None})
 
         async def hangup(notice: Notice) -> None:
             await ws.close(code=notice.ws_code, message=notice.code.encode())

@@ -261,7 +261,8 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
 
         async def notify(notice: Notice) -> None:
             log.info("twilio stream %s: hanging up (%s)", call.stream_sid, notice.code)
-            await call.send_error(TwilioError(notice.code, notice.message))
+            error = {"code": notice.code, "message": notice.message}
+            await call.send({"event": "error", "streamSid": call.stream_sid, "error": error})
 
         async def hangup(notice: Notice) -> None:
             await ws.close(code=notice.ws_code, message=notice.code.encode())
