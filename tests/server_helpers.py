@@ -36,7 +36,7 @@ from realtime.frames import (
     Transcript,
     TurnMetrics,
 )
-from realtime.server.app import create_app
+from realtime.server.app import create_app, make_runner
 
 QUESTION = "What is the capital of France?"
 FAIL_PREFIX = "FAIL:"  # FakeRuntime: a text turn starting with this makes the engine fail
@@ -86,7 +86,7 @@ class RunningServer:
 
 async def start_server(runtime: Any, config: ServerConfig | None = None) -> RunningServer:
     app = create_app(runtime, config or ServerConfig())
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

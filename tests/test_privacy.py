@@ -25,6 +25,7 @@ pytestmark = pytest.mark.asyncio
 KEY = "sk-test-privacy-4f1c9e"
 QUESTION = "Where does the purple giraffe live in Madrid?"
 SECRET_WORDS = ("purple", "giraffe", "madrid")
+CALLER = "caller-555-0199"
 CLIENT_LOGGERS = ("websockets", "openai", "httpx", "asyncio")  # the test's own client side
 
 
@@ -49,7 +50,8 @@ async def test_a_spoken_turn_leaves_no_words_in_logs_or_on_disk(
     auth = {"Authorization": f"Bearer {KEY}"}
     transcript, answer = "", ""
     try:
-        async with websockets.connect(f"{server.ws}/v1/realtime", additional_headers=auth) as ws:
+        url = f"{server.ws}/v1/realtime?model=local&caller={CALLER}"  # data in the query
+        async with websockets.connect(url, additional_headers=auth) as ws:
             created = json.loads(await ws.recv())
             assert created["type"] == "session.created"
             pcm = np.concatenate([speech(QUESTION, 24000), np.zeros(24000, np.int16)])
@@ -88,6 +90,7 @@ async def test_a_spoken_turn_leaves_no_words_in_logs_or_on_disk(
     assert transcript.lower().strip() not in logs
     assert answer.lower().strip() not in logs
     assert KEY.lower() not in logs
+    assert "/v1/realtime" in logs and CALLER not in logs  # the access log, without the query
     assert not files_under(home) and not files_under(cwd) and not files_under(tmp), files_under(
         tmp_path
     )

@@ -13,6 +13,8 @@ import signal
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
 
 from realtime.config import AgentConfig, ServerConfig
 from realtime.server import openai_realtime, twilio, webrtc
@@ -101,6 +103,30 @@ def create_app(
     return app
 
 
+class PathAccessLogger(AbstractAccessLogger):
+    """aiohttp's access log without query strings: a Twilio stream URL or a client's query
+    may carry a caller's data (a phone number, a name), and logs hold none of it."""
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %d %.3f s',
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            time,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The app's runner, with the access log that leaves query strings out."""
+    return web.AppRunner(app, handle_signals=False, access_log_class=PathAccessLogger)
+
+
 async def run_server(
     runtime: AgentRuntime, config: ServerConfig, host: str, port: int
 ) -> web.AppRunner:
@@ -108,7 +134,7 @@ async def run_server(
 
     Raises ``AccessConfigError`` for a non-loopback ``host`` without API keys."""
     check_bind(host, config)
-    runner = web.AppRunner(create_app(runtime, config), handle_signals=False)
+    runner = make_runner(create_app(runtime, config))
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
