@@ -263,6 +263,30 @@ async def test_idle_timeout_on_realtime_and_twilio() -> None:
         await server.runner.cleanup()
 
 
+async def test_a_session_busy_answering_is_not_idle() -> None:
+    """A long answer to a listening client (no input meanwhile) is no idle time."""
+    from realtime.server.bridge import Notice, ServerContext
+
+    ctx = ServerContext(runtime=FakeRuntime(), config=ServerConfig(idle_timeout_s=0.5))
+    live = await ctx.open_session("realtime", pace_output=False)
+    ended: list[str] = []
+
+    async def notify(notice: Notice) -> None:
+        ended.append(notice.code)
+
+    async def hangup(notice: Notice) -> None:
+        await ctx.close_session(live)
+
+    answering = asyncio.ensure_future(asyncio.sleep(1.5))
+    live.session.task = answering  # the session is busy answering for 1.5 s
+    live.attach(notify, hangup)
+    await asyncio.sleep(1.2)
+    assert ended == [] and not live.closed  # 2.4 idle timeouts, all of it answering
+    await answering
+    await asyncio.sleep(0.9)
+    assert ended == ["idle_timeout"] and live.closed and ctx.active == 0
+
+
 class Peer:
     """A browser stand-in: an aiortc peer with a microphone track and the events channel."""
 
