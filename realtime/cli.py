@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from realtime import log_context
 from realtime.audio import AudioFormatError, read_audio, write_wav
 from realtime.config import AgentConfig, ConfigError, load_config
 from realtime.frames import (
@@ -264,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s [%(session)s]: %(message)s",
         stream=sys.stderr,
     )
+    log_context.install()  # %(session)s: the session id of the line, never what was said
     _quiet_libraries()
     overrides: dict[str, Any] = {}
     if args.model:

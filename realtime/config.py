@@ -149,6 +149,12 @@ class ServerConfig:
     # X-Twilio-Signature check on /twilio.
     api_keys: list[str] = field(default_factory=list)
     twilio_auth_token: str | None = None
+    # Limits and shutdown (docs/server.md "Limits"); 0 turns a limit off. idle_timeout_s above
+    # is the time without any input; max_message_bytes bounds every message and HTTP body.
+    max_sessions_per_key: int = 0  # sessions one API key (its client secrets too) may hold open
+    max_session_s: float = 3600.0  # a session is told, then closed, after this long
+    max_input_buffer_s: float = 60.0  # Realtime manual turns: audio appended without a commit
+    shutdown_drain_s: float = 10.0  # SIGTERM: how long answers in flight may finish
 
 
 @dataclass

@@ -33,6 +33,7 @@ from realtime.engine.tools import ToolResult
 from realtime.engine.worker import EngineWorker
 from realtime.frames import Dtmf, EndFrame, ErrorFrame, Frame, InputAudio, ToolOutput
 from realtime.listener import Listener
+from realtime.log_context import bind_session
 from realtime.stages import (
     EngineLink,
     ListenerStage,
@@ -137,6 +138,7 @@ class Session:
         return self.options.instructions or self.ctx.config.engine.system_prompt
 
     async def start(self) -> None:
+        bind_session(self.id)  # the caller's log lines (and its tasks' from now on) name it
         engine, sampling = self.models.engine, self.ctx.config.engine.sampling
         if self.options.think_budget is not None:
             sampling = replace(sampling, think_budget=self.options.think_budget)

@@ -39,6 +39,7 @@ class VadEvent:
     t: float  # start: first voiced sample; pause: end of last voiced frame; resume: now;
     #           stop/discard: the true end of speech (see _TurnState.true_end)
     t_decided: float  # stream time at which the decision was made
+    cut: bool = False  # stop: the turn reached max_turn_s and was cut there
 
 
 QUIET_DB = 30.0  # a frame this far below the turn's loudest is no speech
@@ -212,7 +213,7 @@ class Endpointer:
             turn.sustained = True
             out.append(VadEvent("sustained", turn.t_start, self._t))
         if self._t - turn.t_start >= cfg.max_turn_s:
-            out.append(self._end(turn, self._t))
+            out.append(self._end(turn, self._t, cut=True))
         return out
 
     def _first_wait_ms(self) -> float:
@@ -236,7 +237,7 @@ class Endpointer:
             return [self._end(turn, self._t)]
         return []
 
-    def _end(self, turn: _TurnState, t_now: float) -> VadEvent:
+    def _end(self, turn: _TurnState, t_now: float, cut: bool = False) -> VadEvent:
         self._turn = None
         kind: EventKind = "stop" if turn.voiced_s * 1000 >= self.cfg.min_speech_ms else "discard"
-        return VadEvent(kind, turn.true_end(), t_now)
+        return VadEvent(kind, turn.true_end(), t_now, cut=cut and kind == "stop")

@@ -37,7 +37,7 @@ from realtime.frames import (
     Transcript,
     TurnMetrics,
 )
-from realtime.server.app import create_app
+from realtime.server.app import create_app, make_runner
 
 QUESTION = "What is the capital of France?"
 FAIL_PREFIX = "FAIL:"  # FakeRuntime: a text turn starting with this makes the engine fail
@@ -87,7 +87,7 @@ class RunningServer:
 
 async def start_server(runtime: Any, config: ServerConfig | None = None) -> RunningServer:
     app = create_app(runtime, config or ServerConfig())
-    runner = web.AppRunner(app, handle_signals=False)
+    runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -243,6 +243,11 @@ class FakeSession:
         await self.queue.put(
             TurnMetrics(self.turn, (first or t0) - t0, {}, False, transcript, self.rt.answer)
         )
+
+    @property
+    def busy(self) -> bool:
+        """An answer is running (the server's drain lets it finish)."""
+        return self.task is not None and not self.task.done()
 
     async def cancel(self) -> None:
         if self.task is not None and not self.task.done():

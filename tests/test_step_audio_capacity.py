@@ -89,9 +89,14 @@ async def test_a_full_engine_answers_a_new_caller_with_busy(random_dir, tmp_path
                 event = json.loads(await asyncio.wait_for(second.recv(), 30))
                 assert event["type"] == "error", event
                 assert "busy" in event["error"]["message"]
+                assert event["error"]["code"] == "server_busy"
             metrics = await asyncio.to_thread(_get, f"{server.http}/metrics")
             assert 'agent_engine_events{event="sessions_refused"} 1.0' in metrics
-            assert "agent_sessions_rejected_total 1.0" in metrics
+            assert 'agent_sessions_rejected_total{reason="engine_busy"} 1.0' in metrics
+            # what the engine holds: its one cache slot, taken by the first caller
+            assert 'agent_engine{stat="kv_slots_total"} 1.0' in metrics
+            assert 'agent_engine{stat="kv_slots_used"} 1.0' in metrics
+            assert 'agent_engine{stat="kv_positions_used"} 0.0' not in metrics  # the prompt
         for _ in range(100):  # the server closes the first session once it sees the close
             if not runtime.sessions:
                 break

@@ -90,6 +90,7 @@ function onEvent(ev) {
       break;
     case "error":
       toast(`${ev.code}: ${ev.message}`);
+      if (SERVER_CLOSES.has(ev.code)) { stop(); setStatus("Session ended by the server", "error"); }
       break;
     default:
       break;
@@ -105,6 +106,9 @@ function addToolLine(cls, text) {
   ui.thinking.append(line);
   ui.thinkingPanel.open = true;
 }
+
+// the server ends the session after these (docs/server.md, Limits and Shutdown)
+const SERVER_CLOSES = new Set(["session_expired", "idle_timeout", "server_shutting_down"]);
 
 function startAnswer() {
   if (!state.freshAnswer) return;

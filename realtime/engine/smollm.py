@@ -124,6 +124,8 @@ class SmolLMEngine:
         self.model.eval()
         self.load_s = time.monotonic() - t0
         self.stop_ids = self._stop_ids()
+        self.open_sessions = 0  # written on the engine thread only; read by /metrics
+        self.answering = 0
 
     def _stop_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -136,7 +138,13 @@ class SmolLMEngine:
     def new_session(self, system_prompt: str, sampling: SamplingConfig) -> SmolLMSession:
         session = SmolLMSession(self, system_prompt, sampling)
         session.prime()
+        self.open_sessions += 1
         return session
+
+    def capacity_stats(self) -> dict[str, int]:
+        """Sessions open and answering now, for ``/metrics`` (each session has its own cache:
+        there are no shared slots to report)."""
+        return {"sessions": self.open_sessions, "lanes_in_use": self.answering}
 
     def warmup(self) -> None:
         s = self.new_session("You are a helpful assistant.", SamplingConfig(max_new_tokens=4))
@@ -277,8 +285,15 @@ class SmolLMSession:
     def listen(self, pcm16k: np.ndarray) -> None:
         """Text engine: the transcript comes from the listener, audio is not used."""
 
-    @torch.inference_mode()
     def respond(self, turn: UserTurn, cancel: CancelToken) -> Iterator[TokenEvent | None]:
+        self.engine.answering += 1
+        try:
+            yield from self._respond(turn, cancel)
+        finally:
+            self.engine.answering -= 1
+
+    @torch.inference_mode()
+    def _respond(self, turn: UserTurn, cancel: CancelToken) -> Iterator[TokenEvent | None]:
         self.stats = stats = TurnStats()
         tok = self.engine.tokenizer
         prefix = self._call_prefix()
@@ -381,5 +396,7 @@ class SmolLMSession:
             reply["forgotten"] = "1"
 
     def close(self) -> None:
+        if self._cache is not None:
+            self.engine.open_sessions -= 1
         self._cache = None  # type: ignore[assignment]
         self._conv = _Conversation()

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
 
 from realtime.config import AgentConfig, ServerConfig
 from realtime.server import openai_realtime, twilio, webrtc
@@ -32,14 +35,31 @@ def context(request: web.Request) -> ServerContext:
 async def _healthz(request: web.Request) -> web.Response:
     ctx = context(request)
     return web.json_response(
-        {"status": "ok", "sessions": ctx.active, "max_sessions": ctx.config.max_sessions}
+        {
+            "status": "draining" if ctx.draining else "ok",
+            "sessions": ctx.active,
+            "max_sessions": ctx.config.max_sessions,
+        },
+        status=503 if ctx.draining else 200,
     )
+
+
+def engine_stats(runtime: AgentRuntime) -> dict[str, int] | None:
+    """The engine's ``capacity_stats()`` (sessions, lanes, cache slots and positions in use)."""
+    stats = getattr(getattr(runtime, "engine", None), "capacity_stats", None)
+    if not callable(stats):
+        return None
+    try:
+        return dict(stats())
+    except Exception:  # metrics must never fail a scrape
+        log.debug("engine capacity_stats failed", exc_info=True)
+        return None
 
 
 async def _metrics(request: web.Request) -> web.Response:
     ctx = context(request)
     engine = getattr(ctx.runtime, "engine", None)
-    body = ctx.metrics.render(getattr(engine, "counters", None))
+    body = ctx.metrics.render(getattr(engine, "counters", None), engine_stats(ctx.runtime))
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
@@ -51,10 +71,10 @@ async def _index(request: web.Request) -> web.StreamResponse:
 
 
 async def _on_shutdown(app: web.Application) -> None:
+    """Whatever is still open when the app stops (after a drain: nothing) is ended now."""
     ctx = app[CTX_KEY]
-    closers = list(ctx.closers)
-    if closers:
-        await asyncio.gather(*(c() for c in closers), return_exceptions=True)
+    if ctx.live:
+        await ctx.drain(0.0)
 
 
 def create_app(
@@ -66,7 +86,7 @@ def create_app(
     # error event from the handler (and the connection lives on) instead of a bare close.
     app = web.Application(client_max_size=config.max_message_bytes * 4)
     app[CTX_KEY] = ctx
-    access = app[ACCESS_KEY] = Access.from_config(config)
+    access = app[ACCESS_KEY] = Access.from_config(config, max_body_bytes=config.max_message_bytes)
     app.router.add_get("/", _index)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", access.require_key(_metrics, secrets_ok=False))
@@ -83,6 +103,30 @@ def create_app(
     return app
 
 
+class PathAccessLogger(AbstractAccessLogger):
+    """aiohttp's access log without query strings: a Twilio stream URL or a client's query
+    may carry a caller's data (a phone number, a name), and logs hold none of it."""
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %d %.3f s',
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            time,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The app's runner, with the access log that leaves query strings out."""
+    return web.AppRunner(app, handle_signals=False, access_log_class=PathAccessLogger)
+
+
 async def run_server(
     runtime: AgentRuntime, config: ServerConfig, host: str, port: int
 ) -> web.AppRunner:
@@ -90,7 +134,7 @@ async def run_server(
 
     Raises ``AccessConfigError`` for a non-loopback ``host`` without API keys."""
     check_bind(host, config)
-    runner = web.AppRunner(create_app(runtime, config), handle_signals=False)
+    runner = make_runner(create_app(runtime, config))
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -105,12 +149,21 @@ async def serve_forever(
     host = host or config.server.host
     port = port or config.server.port
     check_bind(host, config.server)  # before the models load
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     runtime = await Runtime.create(config)
     runner = await run_server(runtime, config.server, host, port)
     log.info("serving on http://%s:%d (page /, WebRTC /offer, /v1/realtime, /twilio)", host, port)
-    print(f"Serving on http://{host}:{port}  (Ctrl-C to stop)", flush=True)
+    print(f"Serving on http://{host}:{port}  (Ctrl-C or SIGTERM to stop)", flush=True)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
+        print(
+            f"Stopping: draining sessions (up to {config.server.shutdown_drain_s:g} s)", flush=True
+        )
+        # refuse new sessions, tell live ones, let answers in flight finish, close them all
+        await runner.app[CTX_KEY].drain(config.server.shutdown_drain_s)
     finally:
         await runner.cleanup()
         close = getattr(runtime, "close", None)
@@ -118,10 +171,12 @@ async def serve_forever(
             result = close()
             if asyncio.iscoroutine(result):
                 await result
+    print("Stopped", flush=True)
 
 
 def serve(config: AgentConfig, host: str | None = None, port: int | None = None) -> None:
-    """Blocking entry point of ``run_agent.py --serve``: serve until Ctrl-C."""
+    """Blocking entry point of ``run_agent.py --serve``: serve until Ctrl-C or SIGTERM, which
+    drain (``server.shutdown_drain_s``) and return normally (exit status 0)."""
     try:
         asyncio.run(serve_forever(config, host, port))
     except KeyboardInterrupt:

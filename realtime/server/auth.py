@@ -43,6 +43,15 @@ DEFAULT_SECRET_S = 600
 MIN_SECRET_S, MAX_SECRET_S = 10, 7200  # OpenAI's bounds for expires_after.seconds
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The request's principal, set by ``require_key``: the fingerprint of the API key used, or of the
+# key that made the client secret used; None when the server has no keys.
+PRINCIPAL: web.RequestKey[str | None] = web.RequestKey("principal", object)
+
+
+def principal(request: web.Request) -> str | None:
+    """Who is asking (``max_sessions_per_key`` counts by it): a key's fingerprint, or None."""
+    value = request.get(PRINCIPAL)
+    return value if isinstance(value, str) else None
 
 
 class AccessConfigError(ValueError):
@@ -97,36 +106,50 @@ def twilio_signature(token: str, url: str, params: dict[str, str] | None = None)
 
 @dataclass
 class SecretStore:
-    """Client secrets in memory, each with its expiry (``clock()`` seconds, epoch)."""
+    """Client secrets in memory, each with its expiry (``clock()`` seconds, epoch) and the
+    fingerprint of the key that made it (its sessions count against that key's limit)."""
 
     clock: Callable[[], float] = time.time
     _expiry: dict[str, float] = field(default_factory=dict)
+    _owner: dict[str, str | None] = field(default_factory=dict)
 
-    def create(self, seconds: int = DEFAULT_SECRET_S) -> tuple[str, int]:
+    def create(self, seconds: int = DEFAULT_SECRET_S, owner: str | None = None) -> tuple[str, int]:
         now = self.clock()
         self._purge(now)
         value = SECRET_PREFIX + secrets.token_urlsafe(24)
         expires_at = int(now + seconds)
         self._expiry[value] = expires_at
+        self._owner[value] = owner
         return value, expires_at
 
     def valid(self, token: str) -> bool:
+        return self.owner(token) is not False
+
+    def owner(self, token: str) -> str | None | bool:
+        """The owner of a live secret ``token`` (``None`` if unknown), or ``False`` if
+        ``token`` is no live secret."""
         now = self.clock()
         self._purge(now)
-        found = False
+        found: str | None | bool = False
         for value in list(self._expiry):  # constant time per comparison, no lookup by token
-            found |= hmac.compare_digest(value.encode(), token.encode())
+            if hmac.compare_digest(value.encode(), token.encode()):
+                found = self._owner.get(value)
         return found
 
     def _purge(self, now: float) -> None:
         for value, expires_at in list(self._expiry.items()):
             if expires_at <= now:
                 del self._expiry[value]
+                self._owner.pop(value, None)
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
     body = {"error": {"type": "invalid_request_error", "code": code, "message": message}}
     return web.json_response(body, status=status)
+
+
+def _too_large(limit: int) -> web.Response:
+    return _error(413, "message_too_large", f"the body is larger than max_message_bytes ({limit})")
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -150,15 +173,22 @@ class Access:
         keys: Iterable[str] = (),
         twilio_token: str | None = None,
         clock: Callable[[], float] = time.time,
+        max_body_bytes: int = 1 << 20,
     ) -> None:
         self._keys = [k.encode() for k in keys]
         self.twilio_token = twilio_token
         self.secrets = SecretStore(clock=clock)
+        self.max_body_bytes = max_body_bytes
 
     @classmethod
-    def from_config(cls, config: ServerConfig, environ: dict[str, str] | None = None) -> Access:
+    def from_config(
+        cls,
+        config: ServerConfig,
+        environ: dict[str, str] | None = None,
+        max_body_bytes: int = 1 << 20,
+    ) -> Access:
         keys = configured_keys(config, environ)
-        access = cls(keys, configured_twilio_token(config, environ))
+        access = cls(keys, configured_twilio_token(config, environ), max_body_bytes=max_body_bytes)
         if keys:
             log.info("API keys required (%s)", ", ".join(fingerprint(k) for k in keys))
         if access.twilio_token:
@@ -176,18 +206,29 @@ class Access:
         return found
 
     def allows(self, request: web.Request, secrets_ok: bool) -> bool:
+        return self.identify(request, secrets_ok) is not False
+
+    def identify(self, request: web.Request, secrets_ok: bool) -> str | None | bool:
+        """``False`` if the request may not pass; else its principal: the fingerprint of its
+        key (or of the key that made its client secret), ``None`` when there are no keys."""
         if not self.enabled:
-            return True
+            return None
         token = bearer_token(request)
         if token is None:
             return False
-        return self.is_key(token) or (secrets_ok and self.secrets.valid(token))
+        if self.is_key(token):
+            return fingerprint(token)
+        if not secrets_ok:
+            return False
+        owner = self.secrets.owner(token)
+        return owner if owner is not False else False
 
     def require_key(self, handler: Handler, secrets_ok: bool = True) -> Handler:
         """``handler`` behind the API key (or a live client secret when ``secrets_ok``)."""
 
         async def guarded(request: web.Request) -> web.StreamResponse:
-            if not self.allows(request, secrets_ok):
+            who = self.identify(request, secrets_ok)
+            if who is False:
                 log.warning(
                     "unauthorized %s %s from %s", request.method, request.path, request.remote
                 )
@@ -198,6 +239,7 @@ class Access:
                     f"missing or invalid credentials: send {what} as "
                     "'Authorization: Bearer <token>'",
                 )
+            request[PRINCIPAL] = who if isinstance(who, str) else None
             return await handler(request)
 
         return guarded
@@ -234,8 +276,17 @@ class Access:
         """``POST /v1/realtime/client_secrets`` (behind ``require_key(secrets_ok=False)``)."""
         seconds = DEFAULT_SECRET_S
         if request.can_read_body:
+            limit = self.max_body_bytes
+            if (request.content_length or 0) > limit:
+                return _too_large(limit)
             try:
-                body = json.loads(await request.text() or "{}")
+                raw = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return _too_large(limit)
+            if len(raw) > limit:
+                return _too_large(limit)
+            try:
+                body = json.loads(raw.decode() or "{}")
             except ValueError:
                 return _error(400, "invalid_json", "the body is not valid JSON")
             after = body.get("expires_after") if isinstance(body, dict) else None
@@ -254,6 +305,6 @@ class Access:
                         f"expires_after.seconds must be an integer from {MIN_SECRET_S} "
                         f"to {MAX_SECRET_S}",
                     )
-        value, expires_at = self.secrets.create(seconds)
+        value, expires_at = self.secrets.create(seconds, owner=principal(request))
         log.info("client secret %s made, expires at %d", fingerprint(value), expires_at)
         return web.json_response({"value": value, "expires_at": expires_at})

@@ -1,12 +1,15 @@
-"""What every transport shares: the pipeline contract it drives, session slots under
-``max_sessions``, and the server-wide context handed to each handler."""
+"""What every transport shares: the pipeline contract it drives, admission (``max_sessions``,
+``max_sessions_per_key``, the engine's room, draining), the limits that watch each live session
+(``max_session_s``, ``idle_timeout_s``), and the server-wide context handed to each handler."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,8 +51,136 @@ class AgentRuntime(Protocol):
     def new_session(self, options: Any = None, pace_output: bool = True) -> AgentSession: ...
 
 
+REJECT_CODES = {
+    "max_sessions": "session_limit_reached",
+    "key_limit": "key_session_limit_reached",
+    "engine_busy": "server_busy",
+    "shutting_down": "server_shutting_down",
+}
+
+
 class CapacityError(RuntimeError):
-    """``max_sessions`` sessions are open already, or the engine has no room for another."""
+    """A new session is refused: ``reason`` is ``max_sessions`` (the server is full),
+    ``key_limit`` (this API key holds ``max_sessions_per_key`` already), ``engine_busy`` (the
+    engine has no room: every cache slot is taken) or ``shutting_down`` (SIGTERM: draining)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    @property
+    def code(self) -> str:
+        """The ``error`` event's code (Realtime, data channel, Twilio)."""
+        return REJECT_CODES[self.reason]
+
+    @property
+    def status(self) -> int:
+        """The HTTP status: 429 for one key's limit, 503 when the server itself has no room."""
+        return 429 if self.reason == "key_limit" else 503
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of the HTTP answer."""
+        kind = "rate_limit_error" if self.status == 429 else "server_error"
+        return {"error": {"type": kind, "code": self.code, "message": self.message}}
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Why the server ends a session: sent to the client (an ``error`` event with this code)
+    before it closes. ``ws_code`` is the WebSocket close code."""
+
+    code: str
+    message: str
+    ws_code: int = 1000
+
+
+@dataclass(eq=False)
+class LiveSession:
+    """One open session as the server sees it, whatever its transport: the limits that watch
+    it (``max_session_s``, ``idle_timeout_s``) and how it is ended (a notice, then a hang-up).
+
+    A transport calls ``touch()`` on each input (message, audio packet) and ``attach(notify,
+    hangup)`` once it can talk to its client: ``notify`` sends a ``Notice`` in the transport's
+    own form, ``hangup`` closes the connection (the transport then closes the session with
+    ``ServerContext.close_session``)."""
+
+    ctx: ServerContext
+    transport: str
+    session: AgentSession
+    key: str | None = None
+    opened: float = field(default_factory=time.monotonic)
+    last_input: float = field(default_factory=time.monotonic)
+    notify: Callable[[Notice], Awaitable[None]] | None = None
+    hangup: Callable[[Notice], Awaitable[None]] | None = None
+    ending: Notice | None = None
+    closed: bool = False
+    _watch: asyncio.Task[None] | None = None
+
+    @property
+    def id(self) -> str:
+        """The session's id for logs (never what was said)."""
+        return str(getattr(self.session, "id", f"sess_{id(self.session):x}"))
+
+    def touch(self) -> None:
+        self.last_input = time.monotonic()
+
+    def attach(
+        self,
+        notify: Callable[[Notice], Awaitable[None]],
+        hangup: Callable[[Notice], Awaitable[None]],
+    ) -> None:
+        self.notify, self.hangup = notify, hangup
+        cfg = self.ctx.config
+        if cfg.max_session_s > 0 or cfg.idle_timeout_s > 0:
+            self._watch = asyncio.ensure_future(self._watchdog())
+
+    async def end(self, notice: Notice, grace_s: float = 0.0) -> None:
+        """Tell the client why, let the answer in flight finish (up to ``grace_s``), hang up."""
+        if self.ending is not None or self.closed:
+            return
+        self.ending = notice
+        log.info("%s session %s ending: %s", self.transport, self.id, notice.code)
+        self.ctx.metrics.sessions_ended.labels(notice.code).inc()
+        if self.notify is not None:
+            try:
+                await self.notify(notice)
+            except Exception:  # the client may be gone already
+                log.debug("%s session %s: the closing notice was not sent", self.transport, self.id)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and getattr(self.session, "busy", False):
+            await asyncio.sleep(0.05)
+        if self.hangup is not None:
+            with contextlib.suppress(Exception):
+                await self.hangup(notice)
+
+    async def _watchdog(self) -> None:
+        cfg = self.ctx.config
+        while not self.closed:
+            now = time.monotonic()
+            due: list[tuple[float, Notice]] = []
+            if cfg.max_session_s > 0:
+                expired = Notice(
+                    "session_expired",
+                    f"the session reached its maximum duration of {cfg.max_session_s:g} s "
+                    "(server.max_session_s); it is closed",
+                )
+                due.append((self.opened + cfg.max_session_s, expired))
+            if cfg.idle_timeout_s > 0:
+                if getattr(self.session, "busy", False):
+                    self.last_input = max(self.last_input, now - cfg.idle_timeout_s / 2)
+                idle = Notice(
+                    "idle_timeout",
+                    f"no input for {cfg.idle_timeout_s:g} s (server.idle_timeout_s); "
+                    "the session is closed",
+                )
+                due.append((self.last_input + cfg.idle_timeout_s, idle))
+            when, notice = min(due, key=lambda d: d[0])
+            if when <= now:
+                # a task of its own: ending closes the session, which cancels this watchdog
+                self.ctx.spawn(self.end(notice))
+                return
+            await asyncio.sleep(when - now)
 
 
 @dataclass
@@ -59,21 +190,55 @@ class ServerContext:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     web_dir: Path = WEB_DIR
     active: int = 0
-    closers: set[Callable[[], Awaitable[None]]] = field(default_factory=set)
+    live: set[LiveSession] = field(default_factory=set)
+    per_key: collections.Counter[str] = field(default_factory=collections.Counter)
+    draining: bool = False
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _refuse(self, transport: str, reason: str, message: str) -> CapacityError:
+        self.metrics.sessions_rejected.labels(reason).inc()
+        log.warning("%s session refused (%s)", transport, reason)
+        return CapacityError(reason, message)
+
+    def admit(self, transport: str, key: str | None = None) -> None:
+        """Raise ``CapacityError`` if a new session of ``key`` may not open now."""
+        cfg = self.config
+        if self.draining:
+            raise self._refuse(
+                transport, "shutting_down", "the server is shutting down; try another one"
+            )
+        if self.active >= cfg.max_sessions:
+            raise self._refuse(
+                transport,
+                "max_sessions",
+                f"the server is full ({cfg.max_sessions} sessions); try again later",
+            )
+        if key is not None and 0 < cfg.max_sessions_per_key <= self.per_key[key]:
+            raise self._refuse(
+                transport,
+                "key_limit",
+                f"this API key has {cfg.max_sessions_per_key} sessions open already "
+                "(server.max_sessions_per_key); close one first",
+            )
 
     async def open_session(
-        self, transport: str, *, pace_output: bool, **changes: Any
-    ) -> AgentSession:
-        """A started session with ``changes`` applied, counted against ``max_sessions``.
+        self, transport: str, *, pace_output: bool, key: str | None = None, **changes: Any
+    ) -> LiveSession:
+        """A started session with ``changes`` applied, counted against ``max_sessions`` (and
+        ``max_sessions_per_key`` for ``key``).
 
-        Raises ``CapacityError`` when full; pair every success with ``close_session``.
+        Raises ``CapacityError`` when it may not open; pair every success with
+        ``close_session``.
         """
-        if self.active >= self.config.max_sessions:
-            self.metrics.sessions_rejected.inc()
-            raise CapacityError(
-                f"the server is full ({self.config.max_sessions} sessions); try again later"
-            )
+        self.admit(transport, key)
         self.active += 1
+        if key is not None:
+            self.per_key[key] += 1
         session: AgentSession | None = None
         try:
             session = self.runtime.new_session(None, pace_output=pace_output)
@@ -81,26 +246,61 @@ class ServerContext:
                 session.update(**changes)
             await session.start()
         except BaseException as exc:
-            self.active -= 1
+            self._release(key)
             if session is not None:
                 with contextlib.suppress(Exception):
                     await session.close()
             if isinstance(exc, EngineBusy):  # the engine's cache is full: busy, like max_sessions
-                self.metrics.sessions_rejected.inc()
-                log.warning("%s session refused: %s", transport, exc)
-                raise CapacityError(f"the agent is busy: {exc}") from None
+                raise self._refuse(transport, "engine_busy", f"the agent is busy: {exc}") from None
             raise
+        live = LiveSession(ctx=self, transport=transport, session=session, key=key)
+        self.live.add(live)
         self.metrics.sessions_active.labels(transport).inc()
         self.metrics.sessions_total.labels(transport).inc()
-        return session
+        log.info("%s session %s opened", transport, live.id)
+        return live
 
-    async def close_session(self, transport: str, session: AgentSession) -> None:
+    def _release(self, key: str | None) -> None:
         self.active -= 1
-        self.metrics.sessions_active.labels(transport).dec()
+        if key is not None:
+            self.per_key[key] -= 1
+            if self.per_key[key] <= 0:
+                del self.per_key[key]
+
+    async def close_session(self, live: LiveSession) -> None:
+        """Free ``live``'s slot and close its session (once; later calls do nothing)."""
+        if live.closed:
+            return
+        live.closed = True
+        self.live.discard(live)
+        self._release(live.key)
+        self.metrics.sessions_active.labels(live.transport).dec()
+        if live._watch is not None and live._watch is not asyncio.current_task():
+            live._watch.cancel()
+        log.info("%s session %s closed", live.transport, live.id)
         try:
-            await session.close()
+            await live.session.close()
         except Exception:  # a failing close must not take the server down
-            log.exception("closing a %s session failed", transport)
+            log.exception("closing %s session %s failed", live.transport, live.id)
+
+    async def drain(self, grace_s: float) -> None:
+        """SIGTERM: refuse new sessions; tell every live one the server is going away, let its
+        answer in flight finish (up to ``grace_s``), then hang up. Returns when all are closed
+        (or ``grace_s`` + 2 s have passed)."""
+        self.draining = True
+        live = list(self.live)
+        log.info("draining %d session(s) (up to %.1f s)", len(live), grace_s)
+        notice = Notice(
+            "server_shutting_down",
+            "the server is shutting down; this session ends now (reconnect to another server)",
+            ws_code=1001,
+        )
+        ends = [asyncio.ensure_future(s.end(notice, grace_s)) for s in live]
+        deadline = time.monotonic() + grace_s + 2.0
+        while self.live and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for task in ends:
+            await cancel_task(task)
 
 
 async def cancel_task(task: asyncio.Task[Any] | None) -> None:
@@ -113,8 +313,7 @@ async def cancel_task(task: asyncio.Task[Any] | None) -> None:
 
 async def run_connection(
     ctx: ServerContext,
-    transport: str,
-    session: AgentSession,
+    live: LiveSession,
     ws: Any,
     pump: Awaitable[None],
     read: Awaitable[None],
@@ -129,6 +328,6 @@ async def run_connection(
         pass
     finally:
         await cancel_task(pump_task)
-        await ctx.close_session(transport, session)
+        await ctx.close_session(live)
         with contextlib.suppress(Exception):
             await ws.close()

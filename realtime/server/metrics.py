@@ -25,7 +25,24 @@ class ServerMetrics:
         )
         self.sessions_rejected = Counter(
             "agent_sessions_rejected",
-            "Sessions refused (max_sessions reached, or no free engine cache slot)",
+            "Sessions refused, by reason: max_sessions, key_limit (max_sessions_per_key), "
+            "engine_busy (no free engine cache slot), shutting_down (draining after SIGTERM)",
+            ["reason"],
+            registry=r,
+        )
+        self.sessions_ended = Counter(
+            "agent_sessions_ended_by_server",
+            "Sessions the server ended, by reason: session_expired (max_session_s), "
+            "idle_timeout (idle_timeout_s), server_shutting_down (SIGTERM)",
+            ["reason"],
+            registry=r,
+        )
+        self.engine_stats = Gauge(
+            "agent_engine",
+            "What the engine holds now: sessions, lanes_in_use (decode lanes answering), "
+            "kv_slots_total / kv_slots_used (cache slots, one per session), kv_positions_used "
+            "(cache positions written, all slots together)",
+            ["stat"],
             registry=r,
         )
         self.engine_events = Gauge(
@@ -60,7 +77,13 @@ class ServerMetrics:
         if frame.first_packet_s is not None:
             self.first_packet.labels(transport).observe(frame.first_packet_s)
 
-    def render(self, engine_counters: dict[str, int] | None = None) -> bytes:
+    def render(
+        self,
+        engine_counters: dict[str, int] | None = None,
+        engine_stats: dict[str, int] | None = None,
+    ) -> bytes:
         for event, n in (engine_counters or {}).items():
             self.engine_events.labels(event).set(n)
+        for stat, n in (engine_stats or {}).items():
+            self.engine_stats.labels(stat).set(n)
         return generate_latest(self.registry)

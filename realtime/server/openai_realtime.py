@@ -38,8 +38,11 @@ from realtime.frames import (
     TurnMetrics,
 )
 from realtime.server import realtime_protocol as rp
+from realtime.server.auth import principal
 from realtime.server.bridge import (
     CapacityError,
+    LiveSession,
+    Notice,
     ServerContext,
     run_connection,
 )
@@ -176,6 +179,15 @@ def _defaults(ctx: ServerContext, model: str) -> tuple[rp.Settings, set[str], VA
     return settings, voices, vad
 
 
+async def _send_raw_error(ws: web.WebSocketResponse, kind: str, code: str, message: str) -> None:
+    """An ``error`` event on a socket that has no connection state (refused at the door)."""
+    error = {"type": kind, "code": code, "message": message, "param": None, "event_id": None}
+    with contextlib.suppress(Exception):
+        await ws.send_str(
+            json.dumps({"type": "error", "event_id": rp.new_id("event"), "error": error})
+        )
+
+
 def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     limit = ctx.config.max_message_bytes
 
@@ -185,51 +197,47 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
         beta = _is_beta(request)
         settings, voices, base_vad = _defaults(ctx, request.query.get("model", "local-agent"))
         try:
-            session = await ctx.open_session(TRANSPORT, pace_output=False, output_sample_rate=24000)
-        except CapacityError as exc:
-            await ws.send_str(
-                json.dumps(
-                    {
-                        "type": "error",
-                        "event_id": rp.new_id("event"),
-                        "error": {
-                            "type": "server_error",
-                            "code": "session_limit_reached",
-                            "message": str(exc),
-                            "param": None,
-                            "event_id": None,
-                        },
-                    }
-                )
+            live = await ctx.open_session(
+                TRANSPORT, pace_output=False, key=principal(request), output_sample_rate=24000
             )
-            await ws.close(code=1013, message=b"server full")
+        except CapacityError as exc:
+            await _send_raw_error(ws, "server_error", exc.code, exc.message)
+            await ws.close(code=1013, message=exc.code.encode())
             return ws
+        session = live.session
         conn = RealtimeConnection(
-            ctx=ctx, ws=ws, session=session, settings=settings, voices=voices, beta=beta
+            ctx=ctx,
+            ws=ws,
+            session=session,
+            settings=settings,
+            voices=voices,
+            beta=beta,
+            session_id=live.id,  # the id the client sees is the one the logs name
         )
+
+        async def notify(notice: Notice) -> None:  # the server's doing: no client error counted
+            error = {"type": "server_error", "code": notice.code, "message": notice.message}
+            await conn.send("error", error={**error, "param": None, "event_id": None})
+
+        async def hangup(notice: Notice) -> None:
+            await ws.close(code=notice.ws_code, message=notice.code.encode())
+
+        live.attach(notify, hangup)
 
         async def greet_then_read() -> None:
             await conn.send(
                 "session.created", session=rp.session_json(conn.session_id, settings, beta)
             )
-            await _read_loop(conn, base_vad)
+            await _read_loop(conn, live, base_vad)
 
-        await run_connection(ctx, TRANSPORT, session, ws, _pump(conn), greet_then_read())
+        await run_connection(ctx, live, ws, _pump(conn), greet_then_read())
         return ws
 
-    async def _read_loop(conn: RealtimeConnection, base_vad: VADConfig) -> None:
+    async def _read_loop(conn: RealtimeConnection, live: LiveSession, base_vad: VADConfig) -> None:
         ws = conn.ws
         while not ws.closed:
-            try:
-                msg = await ws.receive(timeout=ctx.config.idle_timeout_s)
-            except asyncio.TimeoutError:
-                await conn.send_error(
-                    ClientError(
-                        f"no event for {ctx.config.idle_timeout_s:.0f} s; closing",
-                        code="idle_timeout",
-                    )
-                )
-                return
+            msg = await ws.receive()
+            live.touch()
             if msg.type == WSMsgType.TEXT:
                 event: dict[str, Any] = {}
                 try:
@@ -241,7 +249,9 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
                 except (ConnectionResetError, asyncio.CancelledError):
                     raise
                 except Exception as exc:  # a pipeline fault must not end the connection
-                    log.exception("realtime event %r failed", event.get("type"))
+                    log.exception(
+                        "realtime session %s: event %r failed", live.id, event.get("type")
+                    )
                     await conn.send_error(
                         ClientError(
                             f"internal error handling {event.get('type')!r}: {exc}",

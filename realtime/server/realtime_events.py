@@ -143,6 +143,23 @@ async def _function_output(conn: RealtimeConnection, item: dict[str, Any]) -> No
     await conn.send("conversation.item.done", item=full)
 
 
+def _check_buffer(conn: RealtimeConnection, add_ms: float) -> None:
+    """Manual turns (``turn_detection: null``): the audio appended since the last commit or
+    clear may not pass ``server.max_input_buffer_s`` (with server VAD, ``vad.max_turn_s``
+    cuts a long turn instead)."""
+    limit_s = conn.ctx.config.max_input_buffer_s
+    if conn.settings.turn_detection is not None or limit_s <= 0:
+        return
+    if conn.user.audio_ms + add_ms > limit_s * 1000:
+        raise ClientError(
+            f"the input audio buffer would hold {(conn.user.audio_ms + add_ms) / 1000:.1f} s, "
+            f"over the limit of {limit_s:g} s (server.max_input_buffer_s); this append was "
+            "dropped: commit or clear the buffer first",
+            code="input_audio_buffer_full",
+            param="audio",
+        )
+
+
 async def handle_event(
     conn: RealtimeConnection, event: dict[str, Any], base_vad: VADConfig
 ) -> None:
@@ -159,6 +176,7 @@ async def handle_event(
             raise ClientError(str(exc), code="invalid_audio", param="audio") from None
         if pcm.size == 0:
             return
+        _check_buffer(conn, 1000 * pcm.size / fmt.rate)
         try:
             await s.push_audio(pcm, fmt.rate)
         except ValueError as exc:

@@ -36,6 +36,8 @@ from realtime.frames import EndFrame, Interruption, OutputAudio, TurnMetrics
 from realtime.server.bridge import (
     AgentSession,
     CapacityError,
+    LiveSession,
+    Notice,
     ServerContext,
     run_connection,
 )
@@ -209,11 +211,13 @@ async def _handle(call: TwilioCall, msg: dict[str, Any]) -> bool:
             )
         call.stream_sid = msg.get("streamSid") or start.get("streamSid")
         call.call_sid = start.get("callSid")
+        params = start.get("customParameters")
+        # parameter names only: their values may carry the caller's data
         log.info(
             "twilio stream %s started (call %s, parameters %s)",
             call.stream_sid,
             call.call_sid,
-            start.get("customParameters") or {},
+            sorted(params) if isinstance(params, dict) else [],
         )
         return True
     if event == "media":
@@ -263,26 +267,37 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
         ws = web.WebSocketResponse(max_msg_size=limit * 4, heartbeat=30)
         await ws.prepare(request)
         try:
-            session = await ctx.open_session(TRANSPORT, pace_output=False, output_sample_rate=RATE)
+            live = await ctx.open_session(TRANSPORT, pace_output=False, output_sample_rate=RATE)
         except CapacityError as exc:
-            await ws.send_str(
-                json.dumps(
-                    {"event": "error", "error": {"code": "server_full", "message": str(exc)}}
+            # a hang-up: Twilio ends the <Stream> (and the call goes on to the next TwiML verb)
+            log.warning("twilio call refused (%s): hanging up", exc.code)
+            with contextlib.suppress(Exception):
+                await ws.send_str(
+                    json.dumps(
+                        {"event": "error", "error": {"code": exc.code, "message": exc.message}}
+                    )
                 )
-            )
-            await ws.close(code=1013, message=b"server full")
+            await ws.close(code=1013, message=exc.code.encode())
             return ws
-        call = TwilioCall(ctx=ctx, ws=ws, session=session)
-        await run_connection(ctx, TRANSPORT, session, ws, _pump(call), _read_loop(call))
+        call = TwilioCall(ctx=ctx, ws=ws, session=live.session)
+
+        async def notify(notice: Notice) -> None:
+            log.info("twilio stream %s: hanging up (%s)", call.stream_sid, notice.code)
+            error = {"code": notice.code, "message": notice.message}
+            await call.send({"event": "error", "streamSid": call.stream_sid, "error": error})
+
+        async def hangup(notice: Notice) -> None:
+            await ws.close(code=notice.ws_code, message=notice.code.encode())
+
+        live.attach(notify, hangup)
+        await run_connection(ctx, live, ws, _pump(call), _read_loop(call, live))
         return ws
 
-    async def _read_loop(call: TwilioCall) -> None:
+    async def _read_loop(call: TwilioCall, live: LiveSession) -> None:
         ws = call.ws
         while not ws.closed:
-            try:
-                msg = await ws.receive(timeout=ctx.config.idle_timeout_s)
-            except asyncio.TimeoutError:
-                return
+            msg = await ws.receive()
+            live.touch()
             if msg.type == WSMsgType.TEXT:
                 try:
                     if not await _handle(call, _parse(msg.data, limit)):

@@ -34,7 +34,15 @@ from realtime.frames import (
     frame_to_event,
 )
 from realtime.server import realtime_protocol as rp
-from realtime.server.bridge import AgentSession, CapacityError, ServerContext, cancel_task
+from realtime.server.auth import principal
+from realtime.server.bridge import (
+    AgentSession,
+    CapacityError,
+    LiveSession,
+    Notice,
+    ServerContext,
+    cancel_task,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +110,7 @@ class PeerState:
     pc: RTCPeerConnection
     out_track: SessionAudioTrack = field(default_factory=SessionAudioTrack)
     session: AgentSession | None = None
+    live: LiveSession | None = None
     inbound: MediaStreamTrack | None = None
     channel: RTCDataChannel | None = None
     pending: list[str] = field(default_factory=list)
@@ -130,17 +139,29 @@ class PeerState:
             ch.send(text)
         self.pending.clear()
 
+    async def notify(self, notice: Notice) -> None:
+        """A closing event on the data channel, given up to a second to leave."""
+        self.send_event({"event": "error", "code": notice.code, "message": notice.message})
+        ch = self.channel
+        for _ in range(20):
+            if ch is None or ch.readyState != "open" or not ch.bufferedAmount:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # what the channel handed to SCTP is sent on its next tick
+
+    async def hangup(self, notice: Notice) -> None:
+        await self.close()
+
     async def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        self.ctx.closers.discard(self.close)
         for task in list(self.tasks):
             if task is not asyncio.current_task():
                 await cancel_task(task)
         self.out_track.stop()
-        if self.session is not None:
-            await self.ctx.close_session("webrtc", self.session)
+        if self.live is not None:
+            await self.ctx.close_session(self.live)
         with contextlib.suppress(Exception):
             await self.pc.close()
 
@@ -151,6 +172,8 @@ async def _read_inbound(state: PeerState, track: MediaStreamTrack, session: Agen
             frame = await track.recv()
         except MediaStreamError:
             break
+        if state.live is not None:
+            state.live.touch()  # a packet, silent or not, is input: idle means none arrive
         try:
             await session.push_audio(av_frame_to_array(frame), frame.sample_rate)
         except ValueError as exc:
@@ -183,11 +206,23 @@ async def _on_message(state: PeerState, message: object) -> None:
     ``{"type": "tools", "tools": [...], "tool_choice": ...}`` (as in ``session.update``) and
     ``{"type": "tool_result", "call_id": ..., "output": ...}`` (then ``text`` or ``respond``)."""
     session = state.session
+    if state.live is not None:
+        state.live.touch()
+    limit = state.ctx.config.max_message_bytes
+    size = len(message) if isinstance(message, (str, bytes)) else 0
+    if size > limit:
+        state.ctx.metrics.client_errors.labels("webrtc", "message_too_large").inc()
+        state.send_event(
+            {
+                "event": "error",
+                "code": "message_too_large",
+                "message": f"a message of {size} bytes exceeds max_message_bytes ({limit})",
+            }
+        )
+        return
     try:
         if not isinstance(message, str):
             raise ValueError("data channel messages must be JSON text")
-        if len(message) > state.ctx.config.max_message_bytes:
-            raise ValueError("message too large")
         cmd = json.loads(message)
         if not isinstance(cmd, dict):
             raise ValueError("a command must be a JSON object")
@@ -246,8 +281,17 @@ async def _parse_offer(request: web.Request, limit: int) -> RTCSessionDescriptio
     return RTCSessionDescription(sdp=sdp, type="offer")
 
 
+def _refused(exc: CapacityError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status)
+
+
 def make_offer_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def offer(request: web.Request) -> web.Response:
+        key = principal(request)
+        try:
+            ctx.admit("webrtc", key)  # before any SDP work; open_session checks again
+        except CapacityError as exc:
+            return _refused(exc)
         try:
             description = await _parse_offer(request, ctx.config.max_message_bytes)
         except web.HTTPRequestEntityTooLarge:
@@ -294,13 +338,14 @@ def make_offer_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[
             return _bad_request(f"invalid SDP offer: {exc or type(exc).__name__}")
 
         try:
-            state.session = await ctx.open_session(
-                "webrtc", pace_output=True, output_sample_rate=RTC_RATE
+            state.live = await ctx.open_session(
+                "webrtc", pace_output=True, key=key, output_sample_rate=RTC_RATE
             )
         except CapacityError as exc:
             await state.close()
-            return _bad_request(str(exc), 503)
-        ctx.closers.add(state.close)
+            return _refused(exc)
+        state.session = state.live.session
+        state.live.attach(state.notify, state.hangup)
         state.spawn(_pump_frames(state, state.session))
         state.spawn(_read_inbound(state, state.inbound, state.session))
         state.spawn(_watchdog(state))
@@ -314,5 +359,6 @@ async def _watchdog(state: PeerState) -> None:
     """Close a peer that never connects (a client that posted an offer and left)."""
     await asyncio.sleep(CONNECT_TIMEOUT_S)
     if state.pc.connectionState != "connected":
-        log.info("WebRTC peer did not connect within %.0f s; closing", CONNECT_TIMEOUT_S)
+        sid = state.live.id if state.live is not None else "-"
+        log.info("webrtc session %s: no connection within %.0f s; closing", sid, CONNECT_TIMEOUT_S)
         await state.close()

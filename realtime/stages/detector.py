@@ -10,6 +10,7 @@ from realtime.audio import PIPELINE_RATE
 from realtime.context import SessionContext
 from realtime.endpoint import RecentAudio, TurnClassifier
 from realtime.frames import (
+    ErrorFrame,
     Frame,
     InputAudio,
     SpeechPaused,
@@ -78,6 +79,15 @@ class TurnDetector(Stage):
         if self.classifier is not None:
             self._recent.append(frame.pcm, frame.t_start)
         for ev in self.endpointer.process(frame.pcm):
+            if ev.cut:
+                limit = self.ctx.options.vad.max_turn_s
+                await self.push(
+                    ErrorFrame(
+                        "turn_too_long",
+                        f"the turn reached the limit of {limit:g} s (vad.max_turn_s) and was cut "
+                        "there; it is answered as heard so far",
+                    )
+                )
             if ev.kind == "check":
                 await self._check()
             else:

@@ -111,6 +111,20 @@ class StepAudioCore:
                 len(self.forced_ids),
             )
 
+    def capacity_stats(self) -> dict[str, int]:
+        """What the engine holds now, for ``/metrics`` (host-side bookkeeping only: safe to
+        read from any thread, never touches the GPU)."""
+        cache = self.cache
+        used = cache.max_batch - cache.free_slots
+        return {
+            "sessions": used,
+            "lanes_in_use": len(self.runner.lanes),
+            "kv_slots_total": cache.max_batch,
+            "kv_slots_used": used,
+            "kv_positions_total": cache.max_batch * cache.max_len,
+            "kv_positions_used": sum(cache.lengths[: cache.max_batch]),  # free slots hold 0
+        }
+
     def text_ids(self, text: str) -> list[int]:
         return self.tok.encode(text)
 
