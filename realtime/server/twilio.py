@@ -32,7 +32,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from realtime.audio import StreamResampler
-from realtime.frames import EndFrame, Interruption, OutputAudio, TurnMetrics
+from realtime.frames import EndFrame, Interruption, OutputAudio, SpeechStarted, TurnMetrics
 from realtime.server.bridge import (
     AgentSession,
     CapacityError,
@@ -167,7 +167,12 @@ async def _pump(call: TwilioCall) -> None:
                 await call.mark()  # a piece boundary
             call.audio_s += len(frame.pcm) / frame.sample_rate
             await call.send_audio(ulaw_encode(call.resample(frame.pcm, frame.sample_rate)))
-        elif isinstance(frame, Interruption):  # not SpeechStarted: a backchannel is no barge-in
+        elif isinstance(frame, Interruption) or (
+            isinstance(frame, SpeechStarted) and not in_answer
+        ):
+            # While an answer is still coming, the controller judges speech over it (a
+            # backchannel is no barge-in) and says Interruption. Once all of it was sent, only
+            # Twilio's queue (unechoed marks) is left to cut, at the first speech.
             await call.barge_in()
             in_answer = False
         elif isinstance(frame, TurnMetrics):
