@@ -1,0 +1,104 @@
+"""FP8 decoder weights (``realtime/models/fp8.py``), on the CPU (float32 emulation of the same
+FP8 values): the quantisation itself, the runner's step over quantised layers, and the error
+on a trained network (SmolLM2-135M) against float32, next to bf16's."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from bench.fp8_error import compare
+from realtime.models.decode import DecodeRunner, LaneSampling, RunnerOptions
+from realtime.models.fp8 import (
+    FP8,
+    Fp8Linear,
+    dequantize_weight,
+    fp8_linear,
+    quantize_decoder_,
+    quantize_weight,
+)
+from realtime.models.layers import layer_decode
+from realtime.models.qwen2 import KVCache, Qwen2ForCausalLM
+from realtime.models.step_audio.config import step_audio_r1_config
+
+
+def test_weight_quantisation_is_per_channel_and_close():
+    torch.manual_seed(0)
+    w = torch.randn(64, 32) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different size
+    q = quantize_weight(w)
+    assert q.q.dtype == FP8 and q.scale.shape == (64,)
+    back = dequantize_weight(q)
+    rel = ((back - w).norm(dim=1) / w.norm(dim=1)).max()
+    assert rel < 0.04, rel  # e4m3 keeps 3 mantissa bits: ~2-3 % per row, whatever its size
+    x = torch.randn(5, 32)
+    y, ref = fp8_linear(x, q), x @ w.t()
+    assert ((y - ref).norm() / ref.norm()) < 0.05
+    with pytest.raises(ValueError, match="divide by 16"):
+        quantize_weight(torch.randn(24, 30))
+
+
+def _tiny_model() -> Qwen2ForCausalLM:
+    cfg = dataclasses.replace(
+        step_audio_r1_config().text,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+@torch.inference_mode()
+def test_runner_step_uses_the_fp8_weights():
+    model = _tiny_model()
+    ref = model.layer_weights()[0].qkv_w.clone()
+    bytes_before = model.weight_bytes()
+    saved = quantize_decoder_(model)
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, Fp8Linear)
+    assert isinstance(layer.mlp.down_proj, Fp8Linear)
+    assert model.weight_bytes() == bytes_before - saved
+    assert (dequantize_weight(model.layer_weights()[0].qkv_w) - ref).abs().max() < 0.05
+
+    def greedy(fast: bool) -> list[int]:
+        cache = KVCache(model.cfg, 1, 64, "cpu", torch.float32)
+        opts = RunnerOptions(cuda_graphs=False, compile=False, batch_sizes=(1,), len_buckets=(64,))
+        runner = DecodeRunner(model, cache, opts)
+        if fast:
+            runner.backend.layer = layer_decode  # the one-token layer CUDA compiles and graphs
+        slot = cache.allocate(1)[0]
+        logits = runner.prefill(model.embed(torch.arange(9) * 7), slot, 0)
+        runner.add_lane(slot, 9, LaneSampling(), logits=logits)
+        return [runner.step()[0] for _ in range(12)]
+
+    assert greedy(True) == greedy(False)
+    # and the quantised model is really what runs: zeroing one FP8 weight changes the tokens
+    before = greedy(True)
+    for layer in model.model.layers:
+        layer.mlp.down_proj.weight_fp8.zero_()
+        layer.self_attn.o_proj.weight_fp8.zero_()
+    assert greedy(True) != before
+
+
+@pytest.fixture(scope="module")
+def smollm(runtime):
+    engine = runtime.engine  # the default stack's SmolLM2 engine, loaded once per test run
+    return engine.model, engine.tokenizer
+
+
+def test_fp8_error_on_a_trained_network(smollm):
+    hf_model, tokenizer = smollm
+    res = compare(hf_model, tokenizer, steps=8, prompts=("Why is the sky blue?",))
+    fp8, bf16 = res["fp8"], res["bf16"]
+    # logits of the prompt and of 8 teacher-forced steps, against float32
+    assert fp8["cosine_min"] > 0.98, fp8
+    assert fp8["top1_agreement"] >= 0.8, fp8
+    assert fp8["greedy_prefix_mean"] >= 3, fp8
+    # FP8 is coarser than bf16, but in the same range
+    assert fp8["max_abs_diff_rel"] < 4 * max(bf16["max_abs_diff_rel"], 0.02), (fp8, bf16)
+    assert res["weight_bytes"]["fp8"] < 0.75 * res["weight_bytes"]["fp32"]
