@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from realtime.models.decode import DecodeRunner, LaneSampling, RunnerOptions  # noqa: E402
-from realtime.models.fp8 import Fp8Linear, quantize_decoder_  # noqa: E402
+from realtime.models.fp8 import quantize_decoder_, set_activation_mode  # noqa: E402
 from realtime.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from realtime.models.step_audio.config import step_audio_r1_config  # noqa: E402
 
@@ -115,14 +115,13 @@ def fp8_kernel_check(dev: torch.device) -> dict[str, float]:
     w = torch.randn(1024, 5120) * 0.02
     x = torch.randn(8, 5120)
     ref = x @ w.t()
-    for rowwise in (True, False):
-        q = quantize_weight(w, rowwise)
+    for act in ("token", "tensor", "none"):
+        q = quantize_weight(w, act)
         emu = fp8_linear(x, q)
-        qd = type(q)(q.q.to(dev), q.scale.to(dev), rowwise)
+        qd = type(q)(q.q.to(dev), q.scale.to(dev), act)
         y = fp8_linear(x.to(dev, torch.bfloat16), qd).float().cpu()
-        tag = "rowwise" if rowwise else "tensor_act"
-        out[f"{tag}_vs_emulation"] = float((y - emu).norm() / emu.norm())
-        out[f"{tag}_vs_unquantised"] = float((y - ref).norm() / ref.norm())
+        out[f"{act}_vs_emulation"] = float((y - emu).norm() / emu.norm())
+        out[f"{act}_vs_unquantised"] = float((y - ref).norm() / ref.norm())
     return out
 
 
@@ -152,15 +151,13 @@ def part_fp8(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     t0 = time.perf_counter()
-    saved = quantize_decoder_(model, rowwise=True)
+    saved = quantize_decoder_(model)
     torch.cuda.synchronize()
     res["quantize_s"] = round(time.perf_counter() - t0, 2)
     res["fp8_weight_gib"] = round(model.weight_bytes() / GIB, 2)
     log(f"fp8: {saved / GIB:.1f} GiB saved in {res['quantize_s']} s -> {res['fp8_weight_gib']} GiB")
-    for name, rowwise in (("fp8_rowwise", True), ("fp8_tensor_act", False)):
-        for m in model.modules():
-            if isinstance(m, Fp8Linear):
-                m.rowwise = rowwise
+    for name, act in (("fp8_auto", "auto"), ("fp8_token", "token")):
+        set_activation_mode(model, act)
         try:
             res[f"{name}_ms_per_step"] = batch_table(model, cache, slots, args.steps, opts)
         except Exception as exc:  # noqa: BLE001 - report the variant as failed, go on
@@ -168,15 +165,13 @@ def part_fp8(args: argparse.Namespace) -> dict[str, Any]:
             res[f"{name}_error"] = repr(exc)[:500]
         log(f"{name}: {res.get(f'{name}_ms_per_step') or res.get(f'{name}_error')}")
     best = min(
-        (n for n in ("fp8_rowwise", "fp8_tensor_act") if f"{n}_ms_per_step" in res),
+        (n for n in ("fp8_auto", "fp8_token") if f"{n}_ms_per_step" in res),
         key=lambda n: res[f"{n}_ms_per_step"]["b1"],
     )
     res["fp8_variant"] = best
     res["fp8_ms_per_token_b1"] = res[f"{best}_ms_per_step"]["b1"]
     res["bf16_ms_per_token_b1"] = res["bf16_ms_per_step"]["b1"]
-    for m in model.modules():
-        if isinstance(m, Fp8Linear):
-            m.rowwise = best == "fp8_rowwise"
+    set_activation_mode(model, best[len("fp8_") :])
 
     # sessions at 4k context: the engine's sizing, then proven by allocating and stepping them
     del cache
@@ -202,6 +197,79 @@ def part_fp8(args: argparse.Namespace) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         traceback.print_exc()
         res["max_sessions_check_error"] = repr(exc)[:500]
+    return res
+
+
+def part_profile(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the FP8 step's time goes: the matrix products alone in one graph (with and
+    without the activation quantisation), and the top kernels of the compiled step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from realtime.models.fp8 import FAST_ACCUM, quantize_activation
+
+    dev = torch.device("cuda", 0)
+    res: dict[str, Any] = {"card": torch.cuda.get_device_name(dev)}
+    cfg = step_audio_r1_config().text
+    model = random_decoder(cfg, dev)
+    quantize_decoder_(model)
+    lws = model.layer_weights()
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    for bs in (1, 8, 32):
+        x = torch.randn(bs, h, device=dev, dtype=torch.bfloat16)
+        xi = torch.randn(bs, inter, device=dev, dtype=torch.bfloat16)
+        xq, sx = quantize_activation(x, True)
+        xiq, sxi = quantize_activation(xi, True)
+        one = torch.ones((), device=dev)
+
+        def mm_only(rowwise: bool, xq=xq, sx=sx, xiq=xiq, sxi=sxi, one=one) -> None:
+            for lw in lws:
+                for w, a, sa in ((lw.qkv_w, xq, sx), (lw.o_w, xq, sx), (lw.gu_w, xq, sx),
+                                 (lw.down_w, xiq, sxi)):  # fmt: skip
+                    if rowwise:
+                        torch._scaled_mm(a, w.q.t(), scale_a=sa, scale_b=w.scale[None, :],
+                                         out_dtype=torch.bfloat16, use_fast_accum=FAST_ACCUM)  # fmt: skip
+                    else:
+                        torch._scaled_mm(a, w.q.t(), scale_a=one, scale_b=one,
+                                         out_dtype=torch.bfloat16, use_fast_accum=FAST_ACCUM)  # fmt: skip
+
+        for name, fn in (("mm_rowwise", lambda: mm_only(True)), ("mm_tensor", lambda: mm_only(False))):  # fmt: skip
+            g = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                fn()
+            torch.cuda.current_stream().wait_stream(s)
+            with torch.cuda.graph(g):
+                fn()
+            g.replay()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                g.replay()
+            torch.cuda.synchronize()
+            res[f"{name}_b{bs}_ms"] = round(1e3 * (time.perf_counter() - t0) / 20, 3)
+            del g
+        log({k: v for k, v in res.items() if k.endswith(f"b{bs}_ms")})
+    cache = KVCache(cfg, 1, 512, dev, torch.bfloat16)
+    runner = DecodeRunner(model, cache, RunnerOptions(batch_sizes=(1,), len_buckets=(512,)))
+    slot = cache.allocate(1)[0]
+    runner.add_lane(slot, CONTEXT, LaneSampling(), token=7)
+    for _ in range(3):
+        runner._forward_step(1, 512, True)
+    runner.sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            runner._forward_step(1, 512, True)
+        runner.sync()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t:
+            rows.append((ev.key[:90], round(t / 1e3 / 3, 3), ev.count // 3))
+    rows.sort(key=lambda r: -r[1])
+    res["kernels_b1"] = rows[:25]
+    for r in rows[:25]:
+        log(f"  {r[1]:8.3f} ms x{r[2]:4d}  {r[0]}")
     return res
 
 
@@ -327,7 +395,7 @@ def report() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("fp8", "tp", "report"), required=True)
+    ap.add_argument("--part", choices=("fp8", "profile", "tp", "report"), required=True)
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--steps", type=int, default=50)
     args = ap.parse_args()
@@ -336,7 +404,8 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    res = part_fp8(args) if args.part == "fp8" else part_tp(args)
+    parts = {"fp8": part_fp8, "profile": part_profile, "tp": part_tp}
+    res = parts[args.part](args)
     write(f"serving-gpu-{args.part}.json", res)
     print(json.dumps(res, indent=2))
 

@@ -35,8 +35,17 @@ def test_weight_quantisation_is_per_channel_and_close():
     x = torch.randn(5, 32)
     y, ref = fp8_linear(x, q), x @ w.t()
     assert ((y - ref).norm() / ref.norm()) < 0.05
+    # weight-only: the activations are not quantised
+    only = fp8_linear(x, q._replace(act="none"))
+    assert torch.allclose(only, x @ back.t(), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(y, x @ back.t(), rtol=1e-4, atol=1e-5)
+    # one row (the batch-1 step): a per-tensor scale is the per-token scale
+    one = x[:1]
+    assert torch.allclose(fp8_linear(one, q), fp8_linear(one, q._replace(act="token")))
     with pytest.raises(ValueError, match="divide by 16"):
         quantize_weight(torch.randn(24, 30))
+    with pytest.raises(ValueError, match="activation mode"):
+        fp8_linear(x, q._replace(act="int4"))
 
 
 def _tiny_model() -> Qwen2ForCausalLM:

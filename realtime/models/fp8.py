@@ -32,15 +32,27 @@ _EPS = 1e-12
 FAST_ACCUM = True
 
 
+ACTIVATIONS = ("auto", "token", "tensor", "none")
+
+
 class Fp8Weight(NamedTuple):
-    """A quantised weight as the layer functions receive it (in place of a tensor)."""
+    """A quantised weight as the layer functions receive it (in place of a tensor).
+
+    ``act``: how the activations are handled: ``token`` (FP8, one scale per token,
+    ``_scaled_mm`` with row-wise scales), ``tensor`` (FP8, one scale per call, the weight's
+    row scales applied after a per-tensor ``_scaled_mm``), ``none`` (weight-only: the FP8
+    weight is widened inside the product; compiled with inductor's coordinate-descent tuning
+    a one-row product becomes one GEMV kernel reading the FP8 bytes), ``auto``: ``tensor``
+    for one row (the batch-1 step: for one token a per-tensor scale *is* a per-token scale,
+    and cuBLAS's per-tensor FP8 kernel was the faster one on an H100), else ``token``.
+    """
 
     q: torch.Tensor  # [N, K] float8_e4m3fn
     scale: torch.Tensor  # [N] float32: W ~= q * scale[:, None]
-    rowwise: bool = True  # activation scales per token (else one per call)
+    act: str = "auto"
 
 
-def quantize_weight(w: torch.Tensor, rowwise: bool = True, rows: int = 4096) -> Fp8Weight:
+def quantize_weight(w: torch.Tensor, act: str = "auto", rows: int = 4096) -> Fp8Weight:
     """``w [N, K]`` -> FP8 with one scale per output row (in blocks of ``rows`` rows, so a
     large matrix needs little float32 scratch)."""
     if w.dim() != 2:
@@ -54,7 +66,7 @@ def quantize_weight(w: torch.Tensor, rowwise: bool = True, rows: int = 4096) -> 
         s = block.abs().amax(dim=1).clamp(min=_EPS) / FP8_MAX
         q[i : i + rows] = (block / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         scale[i : i + rows] = s
-    return Fp8Weight(q, scale, rowwise)
+    return Fp8Weight(q, scale, act)
 
 
 def dequantize_weight(w: Fp8Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -75,11 +87,19 @@ def quantize_activation(x: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, t
 def fp8_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` for a quantised ``W``: ``x [..., K]`` -> ``[..., N]`` in
     ``x``'s dtype."""
+    if w.act not in ACTIVATIONS:
+        raise ValueError(f"FP8 activation mode {w.act!r}: one of {ACTIVATIONS}")
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
-    xq, sx = quantize_activation(x2, w.rowwise)
+    act = w.act if w.act != "auto" else ("tensor" if x2.shape[0] == 1 else "token")
+    if act == "none":  # weight-only: x times the widened weight, scaled per output channel
+        y = torch.nn.functional.linear(x2, w.q.to(x.dtype)) * w.scale.to(x.dtype)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*lead, w.q.shape[0])
+    xq, sx = quantize_activation(x2, act == "token")
     if x.is_cuda:
-        if w.rowwise:
+        if act == "token":
             y = torch._scaled_mm(
                 xq, w.q.t(), scale_a=sx, scale_b=w.scale[None, :], out_dtype=torch.bfloat16,
                 use_fast_accum=FAST_ACCUM,
@@ -110,18 +130,18 @@ class Fp8Linear(nn.Module):
     """Holds a quantised ``nn.Linear`` (buffers ``weight_fp8``, ``weight_scale``; the bias
     stays a parameter in the original dtype)."""
 
-    def __init__(self, lin: nn.Linear, rowwise: bool = True) -> None:
+    def __init__(self, lin: nn.Linear, act: str = "auto") -> None:
         super().__init__()
-        packed = quantize_weight(lin.weight.detach(), rowwise)
+        packed = quantize_weight(lin.weight.detach(), act)
         self.register_buffer("weight_fp8", packed.q)
         self.register_buffer("weight_scale", packed.scale)
-        self.rowwise = rowwise
+        self.act = act
         self.bias = lin.bias
         self.in_features, self.out_features = lin.in_features, lin.out_features
 
     @property
     def packed(self) -> Fp8Weight:
-        return Fp8Weight(self.weight_fp8, self.weight_scale, self.rowwise)
+        return Fp8Weight(self.weight_fp8, self.weight_scale, self.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.packed, self.bias)
@@ -136,7 +156,7 @@ DECODER_PROJECTIONS = (
 
 
 @torch.no_grad()
-def quantize_decoder_(model: nn.Module, rowwise: bool = True) -> int:
+def quantize_decoder_(model: nn.Module, act: str = "auto") -> int:
     """Replace every decoder layer's projections of a ``Qwen2ForCausalLM`` by
     :class:`Fp8Linear`, layer by layer (each bf16 weight is freed as soon as its FP8 copy
     exists, so the peak is the bf16 model plus one matrix). Returns the bytes saved."""
@@ -148,13 +168,27 @@ def quantize_decoder_(model: nn.Module, rowwise: bool = True) -> int:
             if isinstance(lin, Fp8Linear):
                 continue
             before = lin.weight.numel() * lin.weight.element_size()
-            q = Fp8Linear(lin, rowwise)
+            q = Fp8Linear(lin, act)
             setattr(parent, name, q)
             saved += before - q.weight_fp8.numel() - 4 * q.weight_scale.numel()
             del lin
     if next(model.parameters()).is_cuda:
         torch.cuda.empty_cache()
     return saved
+
+
+def has_weight_only_fp8(model: nn.Module) -> bool:
+    """Whether some FP8 projection of ``model`` is weight-only (``act="none"``)."""
+    return any(isinstance(m, Fp8Linear) and m.act == "none" for m in model.modules())
+
+
+def set_activation_mode(model: nn.Module, act: str) -> None:
+    """Change how every FP8 projection of ``model`` treats its activations (``ACTIVATIONS``)."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"FP8 activation mode {act!r}: one of {ACTIVATIONS}")
+    for m in model.modules():
+        if isinstance(m, Fp8Linear):
+            m.act = act
 
 
 def weight_of(lin: nn.Module) -> torch.Tensor | Fp8Weight:
