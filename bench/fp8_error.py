@@ -5,7 +5,8 @@
 The network is SmolLM2-135M-Instruct (the default stack's GGUF, Llama-shaped, served by the
 project's Qwen2 decoder with ``attention_bias=False``). Three copies of it: float32 (the
 reference), bfloat16, and FP8 weights (e4m3, one scale per output channel, activations
-quantised per token; on the CPU the same FP8 values are multiplied in float32). For each of
+quantised per token; on the CPU the same FP8 values are multiplied in float32), and FP8
+weights with float32 activations (weight-only, to tell the two errors apart). For each of
 several chat prompts it compares with the reference:
 
 * the logits of every position of the prompt (one pre-fill): cosine similarity, max abs
@@ -51,14 +52,15 @@ def load_smollm2() -> tuple[Any, Any]:
 
 
 def ours(hf_model: Any, weights: str) -> Qwen2ForCausalLM:
-    """The project's decoder with the HF weights: ``fp32``, ``bf16`` or ``fp8``."""
+    """The project's decoder with the HF weights: ``fp32``, ``bf16``, ``fp8`` (as served:
+    activations quantised per token) or ``fp8_weight_only`` (activations left in float32)."""
     cfg = Qwen2Config.from_text_config({**hf_model.config.to_dict(), "attention_bias": False})
     model = Qwen2ForCausalLM(cfg)
     missing, unexpected = model.load_state_dict(hf_model.state_dict(), strict=False)
     assert not unexpected and all("inv_freq" in m for m in missing), (missing, unexpected)
     model = model.to(torch.bfloat16 if weights == "bf16" else torch.float32).eval()
-    if weights == "fp8":
-        quantize_decoder_(model)
+    if weights.startswith("fp8"):
+        quantize_decoder_(model, act="none" if weights == "fp8_weight_only" else "auto")
     return model
 
 
@@ -81,11 +83,14 @@ def run(model: Qwen2ForCausalLM, ids: list[int], steps: int, force: list[int] | 
     return prompt, torch.stack(step_logits), toks
 
 
-def compare(hf_model: Any, tokenizer: Any, steps: int = 16, prompts=PROMPTS) -> dict[str, Any]:
+def compare(
+    hf_model: Any, tokenizer: Any, steps: int = 16, prompts=PROMPTS, weight_only: bool = False
+) -> dict[str, Any]:
     """Per weights kind (bf16, fp8): the agreement figures with float32 (see the header)."""
-    models = {w: ours(hf_model, w) for w in ("fp32", "bf16", "fp8")}
+    kinds = ("bf16", "fp8", "fp8_weight_only") if weight_only else ("bf16", "fp8")
+    models = {w: ours(hf_model, w) for w in ("fp32", *kinds)}
     out: dict[str, Any] = {}
-    per: dict[str, list[dict[str, float]]] = {"bf16": [], "fp8": []}
+    per: dict[str, list[dict[str, float]]] = {w: [] for w in kinds}
     for text in prompts:
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
@@ -133,7 +138,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     hf_model, tokenizer = load_smollm2()
-    res = compare(hf_model, tokenizer, args.steps)
+    res = compare(hf_model, tokenizer, args.steps, weight_only=True)
     res["network"] = "SmolLM2-135M-Instruct (trained), reference float32"
     res["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     res["command"] = "python -m bench.fp8_error " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -144,7 +149,7 @@ def main() -> None:
             "greedy_prefix_mean", "greedy_equal_prompts")  # fmt: skip
     print("\n| vs float32 | " + " | ".join(keys) + " |")
     print("| --- |" + " --- |" * len(keys))
-    for w in ("bf16", "fp8"):
+    for w in ("bf16", "fp8", "fp8_weight_only"):
         cells = [f"{res[w][k]:.4g}" for k in keys]
         print(f"| {w} weights | " + " | ".join(cells) + " |")
     print(f"(greedy over {args.steps} steps, {len(PROMPTS)} prompts)")

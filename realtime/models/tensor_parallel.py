@@ -32,12 +32,31 @@ if TYPE_CHECKING:
     from realtime.models.qwen2 import Qwen2Config
 
 _group: ProcessGroup | None = None
+_symm: tuple[torch.Tensor, str] | None = None  # symmetric-memory buffer, group name
 
 
 def set_group(group: ProcessGroup | None) -> None:
     """The process group whose ranks share the decoder (``None``: no tensor parallelism)."""
-    global _group
-    _group = group
+    global _group, _symm
+    _group, _symm = group, None
+
+
+def use_symmetric_memory(numel: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Sum small tensors (up to ``numel`` elements) with PyTorch's one-shot all-reduce over
+    symmetric memory (peer-to-peer loads between the GPUs, no NVLink multicast) instead of
+    NCCL; returns whether it is available. Every rank must call it."""
+    global _symm
+    if _group is None:
+        return False
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        buf = symm_mem.empty(numel, dtype=dtype, device=device)
+        symm_mem.rendezvous(buf, _group.group_name)
+        _symm = (buf, _group.group_name)
+    except Exception:  # noqa: BLE001 - not built in, or no peer access: NCCL it is
+        _symm = None
+    return _symm is not None
 
 
 def world_size() -> int:
@@ -54,6 +73,11 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     (which CUDA graphs capture)."""
     if _group is None:
         return t
+    if _symm is not None and t.numel() <= _symm[0].numel() and t.dtype == _symm[0].dtype:
+        buf = _symm[0][: t.numel()]
+        buf.copy_(t.reshape(-1))
+        out = torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", _symm[1])
+        return out.view(t.shape)
     if torch.compiler.is_compiling():
         import torch.distributed._functional_collectives as funcol
 
