@@ -111,3 +111,26 @@ def test_fp8_error_on_a_trained_network(smollm):
     # FP8 is coarser than bf16, but in the same range
     assert fp8["max_abs_diff_rel"] < 4 * max(bf16["max_abs_diff_rel"], 0.02), (fp8, bf16)
     assert res["weight_bytes"]["fp8"] < 0.75 * res["weight_bytes"]["fp32"]
+
+
+def test_engine_weights_fp8_quantises_the_decoder_and_answers(tmp_path):
+    """``engine.weights: fp8`` on the tiny Step-Audio checkpoint: the decoder's projections are
+    FP8 before the cache is sized, and a turn runs through them."""
+    import numpy as np
+    from step_audio_fixtures import cpu_engine, write_tiny_checkpoint
+
+    from realtime.config import SamplingConfig
+    from realtime.engine.base import CancelToken, UserTurn
+
+    path = write_tiny_checkpoint(tmp_path / "ckpt", seed=5)
+    plain = cpu_engine(path, max_batch=2)
+    engine = cpu_engine(path, max_batch=2, weights="fp8")
+    layers = engine.model.decoder.model.layers
+    assert all(isinstance(layer.mlp.gate_up_proj, Fp8Linear) for layer in layers)
+    assert not isinstance(plain.model.decoder.model.layers[0].mlp.gate_up_proj, Fp8Linear)
+    assert engine.model.decoder.weight_bytes() < plain.model.decoder.weight_bytes()
+    s = engine.new_session("sys", SamplingConfig(think_budget=4, max_new_tokens=12))
+    s.listen(0.1 * np.random.default_rng(0).standard_normal(16000).astype(np.float32))
+    for _ in s.respond(UserTurn(), CancelToken()):
+        pass
+    assert s.stats.thinking_tokens == 4 and s.stats.generated_tokens > 4
