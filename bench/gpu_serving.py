@@ -324,7 +324,8 @@ def part_tp(args: argparse.Namespace) -> dict[str, Any]:
 
     res: dict[str, Any] = {"card": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count()}
     worlds = [1] + [w for w in (2, 4) if w <= args.world and w <= torch.cuda.device_count()]
-    runs = [(w, False) for w in worlds] + [(w, True) for w in worlds[1:] if args.symm]
+    runs = [(w, False) for w in worlds if w == 1 or not args.skip_nccl]
+    runs += [(w, True) for w in worlds[1:] if args.symm]
     for world, symm in runs:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -373,18 +374,25 @@ def report() -> None:
     fp8 = json.loads((d / "serving-gpu-fp8.json").read_text())
     tp_file = d / "serving-gpu-tp.json"
     tp = json.loads(tp_file.read_text()) if tp_file.exists() else {}
+    symm_file = d / "serving-gpu-tp-symm.json"  # a run with --symm --skip-nccl, if any
+    symm = json.loads(symm_file.read_text()) if symm_file.exists() else {}
     res = {
         "card": fp8["card"],
         "fp8_ms_per_token_b1": fp8["fp8_ms_per_token_b1"],
         "bf16_ms_per_token_b1": fp8["bf16_ms_per_token_b1"],
         "max_sessions_4k_context": fp8.get("max_sessions_4k_context"),
-        "tp2_step_ratio": tp.get("tp2_step_ratio"),
+        "tp2_step_ratio": min(
+            (r for r in (tp.get("tp2_step_ratio"), symm.get("tp2_step_ratio")) if r), default=None
+        ),
+        "tp2_step_ratio_nccl": tp.get("tp2_step_ratio"),
+        "tp2_step_ratio_symmetric_memory": symm.get("tp2_step_ratio"),
         "tp4_step_ratio": tp.get("tp4_step_ratio"),
         "per_batch_ms": {
             k[: -len("_ms_per_step")]: v for k, v in fp8.items() if k.endswith("_ms_per_step")
         },
         "fp8": fp8,
         "tp": tp,
+        "tp_symmetric_memory": symm,
     }
     fe = d / "fp8-error.json"
     if fe.exists():
@@ -394,11 +402,11 @@ def report() -> None:
     print("| --- |" + " --- |" * len(BATCHES))
     for name, row in res["per_batch_ms"].items():
         print(f"| {name} | " + " | ".join(str(row[f"b{b}"]) for b in BATCHES) + " |")
-    for w in (1, 2, 4):
-        row = tp.get(f"tp{w}", {}).get("ms_per_step")
+    for w, run in ((1, tp.get("tp1")), (2, tp.get("tp2")), (4, tp.get("tp4")), (2, symm.get("tp2_symm"))):
+        row = (run or {}).get("ms_per_step")
         if row:
             print(
-                f"| bf16 tensor parallel x{w} | "
+                f"| bf16 tensor parallel x{w} ({run.get('all_reduce', 'nccl')}) | "
                 + " | ".join(str(row[f"b{b}"]) for b in BATCHES)
                 + " |"
             )
@@ -412,6 +420,7 @@ def main() -> None:
     ap.add_argument("--part", choices=("fp8", "profile", "tp", "report"), required=True)
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--symm", action="store_true", help="tp: also the symmetric-memory all-reduce")
+    ap.add_argument("--skip-nccl", action="store_true", help="tp: world > 1 only with --symm")
     ap.add_argument("--steps", type=int, default=50)
     args = ap.parse_args()
     if args.part == "report":

@@ -22,6 +22,7 @@ KV cache (its heads), and each layer costs two all-reduces of ``[batch, hidden]`
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
     from realtime.models.qwen2 import Qwen2Config
 
+log = logging.getLogger(__name__)
 _group: ProcessGroup | None = None
 _symm: tuple[torch.Tensor, str] | None = None  # symmetric-memory buffer, group name
 
@@ -54,7 +56,8 @@ def use_symmetric_memory(numel: int, dtype: torch.dtype, device: torch.device) -
         buf = symm_mem.empty(numel, dtype=dtype, device=device)
         symm_mem.rendezvous(buf, _group.group_name)
         _symm = (buf, _group.group_name)
-    except Exception:  # noqa: BLE001 - not built in, or no peer access: NCCL it is
+    except Exception as exc:  # noqa: BLE001 - not built in, or no peer access: NCCL it is
+        log.warning("symmetric memory unavailable (%s): all-reduce through NCCL", exc)
         _symm = None
     return _symm is not None
 
