@@ -27,12 +27,13 @@ PROMPTS = ([5, 17, 300, 4000, 151690, 12], [9, 9, 800, 70])
 OPTS = RunnerOptions(cuda_graphs=False, compile=False, batch_sizes=(1, 2), len_buckets=(64,))
 
 
-def decoder(path: str, rank: int = 0, world: int = 1) -> Qwen2ForCausalLM:
-    full = load_step_audio(path, device="cpu", dtype=torch.float32).model.decoder
-    if world == 1:
-        return full
-    model = Qwen2ForCausalLM(local_config(full.cfg, world))
-    model.load_state_dict(shard_state_dict(full.state_dict(), rank, world), strict=False)
+def decoder(path: str) -> Qwen2ForCausalLM:
+    return load_step_audio(path, device="cpu", dtype=torch.float32).model.decoder
+
+
+def shard(cfg, state: dict, rank: int, world: int) -> Qwen2ForCausalLM:
+    model = Qwen2ForCausalLM(local_config(cfg, world))
+    model.load_state_dict(shard_state_dict(state, rank, world), strict=False)
     return model.eval().requires_grad_(False)
 
 
@@ -51,7 +52,7 @@ def greedy(model: Qwen2ForCausalLM) -> list[list[int]]:
     return out
 
 
-def _worker(rank: int, world: int, port: int, path: str, results: dict) -> None:
+def _worker(rank: int, world: int, port: int, cfg, state: dict, results: dict) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -60,7 +61,7 @@ def _worker(rank: int, world: int, port: int, path: str, results: dict) -> None:
     try:
         set_group(dist.group.WORLD)
         assert world_size() == world
-        model = decoder(path, rank, world)
+        model = shard(cfg, state, rank, world)
         per_rank = sum(p.numel() for p in model.model.layers.parameters())
         results[rank] = (greedy(model), per_rank, model.cfg.num_key_value_heads)
     finally:
@@ -87,7 +88,8 @@ def test_two_ranks_over_gloo_write_the_tokens_of_one(tiny_path):
     world, port = 2, _free_port()
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(world, port, tiny_path, results), nprocs=world, join=True)
+        args = (world, port, full.cfg, full.state_dict(), results)
+        mp.spawn(_worker, args=args, nprocs=world, join=True)
         results = dict(results)
     assert sorted(results) == [0, 1]
     whole = sum(p.numel() for p in full.model.layers.parameters())
