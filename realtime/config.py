@@ -117,6 +117,9 @@ class EngineConfig:
     cuda_graphs: bool = True
     attention: Literal["auto", "flash_attn", "sdpa"] = "auto"
     max_batch: int = 4
+    # Decoder layer weights: as loaded (bf16 on GPU), or FP8 e4m3 with per-channel scales
+    # (realtime/models/fp8.py; half the memory and bytes read per step; CPU: emulated, slow).
+    weights: Literal["bf16", "fp8"] = "bf16"
     # Benchmarks with random weights only: the speaking lane is fed these words' token ids as
     # its next inputs instead of what it samples (same step cost, real words for the TTS).
     forced_answer: str = ""

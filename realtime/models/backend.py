@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from realtime.models.attention import flash_attn_available, torch_flash_available
+from realtime.models.fp8 import has_weight_only_fp8
 from realtime.models.layers import (
     PostAttention,
     PreAttention,
@@ -124,6 +125,8 @@ class DecoderBackend:
             try:
                 configure_compiler()
                 options = {"split_reductions": opts.split_reductions}
+                if has_weight_only_fp8(model):  # one-row products become fused GEMVs (fp8.py)
+                    options["coordinate_descent_tuning"] = True
                 kw: dict[str, Any] = {"fullgraph": True, "dynamic": False, "options": options}
                 self.pre = torch.compile(pre_attention, **kw)
                 self.post = torch.compile(post_attention, **kw)

@@ -19,18 +19,22 @@ import torch
 import torch.nn.functional as F
 
 from realtime.models.attention import AttnContext, attend_cache, attend_cache_step
+from realtime.models.fp8 import Fp8Weight, linear
+from realtime.models.tensor_parallel import all_reduce
+
+Weight = torch.Tensor | Fp8Weight  # a projection's weight: plain, or FP8 (``fp8.py``)
 
 
 class LayerWeights(NamedTuple):
     """One layer's tensors (the modules' parameters themselves, never copies)."""
 
     ln1: torch.Tensor  # input_layernorm [H]
-    qkv_w: torch.Tensor  # [(Hq + 2 Hkv) * D, H]: q, k, v stacked
+    qkv_w: Weight  # [(Hq + 2 Hkv) * D, H]: q, k, v stacked
     qkv_b: torch.Tensor | None  # [(Hq + 2 Hkv) * D] or None (attention_bias=False)
-    o_w: torch.Tensor  # [H, Hq * D]
+    o_w: Weight  # [H, Hq * D]
     ln2: torch.Tensor  # post_attention_layernorm [H]
-    gu_w: torch.Tensor  # [2 I, H]: gate, up stacked
-    down_w: torch.Tensor  # [H, I]
+    gu_w: Weight  # [2 I, H]: gate, up stacked
+    down_w: Weight  # [H, I]
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -65,7 +69,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def pre_attention(
     x: torch.Tensor,
     ln: torch.Tensor,
-    qkv_w: torch.Tensor,
+    qkv_w: Weight,
     qkv_b: torch.Tensor | None,
     cos: torch.Tensor,
     sin: torch.Tensor,
@@ -75,7 +79,7 @@ def pre_attention(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x [B, T, H]`` -> ``q [B, T, Hq, D]``, ``k``, ``v [B, T, Hkv, D]`` (RoPE applied)."""
     b, t, _ = x.shape
-    qkv = F.linear(rms_norm(x, ln, eps), qkv_w, qkv_b)
+    qkv = linear(rms_norm(x, ln, eps), qkv_w, qkv_b)
     d = qkv.shape[-1] // (n_heads + 2 * n_kv)
     q, k, v = qkv.split([n_heads * d, n_kv * d, n_kv * d], dim=-1)
     q = apply_rope(q.reshape(b, t, n_heads, d), cos, sin)
@@ -86,27 +90,28 @@ def pre_attention(
 def post_attention_split(
     x: torch.Tensor,
     attn: torch.Tensor,
-    o_w: torch.Tensor,
+    o_w: Weight,
     ln: torch.Tensor,
-    gu_w: torch.Tensor,
-    down_w: torch.Tensor,
+    gu_w: Weight,
+    down_w: Weight,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention output projection and the MLP: returns ``(x', mlp_out)`` whose sum is
     the layer's output (left unsummed so that the runner can fuse the add into the next
-    layer's RMSNorm)."""
-    x = x + F.linear(attn, o_w)
-    gate, up = F.linear(rms_norm(x, ln, eps), gu_w).chunk(2, dim=-1)
-    return x, F.linear(F.silu(gate) * up, down_w)
+    layer's RMSNorm). Under tensor parallelism (``tensor_parallel.py``) both row-split
+    products are summed over the ranks."""
+    x = x + all_reduce(linear(attn, o_w))
+    gate, up = linear(rms_norm(x, ln, eps), gu_w).chunk(2, dim=-1)
+    return x, all_reduce(linear(F.silu(gate) * up, down_w))
 
 
 def post_attention(
     x: torch.Tensor,
     attn: torch.Tensor,
-    o_w: torch.Tensor,
+    o_w: Weight,
     ln: torch.Tensor,
-    gu_w: torch.Tensor,
-    down_w: torch.Tensor,
+    gu_w: Weight,
+    down_w: Weight,
     eps: float,
 ) -> torch.Tensor:
     x, mlp_out = post_attention_split(x, attn, o_w, ln, gu_w, down_w, eps)

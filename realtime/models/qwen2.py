@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from realtime.models.attention import AttnContext
+from realtime.models.fp8 import weight_of
 from realtime.models.layers import (
     LayerWeights,
     PostAttention,
@@ -52,10 +53,11 @@ class Qwen2Config:
     max_position_embeddings: int = 32768
     attention_bias: bool = True
     tie_word_embeddings: bool = False
+    fixed_head_dim: int = 0  # 0: hidden_size // num_attention_heads (a tensor-parallel shard sets it)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.fixed_head_dim or self.hidden_size // self.num_attention_heads
 
     @classmethod
     def from_text_config(cls, d: dict[str, Any]) -> Qwen2Config:
@@ -230,12 +232,12 @@ class DecoderLayer(nn.Module):
         at, mlp = self.self_attn, self.mlp
         return LayerWeights(
             ln1=self.input_layernorm.weight,
-            qkv_w=at.qkv_proj.weight,
+            qkv_w=weight_of(at.qkv_proj),
             qkv_b=at.qkv_proj.bias,
-            o_w=at.o_proj.weight,
+            o_w=weight_of(at.o_proj),
             ln2=self.post_attention_layernorm.weight,
-            gu_w=mlp.gate_up_proj.weight,
-            down_w=mlp.down_proj.weight,
+            gu_w=weight_of(mlp.gate_up_proj),
+            down_w=weight_of(mlp.down_proj),
         )
 
     def forward(
@@ -284,9 +286,10 @@ class Qwen2ForCausalLM(nn.Module):
         return self.model.embed_tokens(ids)
 
     def weight_bytes(self) -> int:
+        """Bytes of the parameters and of the FP8 weight buffers (``fp8.py``)."""
         seen: set[int] = set()
         total = 0
-        for p in self.parameters():
+        for p in [*self.parameters(), *self.buffers()]:
             if id(p) not in seen:
                 seen.add(id(p))
                 total += p.numel() * p.element_size()

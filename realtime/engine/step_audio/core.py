@@ -12,6 +12,8 @@ import torch
 from realtime.config import EngineConfig
 from realtime.engine.batching import SharedSteps
 from realtime.models.decode import DecodeRunner, RunnerOptions
+from realtime.models.fp8 import quantize_decoder_
+from realtime.models.qwen2 import Qwen2Config
 from realtime.models.step_audio.lengths import SAMPLE_RATE
 from realtime.models.step_audio.model import StepAudioModel
 from realtime.models.step_audio.prompt import PromptBuilder
@@ -37,22 +39,38 @@ class StepAudioOptions:
 GIB = 1024**3
 
 
+def kv_bytes_per_position(c: Qwen2Config, dtype: torch.dtype) -> int:
+    """KV-cache bytes of one position of one sequence (all layers, keys and values)."""
+    per_position = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
+    return per_position * torch.tensor([], dtype=dtype).element_size()
+
+
+def sessions_that_fit(
+    c: Qwen2Config, dtype: torch.dtype, free: int, total: int, context: int
+) -> int:
+    """How many cache slots of ``context`` positions fit in ``free`` bytes after a reserve for
+    activations, graphs and the audio encoder (the larger of 4 GiB and 5 % of ``total``);
+    one more row is the cache's scratch slot."""
+    reserve = max(4 * GIB, total // 20)
+    return max(0, int((free - reserve) // (kv_bytes_per_position(c, dtype) * context)) - 1)
+
+
 def cache_slots(model: StepAudioModel, cfg: EngineConfig) -> int:
     """``engine.max_batch``, or with 0 (auto) as many ``max_context`` slots as the GPU's free
-    memory holds after a reserve for activations, graphs and the audio encoder (printed)."""
-    if cfg.max_batch > 0:
-        return cfg.max_batch
+    memory holds after a reserve for activations, graphs and the audio encoder. On CUDA it
+    prints how many fit, and how many would at a 4k context."""
     if model.device.type != "cuda":
-        return 4
+        return cfg.max_batch if cfg.max_batch > 0 else 4
     c = model.decoder_cfg
-    per_position = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
-    per_slot = per_position * cfg.max_context * torch.tensor([], dtype=model.dtype).element_size()
+    per_slot = kv_bytes_per_position(c, model.dtype) * cfg.max_context
     free, total = torch.cuda.mem_get_info(model.device)
-    reserve = max(4 * GIB, total // 20)
-    slots = max(1, int((free - reserve) // per_slot) - 1)  # one more row is the scratch slot
+    fit = max(1, sessions_that_fit(c, model.dtype, free, total, cfg.max_context))
+    fit_4k = sessions_that_fit(c, model.dtype, free, total, 4096)
+    slots = cfg.max_batch if cfg.max_batch > 0 else fit
     print(
-        f"engine: {slots} cache slots of {cfg.max_context} positions ({per_slot / GIB:.2f} GiB "
-        f"each) fit in {free / GIB:.1f} GiB free, keeping {reserve / GIB:.1f} GiB in reserve: "
+        f"engine: {cfg.weights} weights {model.decoder.weight_bytes() / GIB:.1f} GiB; "
+        f"{fit} cache slots of {cfg.max_context} positions ({per_slot / GIB:.2f} GiB each) fit "
+        f"in {free / GIB:.1f} GiB free ({fit_4k} at a 4096-position context); using {slots}: "
         f"{slots} callers at once, or {slots // 2} thinking and speaking at once",
         file=sys.stderr,
         flush=True,
@@ -82,6 +100,9 @@ class StepAudioCore:
         self.opts = opts or StepAudioOptions()
         self.device = model.device
         self.builder = PromptBuilder(tokenizer, special)
+        if cfg.weights == "fp8":
+            saved = quantize_decoder_(model.decoder)
+            log.info("decoder layer weights quantised to FP8 e4m3: %.1f GiB saved", saved / GIB)
         self.cache = model.new_cache(cache_slots(model, cfg), cfg.max_context)
         self.counters = {"sessions_refused": 0, "think_first_fallbacks": 0}  # for /metrics
         graphs = cfg.cuda_graphs and self.device.type == "cuda"

@@ -1,0 +1,159 @@
+"""The error of FP8 decoder weights (``realtime/models/fp8.py``) on a trained network.
+
+    python -m bench.fp8_error            # CPU, a few seconds after the model loads
+
+The network is SmolLM2-135M-Instruct (the default stack's GGUF, Llama-shaped, served by the
+project's Qwen2 decoder with ``attention_bias=False``). Three copies of it: float32 (the
+reference), bfloat16, and FP8 weights (e4m3, one scale per output channel, activations
+quantised per token; on the CPU the same FP8 values are multiplied in float32), and FP8
+weights with float32 activations (weight-only, to tell the two errors apart). For each of
+several chat prompts it compares with the reference:
+
+* the logits of every position of the prompt (one pre-fill): cosine similarity, max abs
+  difference over the max abs reference logit, top-1 agreement;
+* greedy decoding of ``--steps`` tokens, each copy on its own tokens: how many leading
+  tokens equal the reference's, and (teacher-forced on the reference's tokens) top-1
+  agreement per step.
+
+Prints a table last and writes ``bench/results/fp8-error.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from realtime.models.fp8 import quantize_decoder_
+from realtime.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = (
+    "Why is the sky blue? Explain it in two sentences.",
+    "What is the capital of France, and what is it famous for?",
+    "Give me three tips for sleeping better.",
+    "How many legs does a spider have?",
+)
+
+
+def load_smollm2() -> tuple[Any, Any]:
+    """transformers' SmolLM2 model (float32) and tokenizer, as the default engine loads them."""
+    from realtime.config import EngineConfig
+    from realtime.engine.smollm import _load_converted, bundled_gguf
+
+    return _load_converted(bundled_gguf(), Path(EngineConfig().cache_dir).expanduser())
+
+
+def ours(hf_model: Any, weights: str) -> Qwen2ForCausalLM:
+    """The project's decoder with the HF weights: ``fp32``, ``bf16``, ``fp8`` (as served:
+    activations quantised per token) or ``fp8_weight_only`` (activations left in float32)."""
+    cfg = Qwen2Config.from_text_config({**hf_model.config.to_dict(), "attention_bias": False})
+    model = Qwen2ForCausalLM(cfg)
+    missing, unexpected = model.load_state_dict(hf_model.state_dict(), strict=False)
+    assert not unexpected and all("inv_freq" in m for m in missing), (missing, unexpected)
+    model = model.to(torch.bfloat16 if weights == "bf16" else torch.float32).eval()
+    if weights.startswith("fp8"):
+        quantize_decoder_(model, act="none" if weights == "fp8_weight_only" else "auto")
+    return model
+
+
+@torch.inference_mode()
+def run(model: Qwen2ForCausalLM, ids: list[int], steps: int, force: list[int] | None = None):
+    """Logits of the prompt ``[T, V]`` and of each decode step ``[steps, V]`` (float32), and the
+    greedy tokens; ``force``: feed these tokens instead of the sampled ones (teacher forcing)."""
+    dtype = model.lm_head.weight.dtype
+    cache = KVCache(model.cfg, 1, len(ids) + steps + 1, "cpu", dtype)
+    slots = torch.tensor(cache.allocate(1))
+    x = torch.tensor(ids)
+    prompt = model(model.embed(x)[None], torch.arange(len(ids))[None], cache, slots)[0].float()
+    toks, step_logits, pos = [int(prompt[-1].argmax())], [], len(ids)
+    for i in range(steps - 1):
+        fed = toks[-1] if force is None else force[i]
+        lg = model(model.embed(torch.tensor([[fed]])), torch.tensor([[pos]]), cache, slots)
+        pos += 1
+        step_logits.append(lg[0, -1].float())
+        toks.append(int(step_logits[-1].argmax()))
+    return prompt, torch.stack(step_logits), toks
+
+
+def compare(
+    hf_model: Any, tokenizer: Any, steps: int = 16, prompts=PROMPTS, weight_only: bool = False
+) -> dict[str, Any]:
+    """Per weights kind (bf16, fp8): the agreement figures with float32 (see the header)."""
+    kinds = ("bf16", "fp8", "fp8_weight_only") if weight_only else ("bf16", "fp8")
+    models = {w: ours(hf_model, w) for w in ("fp32", *kinds)}
+    out: dict[str, Any] = {}
+    per: dict[str, list[dict[str, float]]] = {w: [] for w in kinds}
+    for text in prompts:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        ids = list(ids["input_ids"] if hasattr(ids, "input_ids") else ids)
+        ref_prompt, _, ref_toks = run(models["fp32"], ids, steps)
+        _, ref_forced, _ = run(models["fp32"], ids, steps, force=ref_toks[1:])
+        for w in per:
+            prompt, _, toks = run(models[w], ids, steps)
+            _, forced, _ = run(models[w], ids, steps, force=ref_toks[1:])
+            same = next(
+                (i for i, (a, b) in enumerate(zip(toks, ref_toks, strict=True)) if a != b), steps
+            )
+            both = torch.cat([prompt, forced])
+            ref = torch.cat([ref_prompt, ref_forced])
+            per[w].append(
+                {
+                    "cosine_min": float(F.cosine_similarity(both, ref, dim=-1).min()),
+                    "cosine_mean": float(F.cosine_similarity(both, ref, dim=-1).mean()),
+                    "max_abs_diff_rel": float((both - ref).abs().max() / ref.abs().max()),
+                    "top1_agreement": float((both.argmax(-1) == ref.argmax(-1)).float().mean()),
+                    "greedy_prefix": same,
+                    "greedy_equal": float(toks == ref_toks),
+                }
+            )
+    for w, rows in per.items():
+        out[w] = {
+            "cosine_min": min(r["cosine_min"] for r in rows),
+            "cosine_mean": sum(r["cosine_mean"] for r in rows) / len(rows),
+            "max_abs_diff_rel": max(r["max_abs_diff_rel"] for r in rows),
+            "top1_agreement": sum(r["top1_agreement"] for r in rows) / len(rows),
+            "greedy_prefix_mean": sum(r["greedy_prefix"] for r in rows) / len(rows),
+            "greedy_equal_prompts": int(sum(r["greedy_equal"] for r in rows)),
+            "prompts": len(rows),
+            "steps": steps,
+        }
+    out["weight_bytes"] = {w: m.weight_bytes() for w, m in models.items()}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "fp8-error.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    hf_model, tokenizer = load_smollm2()
+    res = compare(hf_model, tokenizer, args.steps, weight_only=True)
+    res["network"] = "SmolLM2-135M-Instruct (trained), reference float32"
+    res["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    res["command"] = "python -m bench.fp8_error " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    keys = ("cosine_min", "cosine_mean", "max_abs_diff_rel", "top1_agreement",
+            "greedy_prefix_mean", "greedy_equal_prompts")  # fmt: skip
+    print("\n| vs float32 | " + " | ".join(keys) + " |")
+    print("| --- |" + " --- |" * len(keys))
+    for w in ("bf16", "fp8", "fp8_weight_only"):
+        cells = [f"{res[w][k]:.4g}" for k in keys]
+        print(f"| {w} weights | " + " | ".join(cells) + " |")
+    print(f"(greedy over {args.steps} steps, {len(PROMPTS)} prompts)")
+
+
+if __name__ == "__main__":
+    main()
