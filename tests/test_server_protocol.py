@@ -4,10 +4,13 @@ reasoning stream, cancelling, truncating and deleting items, and the session lim
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import time
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 import pytest_asyncio
 import websockets
@@ -152,3 +155,35 @@ async def test_engine_failure_ends_the_response_as_failed(server: RunningServer)
         await ws.send(_text_item("Hello?"))
         await ws.send(json.dumps({"type": "response.create"}))
         assert (await _events_until(ws, "response.done"))[-1]["response"]["status"] == "completed"
+
+
+async def test_response_create_waiting_for_a_transcript_never_blocks_the_reader(
+    server: RunningServer,
+) -> None:
+    """A response to committed audio waits for its transcript, but beside the reader: the
+    events after it are answered at once. (Fake: the reader is transport code, and the stand-in
+    pipeline never sends a transcript in manual turn mode, so the wait lasts its full 30 s.)"""
+    async with websockets.connect(f"{server.ws}/v1/realtime") as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
+        await _events_until(ws, "session.updated")
+        tone = (8000 * np.sin(np.arange(4800) / 3)).astype(np.int16)
+        audio = base64.b64encode(tone.tobytes()).decode()
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        await _events_until(ws, "input_audio_buffer.committed")
+        await ws.send(json.dumps({"type": "response.create"}))
+        t0 = time.monotonic()
+        await ws.send(json.dumps({"type": "session.update", "session": {"instructions": "Hi."}}))
+        await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+        async with asyncio.timeout(1.0):
+            await _events_until(ws, "session.updated")
+            await _events_until(ws, "input_audio_buffer.cleared")
+        # the waiting response can be cancelled, and then never starts
+        await ws.send(json.dumps({"type": "response.cancel"}))
+        async with asyncio.timeout(1.0):
+            done = (await _events_until(ws, "response.done"))[-1]["response"]
+        assert done["status"] == "cancelled"
+        assert time.monotonic() - t0 < 2.0
+        session = server.app[CTX_KEY].runtime.sessions[-1]
+        assert session.turn == 0  # respond() was never called

@@ -207,7 +207,10 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
             await conn.send(
                 "session.created", session=rp.session_json(conn.session_id, settings, beta)
             )
-            await _read_loop(conn, base_vad)
+            try:
+                await _read_loop(conn, base_vad)
+            finally:  # the connection's own tasks end before its session closes
+                await conn.cancel_tasks()
 
         await run_connection(ctx, TRANSPORT, session, ws, _pump(conn), greet_then_read())
         return ws
