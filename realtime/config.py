@@ -110,6 +110,9 @@ class ServerConfig:
     # X-Twilio-Signature check on /twilio.
     api_keys: list[str] = field(default_factory=list)
     twilio_auth_token: str | None = None
+    # Output queue: a WebSocket client (/v1/realtime, /twilio) that stops reading is dropped once
+    # this many seconds of answer audio wait unsent for it (realtime/server/bridge.py).
+    max_output_queue_s: float = 60.0
 
 
 @dataclass

@@ -26,7 +26,6 @@ from realtime.config import ServerConfig, VADConfig
 from realtime.frames import (
     AnswerText,
     EndFrame,
-    ErrorFrame,
     Frame,
     Interruption,
     OutputAudio,
@@ -39,7 +38,6 @@ from realtime.frames import (
 from realtime.server.app import create_app
 
 QUESTION = "What is the capital of France?"
-FAIL_PREFIX = "FAIL:"  # FakeRuntime: a text turn starting with this makes the engine fail
 
 
 @lru_cache(maxsize=8)
@@ -212,11 +210,6 @@ class FakeSession:
         if text is None:
             await self.queue.put(Transcript(transcript, final=True))
         t0 = time.monotonic()
-        if text is not None and text.startswith(FAIL_PREFIX):
-            await self.queue.put(ErrorFrame("engine_error", "the reply engine failed: test"))
-            await self.queue.put(AnswerText(self.turn, "", end=True))
-            await self.queue.put(TurnMetrics(self.turn, None, {}, False, transcript, ""))
-            return
         await self.queue.put(ThinkingText(self.turn, "The user asks a question."))
         rate = self.options.output_sample_rate or 24000
         n = rate // 50

@@ -28,9 +28,11 @@ from aiohttp import WSMsgType, web
 from realtime.audio import StreamResampler
 from realtime.frames import EndFrame, Interruption, OutputAudio, SpeechStarted, TurnMetrics
 from realtime.server.bridge import (
+    WRITE_BUFFER_BYTES,
     AgentSession,
     CapacityError,
     ServerContext,
+    bound_write_buffer,
     run_connection,
 )
 from realtime.server.codecs import (
@@ -238,8 +240,11 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
     limit = ctx.config.max_message_bytes
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(max_msg_size=limit * 4, heartbeat=30)
+        ws = web.WebSocketResponse(
+            max_msg_size=limit * 4, heartbeat=30, writer_limit=WRITE_BUFFER_BYTES
+        )
         await ws.prepare(request)
+        bound_write_buffer(request)
         try:
             session = await ctx.open_session(TRANSPORT, pace_output=False, output_sample_rate=RATE)
         except CapacityError as exc:
@@ -251,7 +256,13 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
             await ws.close(code=1013, message=b"server full")
             return ws
         call = TwilioCall(ctx=ctx, ws=ws, session=session)
-        await run_connection(ctx, TRANSPORT, session, ws, _pump(call), _read_loop(call))
+
+        async def notify(message: str) -> None:
+            await call.send_error(TwilioError("output_queue_full", message))
+
+        await run_connection(
+            ctx, TRANSPORT, session, ws, _pump(call), _read_loop(call), request, notify
+        )
         return ws
 
     async def _read_loop(call: TwilioCall) -> None:
