@@ -5,8 +5,9 @@ engine's free cache slots, open sessions and open aiortc peer connections.
     ...  # open sessions, break them, close them
     await assert_no_leaks(before)  # everything is back within a second, or it says what is not
 
-Idle workers of a thread pool that existed before (the default executor, the recognizer's
-thread) may grow up to their pool's size and are not leaks; a thread of a new pool is.
+Idle workers of a thread pool that existed before (the recognizer's thread) and of the event
+loop's default executor (``asyncio_N``, which aiortc and ``run_in_executor`` use) may grow up to
+their pool's size and are not leaks; a thread of a new pool is.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def leaks(before: Snapshot) -> list[str]:
     tasks = [t for t in now.tasks - before.tasks if t is not current and not t.done()]
     if tasks:
         out.append(f"{len(tasks)} task(s): " + ", ".join(repr(t.get_coro()) for t in tasks[:5]))
-    pools = {_pool(t) for t in before.threads} - {None}
+    pools = ({_pool(t) for t in before.threads} - {None}) | {"asyncio"}
     threads = [t for t in now.threads - before.threads if t.is_alive() and _pool(t) not in pools]
     if threads:
         out.append(f"{len(threads)} thread(s): " + ", ".join(t.name for t in threads))

@@ -139,6 +139,46 @@ async def test_a_client_vanishing_mid_answer(server: RunningServer, runtime: Any
     await settled(runtime, before)
 
 
+async def test_a_webrtc_peer_leaving_mid_answer(server: RunningServer, runtime: Any) -> None:
+    import aiohttp
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    from realtime.server.webrtc import SessionAudioTrack
+
+    before = snapshot(runtime)
+    other = await connect(server)
+    pc = RTCPeerConnection()
+    channel = pc.createDataChannel("events")
+    pc.addTrack(SessionAudioTrack())  # a silent microphone
+    answering = asyncio.Event()
+
+    @channel.on("open")
+    def on_open() -> None:
+        channel.send(json.dumps({"type": "text", "text": STORY}))
+
+    @channel.on("message")
+    def on_message(message: str) -> None:
+        if json.loads(message)["event"] == "answer":
+            answering.set()
+
+    async def offer() -> None:
+        await pc.setLocalDescription(await pc.createOffer())
+        body = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{server.http}/offer", json=body) as r:
+                assert r.status == 200, await r.text()
+                await pc.setRemoteDescription(RTCSessionDescription(**await r.json()))
+
+    _, session = await new_session(runtime, offer)
+    other_turn = asyncio.ensure_future(completes(other))
+    await asyncio.wait_for(answering.wait(), 120)
+    await pc.close()  # the page is closed mid-answer
+    await until(lambda: ended(session), 1.0, "the peer's session ended")
+    await other_turn
+    await other.close()
+    await settled(runtime, before)  # the server's peer connection is closed too
+
+
 # ---- a network stall: a client that stops reading ----------------------------------------------
 async def test_a_realtime_client_that_stops_reading_is_dropped(
     server: RunningServer, runtime: Any, caplog: pytest.LogCaptureFixture
@@ -194,7 +234,9 @@ async def test_a_twilio_stream_that_stops_reading_is_dropped(
     await call.send(json.dumps({"event": "start", "streamSid": SID, "start": start}))
     from realtime.server.codecs import ulaw_encode
 
-    question = np.concatenate([speech(STORY, 8000), np.zeros(8000 * 6, np.int16)])
+    # a question, then silence long enough for its whole answer (speaking again sooner would
+    # barge in and cut the answer short)
+    question = np.concatenate([speech(STORY, 8000), np.zeros(8000 * 25, np.int16)])
     data = ulaw_encode(question)
 
     async def keep_talking() -> None:  # the caller asks again and again, hearing nothing
