@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 TRANSPORT = "realtime"
 MIN_COMMIT_MS = 100
-TRANSCRIPT_WAIT_S = 30.0
+# How long response.create waits for the committed audio's transcript. It waits beside the reader
+# (response.cancel ends it), so it can outlast a slow recognizer on a busy machine.
+TRANSCRIPT_WAIT_S = 120.0
 ANSWER_ERRORS = frozenset({"engine_error", "tts_error", "internal_error"})
 
 
