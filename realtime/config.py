@@ -158,6 +158,9 @@ class ServerConfig:
     max_session_s: float = 3600.0  # a session is told, then closed, after this long
     max_input_buffer_s: float = 60.0  # Realtime manual turns: audio appended without a commit
     shutdown_drain_s: float = 10.0  # SIGTERM: how long answers in flight may finish
+    # Output queue: a WebSocket client (/v1/realtime, /twilio) that stops reading is dropped once
+    # this many seconds of answer audio wait unsent for it (realtime/server/bridge.py).
+    max_output_queue_s: float = 60.0
 
 
 @dataclass

@@ -31,7 +31,7 @@ from realtime.controller import HistoryEntry, Phase, TurnController
 from realtime.engine.base import Engine
 from realtime.engine.tools import ToolResult
 from realtime.engine.worker import EngineWorker
-from realtime.frames import Dtmf, EndFrame, ErrorFrame, Frame, InputAudio, ToolOutput
+from realtime.frames import Dtmf, EndFrame, ErrorFrame, Frame, InputAudio, OutputAudio, ToolOutput
 from realtime.listener import Listener
 from realtime.log_context import bind_session
 from realtime.stages import (
@@ -67,15 +67,43 @@ class SharedModels:
     tts: TTSHead
 
 
-class _Sink(Stage):
-    """The end of the pipeline: frames go to the transport's queue."""
+class _Outbox:
+    """Frames on their way to the transport, and the seconds of audio among them: what a
+    client that stops reading leaves unsent (the server drops it past a limit)."""
 
-    def __init__(self, out: asyncio.Queue[Frame]) -> None:
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Frame] = asyncio.Queue()
+        self.audio_s = 0.0
+
+    def put(self, frame: Frame) -> None:
+        if isinstance(frame, OutputAudio):
+            self.audio_s += len(frame.pcm) / frame.sample_rate
+        self._queue.put_nowait(frame)
+
+    async def get(self) -> Frame:
+        return self._taken(await self._queue.get())
+
+    def get_nowait(self) -> Frame:
+        return self._taken(self._queue.get_nowait())
+
+    def empty(self) -> bool:
+        return self._queue.empty()
+
+    def _taken(self, frame: Frame) -> Frame:
+        if isinstance(frame, OutputAudio):
+            self.audio_s = max(0.0, self.audio_s - len(frame.pcm) / frame.sample_rate)
+        return frame
+
+
+class _Sink(Stage):
+    """The end of the pipeline: frames go to the transport's outbox."""
+
+    def __init__(self, out: _Outbox) -> None:
         super().__init__()
         self.out = out
 
     async def process(self, frame: Frame) -> None:
-        self.out.put_nowait(frame)
+        self.out.put(frame)
 
 
 class Session:
@@ -90,7 +118,7 @@ class Session:
         self.id = session_id or f"sess_{uuid.uuid4().hex[:16]}"
         cfg = models.config
         options = options or SessionOptions(vad=copy.deepcopy(cfg.vad))
-        self._out: asyncio.Queue[Frame] = asyncio.Queue()
+        self._out = _Outbox()
         self.ctx = SessionContext(options, cfg, pace_output, Tasks(self.id, self._task_failed))
         self.listener = Listener(models.asr, cfg.asr, models.asr_executor)
         engine = models.engine
@@ -168,6 +196,11 @@ class Session:
             yield frame
             if isinstance(frame, EndFrame):
                 return
+
+    @property
+    def output_backlog_s(self) -> float:
+        """Seconds of answer audio made and not yet taken by the transport."""
+        return self._out.audio_s
 
     def _task_failed(self, exc: BaseException) -> None:
         err = ErrorFrame("internal_error", f"{type(exc).__name__}: {exc}")

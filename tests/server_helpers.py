@@ -27,7 +27,6 @@ from realtime.frames import (
     AnswerText,
     Dtmf,
     EndFrame,
-    ErrorFrame,
     Frame,
     Interruption,
     OutputAudio,
@@ -40,7 +39,6 @@ from realtime.frames import (
 from realtime.server.app import create_app, make_runner
 
 QUESTION = "What is the capital of France?"
-FAIL_PREFIX = "FAIL:"  # FakeRuntime: a text turn starting with this makes the engine fail
 
 
 @lru_cache(maxsize=8)
@@ -218,11 +216,6 @@ class FakeSession:
         if text is None:
             await self.queue.put(Transcript(transcript, final=True))
         t0 = time.monotonic()
-        if text is not None and text.startswith(FAIL_PREFIX):
-            await self.queue.put(ErrorFrame("engine_error", "the reply engine failed: test"))
-            await self.queue.put(AnswerText(self.turn, "", end=True))
-            await self.queue.put(TurnMetrics(self.turn, None, {}, False, transcript, ""))
-            return
         await self.queue.put(ThinkingText(self.turn, "The user asks a question."))
         rate = self.options.output_sample_rate or 24000
         n = rate // 50

@@ -1,5 +1,8 @@
 """Access: API keys on /v1/realtime, /offer and /metrics, client secrets that expire, Twilio's
-request signature on /twilio, and no serving beyond loopback without a key."""
+request signature on /twilio, and no serving beyond loopback without a key.
+
+On the stand-in pipeline (``FakeRuntime``): access is checked before any session exists, so
+nothing here depends on what a session does."""
 
 from __future__ import annotations
 

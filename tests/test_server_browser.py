@@ -103,7 +103,8 @@ async def test_page_talks_and_shows_transcript(server: RunningServer, tmp_path: 
 @pytest.mark.parametrize("how", ["fragment", "prompt"])
 async def test_page_with_api_keys_uses_a_client_secret(tmp_path: Path, how: str) -> None:
     """With keys on, the page trades the key (from /#key=... or a prompt) for a client secret
-    and connects with it; the key leaves the address bar."""
+    and connects with it; the key leaves the address bar. (On the stand-in pipeline: only the
+    page's access handshake is under test, not a session.)"""
     from playwright.async_api import async_playwright
     from server_helpers import FakeRuntime
 

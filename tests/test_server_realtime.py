@@ -377,6 +377,38 @@ async def test_disconnect_mid_answer_leaves_server_and_other_sessions(
         assert json.loads(await again.recv())["type"] == "session.created"
 
 
+async def test_cancel_mid_answer_then_the_next_answer_completes(server: RunningServer) -> None:
+    """``response.cancel`` reaches the real session's turn controller: the answer stops, and the
+    session answers the next request (a second ``response.create`` meanwhile is refused)."""
+
+    def item(text: str) -> str:
+        content = [{"type": "input_text", "text": text}]
+        return json.dumps(
+            {"type": "conversation.item.create", "item": {"role": "user", "content": content}}
+        )
+
+    async with websockets.connect(f"{server.ws}/v1/realtime", max_size=None) as ws:
+        await ws.recv()
+        await ws.send(item("Tell me a story about a dragon."))
+        await ws.send(json.dumps({"type": "response.create"}))
+        await _recv_until(ws, "response.output_audio.delta", 120)
+        await ws.send(json.dumps({"type": "response.cancel"}))
+        done = (await _recv_until(ws, "response.done"))["response"]
+        assert done["status"] == "cancelled"
+        assert done["status_details"]["reason"] == "client_cancelled"
+        await ws.send(item("And what is two plus two?"))
+        await ws.send(json.dumps({"type": "response.create"}))
+        await ws.send(json.dumps({"type": "response.create", "event_id": "e2"}))
+        events = []
+        async with asyncio.timeout(120):
+            while not events or events[-1]["type"] != "response.done":
+                events.append(json.loads(await ws.recv()))
+        errors = [e for e in events if e["type"] == "error"]
+        assert errors and errors[0]["error"]["code"] == "conversation_already_has_active_response"
+        assert events[-1]["response"]["status"] == "completed"
+        assert any(e["type"] == "response.output_audio.delta" for e in events)
+
+
 async def test_session_limit_and_health(server: RunningServer) -> None:
     conns = [await websockets.connect(f"{server.ws}/v1/realtime") for _ in range(3)]
     try:

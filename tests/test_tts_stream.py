@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tts.base import AudioChunk, TTSStream
-from tts.stream import TextStream
+from tts.stream import SynthesisError, TextStream
 
 RATE = 16000
 
@@ -113,11 +113,15 @@ async def test_output_is_resampled_to_the_transport_rate() -> None:
     assert len(chunks[0].pcm) == 480
 
 
-async def test_a_failing_synthesiser_ends_the_stream() -> None:
+async def test_a_failing_synthesiser_ends_the_stream_with_its_error() -> None:
+    """Not a quiet end: the consumer must tell a failed answer from a finished one."""
     stream = make_stream(FakeSynth(fail=True))
     stream.push_text("Hello, world.")
     stream.finish()
-    assert await collect(stream) == []
+    with pytest.raises(SynthesisError, match="synthesis failed"):
+        await collect(stream)
+    stream._worker.join(1.0)
+    assert not stream._worker.is_alive()
 
 
 async def test_later_pieces_are_synthesised_while_earlier_ones_play() -> None:

@@ -61,6 +61,15 @@ class StreamStats:
         return self.synth_s / self.audio_s if self.audio_s else 0.0
 
 
+class SynthesisError(RuntimeError):
+    """The synthesiser failed: the stream's audio ends here, short of its text."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: BaseException
+
+
 @dataclass(frozen=True, slots=True)
 class _Piece:
     index: int
@@ -143,6 +152,8 @@ class TextStream:
             item = await q.get()
             if item is _END or self._cancelled:
                 return
+            if isinstance(item, _Failed):
+                raise SynthesisError(str(item.error)) from item.error
             assert isinstance(item, _Piece)
             pcm = item.pcm
             for offset in range(0, pcm.size, self.chunk_samples):
@@ -197,8 +208,9 @@ class TextStream:
     def _run(self) -> None:
         try:
             self._work()
-        except Exception:
+        except Exception as exc:  # chunks() raises it: the answer ends as failed, not cut short
             log.exception("TTS stream worker failed")
+            self._deliver(_Failed(exc))
         finally:
             self._deliver(_END)
 

@@ -40,10 +40,12 @@ from realtime.frames import (
 from realtime.server import realtime_protocol as rp
 from realtime.server.auth import principal
 from realtime.server.bridge import (
+    WRITE_BUFFER_BYTES,
     CapacityError,
     LiveSession,
     Notice,
     ServerContext,
+    bound_write_buffer,
     run_connection,
 )
 from realtime.server.realtime_connection import (
@@ -192,8 +194,14 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
     limit = ctx.config.max_message_bytes
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(protocols=("realtime",), max_msg_size=limit * 4, heartbeat=30)
+        ws = web.WebSocketResponse(
+            protocols=("realtime",),
+            max_msg_size=limit * 4,
+            heartbeat=30,
+            writer_limit=WRITE_BUFFER_BYTES,
+        )
         await ws.prepare(request)
+        bound_write_buffer(request)
         beta = _is_beta(request)
         settings, voices, base_vad = _defaults(ctx, request.query.get("model", "local-agent"))
         try:
@@ -228,9 +236,15 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
             await conn.send(
                 "session.created", session=rp.session_json(conn.session_id, settings, beta)
             )
-            await _read_loop(conn, live, base_vad)
+            try:
+                await _read_loop(conn, live, base_vad)
+            finally:  # the connection's own tasks end before its session closes
+                await conn.cancel_tasks()
 
-        await run_connection(ctx, live, ws, _pump(conn), greet_then_read())
+        async def notify(message: str) -> None:
+            await conn.send_error(ClientError(message, code="output_queue_full"))
+
+        await run_connection(ctx, live, ws, _pump(conn), greet_then_read(), request, notify)
         return ws
 
     async def _read_loop(conn: RealtimeConnection, live: LiveSession, base_vad: VADConfig) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +21,13 @@ from realtime.server.bridge import (
 )
 from realtime.server.realtime_protocol import ClientError
 
+log = logging.getLogger(__name__)
+
 TRANSPORT = "realtime"
 MIN_COMMIT_MS = 100
-TRANSCRIPT_WAIT_S = 30.0
+# How long response.create waits for the committed audio's transcript. It waits beside the reader
+# (response.cancel ends it), so it can outlast a slow recognizer on a busy machine.
+TRANSCRIPT_WAIT_S = 120.0
 ANSWER_ERRORS = frozenset({"engine_error", "tts_error", "internal_error"})
 
 
@@ -90,6 +96,36 @@ class RealtimeConnection:
     item_json: dict[str, dict[str, Any]] = field(default_factory=dict)
     item_turn: dict[str, tuple[int, str]] = field(default_factory=dict)
     turn_items: list[str] = field(default_factory=list)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # work beside the reader
+
+    # ---- work beside the reader ------------------------------------------------------------
+    def spawn(self, work: Coroutine[Any, Any, None], event_id: str | None = None) -> None:
+        """Run ``work`` (an event's slow part) as a task of this connection, so the reader
+        never waits on it; its ``ClientError`` becomes an error event. Cancelled at close."""
+
+        async def run() -> None:
+            try:
+                await work
+            except ClientError as err:
+                await self.send_error(err, event_id)
+            except (ConnectionResetError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                log.exception("realtime %s: background work failed", self.session_id)
+                await self.send_error(
+                    ClientError(f"internal error: {exc}", code="server_error", kind="server_error"),
+                    event_id,
+                )
+
+        task = asyncio.get_running_loop().create_task(run())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def cancel_tasks(self) -> None:
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # ---- sending -------------------------------------------------------------------------
     async def send(self, type_: str, **body: Any) -> None:

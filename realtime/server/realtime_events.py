@@ -206,14 +206,9 @@ async def handle_event(
                 "a response is already in progress; cancel it or wait for response.done",
                 code="conversation_already_has_active_response",
             )
-        turn = conn.awaiting_transcript
-        if turn is not None and not conn.pending_user_text:
-            # the committed audio is still being transcribed: answer it once it is
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(turn.transcribed.wait(), TRANSCRIPT_WAIT_S)
         text_only = _response_text_only(event.get("response"), conn.settings.text_only)
         conn.drop_output = False
-        conn.response = rp_response = ResponseState(
+        conn.response = response = ResponseState(
             input_text=" ".join(conn.pending_user_text),
             input_ms=0.0 if conn.pending_user_text else conn.last_input_ms,
             text_only=text_only,
@@ -223,12 +218,9 @@ async def handle_event(
         await conn.send("response.created", response=conn._response_json("in_progress"))
         text = " ".join(conn.pending_user_text) or None
         conn.pending_user_text.clear()
-        try:
-            await s.respond(text)
-        except ValueError as exc:
-            if conn.response is rp_response:
-                await conn.finish_response("failed", "error")
-            raise ClientError(f"cannot respond: {exc}", code="response_failed") from None
+        turn = conn.awaiting_transcript if text is None else None
+        # beside the reader: the events after this one are answered while it waits
+        conn.spawn(_start_response(conn, response, text, turn), event.get("event_id"))
     elif kind == "response.cancel":
         if conn.response is None:
             raise ClientError(
@@ -343,6 +335,27 @@ def _set_transcript(conn: RealtimeConnection, item_id: str, text: str) -> None:
         elif "text" in p:
             p["text"] = text
     conn.item_json[item_id] = {**item, "content": parts}
+
+
+async def _start_response(
+    conn: RealtimeConnection,
+    response: ResponseState,
+    text: str | None,
+    turn: InputItem | None,
+) -> None:
+    """Answer once the committed audio is transcribed (at most ``TRANSCRIPT_WAIT_S``), unless
+    the response was cancelled meanwhile."""
+    if turn is not None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(turn.transcribed.wait(), TRANSCRIPT_WAIT_S)
+    if conn.response is not response:
+        return  # cancelled (or ended) while it waited
+    try:
+        await conn.session.respond(text)
+    except ValueError as exc:
+        if conn.response is response:
+            await conn.finish_response("failed", "error")
+        raise ClientError(f"cannot respond: {exc}", code="response_failed") from None
 
 
 def parse_message(data: str, limit: int) -> dict[str, Any]:

@@ -34,11 +34,13 @@ from aiohttp import WSMsgType, web
 from realtime.audio import StreamResampler
 from realtime.frames import EndFrame, Interruption, OutputAudio, SpeechStarted, TurnMetrics
 from realtime.server.bridge import (
+    WRITE_BUFFER_BYTES,
     AgentSession,
     CapacityError,
     LiveSession,
     Notice,
     ServerContext,
+    bound_write_buffer,
     run_connection,
 )
 from realtime.server.codecs import (
@@ -269,8 +271,11 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
     limit = ctx.config.max_message_bytes
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(max_msg_size=limit * 4, heartbeat=30)
+        ws = web.WebSocketResponse(
+            max_msg_size=limit * 4, heartbeat=30, writer_limit=WRITE_BUFFER_BYTES
+        )
         await ws.prepare(request)
+        bound_write_buffer(request)
         try:
             live = await ctx.open_session(TRANSPORT, pace_output=False, output_sample_rate=RATE)
         except CapacityError as exc:
@@ -295,7 +300,11 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
             await ws.close(code=notice.ws_code, message=notice.code.encode())
 
         live.attach(notify, hangup)
-        await run_connection(ctx, live, ws, _pump(call), _read_loop(call, live))
+
+        async def drop(message: str) -> None:
+            await call.send_error(TwilioError("output_queue_full", message))
+
+        await run_connection(ctx, live, ws, _pump(call), _read_loop(call, live), request, drop)
         return ws
 
     async def _read_loop(call: TwilioCall, live: LiveSession) -> None:
