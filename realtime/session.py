@@ -258,6 +258,8 @@ class Session:
 
     async def end(self) -> None:
         """The input is over: finish the turn in flight, then end the frame stream."""
+        if self._keys_timer is not None:  # keys pressed last are not answered any more
+            self._keys_timer.cancel()
         await self.detector.force_stop()
         await self.controller.wait_idle()
         await self.detector.process(EndFrame("input ended"))
