@@ -362,7 +362,7 @@ async def test_a_full_cache_is_a_clear_error_and_a_closed_session_frees_its_slot
         async with websockets.connect(f"{srv.ws}/v1/realtime") as second:
             event = json.loads(await asyncio.wait_for(second.recv(), 30))
             assert event["type"] == "error", event
-            assert event["error"]["code"] == "session_limit_reached"
+            assert event["error"]["code"] == "server_busy"
             assert (
                 "busy" in event["error"]["message"] and "cache slots" in event["error"]["message"]
             )
