@@ -7,8 +7,8 @@ convention and parser (``realtime.engine.smollm``, ``realtime.engine.parser``) a
 measured. Modes:
 
 - ``auto``: the model may call a tool or answer;
-- ``required``: the answer is made to start with ``<tool_call>`` (``tool_choice: required``);
-  the model still picks the tool and writes the arguments;
+- ``required``: the answer is made to start with ``<tool_call>{"name": "``
+  (``tool_choice: required``); the model still picks the tool and writes the arguments;
 - ``named``: ``tool_choice`` names the expected tool (the answer starts with the call's name
   and its first argument's name): only the arguments are the model's (tool cases only).
 
