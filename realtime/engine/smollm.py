@@ -223,12 +223,13 @@ class SmolLMSession:
 
     def _call_prefix(self) -> str:
         """What the answer is made to start with when the choice requires a call: the call
-        marker; for a named tool also its name and its first argument's name (a model this
-        small otherwise tends to copy the schema instead of filling it in)."""
+        marker and the start of its name; for a named tool the whole name and its first
+        argument's name (a model this small otherwise tends to copy the schema instead of
+        filling it in)."""
         if not self.tools or self.tool_choice in (AUTO, NONE):
             return ""
-        if self.tool_choice == REQUIRED:
-            return "<tool_call>"
+        if self.tool_choice == REQUIRED:  # the model picks the tool (the marker alone: prose)
+            return '<tool_call>{"name": "'
         name = forced_name(self.tool_choice)
         prefix = f'<tool_call>{{"name": "{name}", "arguments": {{'
         spec = next((t for t in self.tools if t.name == name), None)

@@ -123,8 +123,8 @@ def parse_tool_calls(payload: str) -> list[ParsedCall]:
     """The calls in the text between one pair of call markers (usually one; a JSON list may
     hold several)."""
     text = payload.strip()
-    try:
-        value = json.loads(text)
+    try:  # the leading JSON value; what follows it (a call left unclosed) is not the call's
+        value, _ = json.JSONDecoder().raw_decode(text)
     except json.JSONDecodeError:
         value = None
     if isinstance(value, dict):
