@@ -320,7 +320,7 @@ class Session:
         """The client ran a tool the model called: its output goes to the engine with the next
         answer (``respond()``), in the model's tool-result role."""
         self.controller.add_tool_result(ToolResult(call_id, name, output))
-        self._out.put_nowait(ToolOutput(call_id, name, output))  # for the user to see
+        self._out.put(ToolOutput(call_id, name, output))  # for the user to see
 
     def add_message(self, role: str, text: str) -> None:
         if role == "user":
