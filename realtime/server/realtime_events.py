@@ -164,12 +164,13 @@ async def handle_event(
                 "a response is already in progress; cancel it or wait for response.done",
                 code="conversation_already_has_active_response",
             )
+        # a malformed body is refused at once, before any wait for a transcript
+        text_only = _response_text_only(event.get("response"), conn.settings.text_only)
         turn = conn.awaiting_transcript
         if turn is not None and not conn.pending_user_text:
             # the committed audio is still being transcribed: answer it once it is
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(turn.transcribed.wait(), TRANSCRIPT_WAIT_S)
-        text_only = _response_text_only(event.get("response"), conn.settings.text_only)
         conn.drop_output = False
         conn.response = rp_response = ResponseState(
             input_text=" ".join(conn.pending_user_text),
@@ -225,7 +226,7 @@ async def handle_event(
         await conn.send("conversation.item.done", item=full)
     elif kind == "conversation.item.truncate":
         item_id, end_ms = event.get("item_id"), event.get("audio_end_ms")
-        if conn.items.get(item_id) != "assistant":
+        if not isinstance(item_id, str) or conn.items.get(item_id) != "assistant":
             raise ClientError(f"no assistant item {item_id!r} to truncate", param="item_id")
         if isinstance(end_ms, bool) or not isinstance(end_ms, int) or end_ms < 0:
             raise ClientError("audio_end_ms must be a non-negative integer", param="audio_end_ms")
@@ -239,7 +240,7 @@ async def handle_event(
         )
     elif kind == "conversation.item.delete":
         item_id = event.get("item_id")
-        if item_id not in conn.items:
+        if not isinstance(item_id, str) or item_id not in conn.items:
             raise ClientError(f"no item {item_id!r} in the conversation", param="item_id")
         del conn.items[item_id]
         delete = getattr(s, "delete_item", None)
@@ -261,8 +262,10 @@ def parse_message(data: str, limit: int) -> dict[str, Any]:
         )
     try:
         event = json.loads(data)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or a number too long to convert
         raise ClientError(f"message is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise ClientError("message is nested too deeply", code="invalid_json") from None
     if not isinstance(event, dict):
         raise ClientError("an event must be a JSON object", code="invalid_event")
     return event
