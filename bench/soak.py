@@ -196,7 +196,7 @@ async def realtime_call(
                         spoke_at[0] = mic.say(other.at(24000), other.end_s)
                         stats.barge_ins += 1
                         stats.questions += 1
-                await _collect(done, stats, 2 if p.barge_in else 1, deadline)
+                await _collect(done, stats, deadline)
                 await asyncio.sleep(p.pause_s)
         finally:
             for t in tasks:
@@ -215,22 +215,25 @@ def _left(deadline: float) -> float:
     return max(0.05, min(ANSWER_TIMEOUT_S, deadline - time.monotonic()))
 
 
-async def _collect(done: asyncio.Queue[str], stats: Stats, n: int, deadline: float) -> None:
-    """Wait for ``n`` answers to end (an interrupted one ends as cancelled); one still going
-    when the soak ends is not counted."""
-    for _ in range(n):
+async def _collect(done: asyncio.Queue[str], stats: Stats, deadline: float) -> None:
+    """Wait for the answer to end (completed or failed). Answers cancelled on the way (the one
+    barged in on; a speculative one dropped when the question went on after a pause) are
+    counted, and the wait goes on; an answer still going when the soak ends is not counted."""
+    while True:
         try:
             status = await asyncio.wait_for(done.get(), _left(deadline))
         except TimeoutError:
             if time.monotonic() < deadline:
                 stats.no_answer += 1
             return
+        if status == "cancelled":
+            stats.cancelled += 1
+            continue
         if status == "completed":
             stats.completed += 1
-        elif status == "cancelled":
-            stats.cancelled += 1
         else:
             stats.failed += 1
+        return
 
 
 # ---- /twilio -------------------------------------------------------------------------------
@@ -303,7 +306,6 @@ async def twilio_call(
                     await asyncio.sleep(clip.end_s + rng.uniform(0.5, 4.0))
                     stats.disconnects += 1
                     return
-                n = 1
                 if p.barge_in:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(audio_started.wait(), _left(deadline))
@@ -312,8 +314,7 @@ async def twilio_call(
                         spoke_at[0] = mic.say(other.at(8000), other.end_s)
                         stats.barge_ins += 1
                         stats.questions += 1
-                        n = 2
-                await _collect(done, stats, n, deadline)
+                await _collect(done, stats, deadline)
                 await asyncio.sleep(p.pause_s)
             await ws.send_str(json.dumps({"event": "stop", "streamSid": sid}))
         finally:
@@ -393,7 +394,6 @@ async def webrtc_call(
                 await asyncio.sleep(clip.end_s + rng.uniform(0.5, 4.0))
                 stats.disconnects += 1
                 return
-            n = 1
             if p.barge_in:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(audio_started.wait(), _left(deadline))
@@ -401,8 +401,7 @@ async def webrtc_call(
                     say(rng.choice(clips))
                     stats.barge_ins += 1
                     stats.questions += 1
-                    n = 2
-            await _collect(done, stats, n, deadline)
+            await _collect(done, stats, deadline)
             await asyncio.sleep(p.pause_s)
     finally:
         for t in readers:
@@ -539,6 +538,14 @@ async def run_soak(
                 raise t.exception()  # a bug in the soak itself
         wall_s = time.monotonic() - t0
         after, settled_s = await settle(runtime, ctx, before, settle_s)
+        left_over = {  # what still runs, by name, to tell a leak from a slow close
+            "tasks": sorted(
+                str(t.get_coro().__qualname__)  # type: ignore[union-attr]
+                for t in asyncio.all_tasks()
+                if t is not asyncio.current_task()
+            ),
+            "threads": sorted(t.name for t in threading.enumerate()),
+        }
         rss.append((time.monotonic() - t0, rss_mb()))
     finally:
         await runner.cleanup()
@@ -557,6 +564,7 @@ async def run_soak(
         "held_before": before,
         "held_after": after,
         "settled_in_s": round(settled_s, 1),
+        "left_over": left_over,
         "leaks": leaks,
         "rss_mb": {
             "start": round(rss[0][1], 1),
@@ -668,6 +676,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             p_barge=args.barge_in,
             p_hang_up=args.hang_up,
             progress=True,
+            settle_s=args.settle,
         )
     finally:
         await runtime.close()
@@ -682,6 +691,9 @@ def main() -> None:
     p.add_argument("--barge-in", type=float, default=0.25, help="share of answers interrupted")
     p.add_argument("--hang-up", type=float, default=0.15, help="share of calls dropped mid-answer")
     p.add_argument("--rss-bound-mb", type=float, default=200.0)
+    p.add_argument(
+        "--settle", type=float, default=120.0, help="seconds to wait for the closes to finish"
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

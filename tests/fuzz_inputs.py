@@ -227,7 +227,13 @@ bad_turn_detection = st.one_of(
     st.fixed_dictionaries(
         {"type": json_values.filter(lambda t: t not in ("server_vad", "semantic_vad"))}
     ),
-    st.fixed_dictionaries({"threshold": bad_numbers.filter(lambda x: not 0 <= x <= 1)}),
+    st.fixed_dictionaries(
+        {
+            "threshold": bad_numbers.filter(
+                lambda x: isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= 1
+            )
+        }
+    ),
     st.fixed_dictionaries(
         {
             "silence_duration_ms": json_values.filter(

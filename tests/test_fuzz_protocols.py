@@ -302,7 +302,7 @@ def test_realtime_events(loop: asyncio.AbstractEventLoop, server: RunningServer)
     client = RealtimeClient(server)
     loop.run_until_complete(client.open())
 
-    @fuzz_settings(1100)
+    @fuzz_settings(1300)
     @given(realtime_cases(LIMIT))
     @example(FOUND_REALTIME)  # what the fuzz found once, always tried first
     def fuzz(case: list[Any]) -> None:
