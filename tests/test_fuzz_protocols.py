@@ -52,6 +52,7 @@ from realtime.server.codecs import ulaw_encode
 
 LIMIT = 32 * 1024
 SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
+TURN_TIMEOUT_S = 300.0  # a spoken turn, on a CPU that may be shared with other work
 REPLY_TIMEOUT_S = 60.0  # a hang; generous, as a loaded CI machine is slow
 OPEN_TIMEOUT_S = 60.0  # a real session primes the engine first (seconds on a busy CPU)
 COUNTS: collections.Counter[str] = collections.Counter()
@@ -279,23 +280,35 @@ class RealtimeClient:
             await self.send({"type": "input_audio_buffer.append", "audio": chunk})
         await self.send({"type": "input_audio_buffer.commit"})
         await self.send({"type": "response.create"})
-        transcript, answer, samples = "", "", 0
-        async with asyncio.timeout(180):
-            while True:
-                event = await self.next_event("the spoken turn", 180)
-                kind = event["type"]
-                if kind == "conversation.item.input_audio_transcription.completed":
-                    transcript = event["transcript"]
-                elif kind == "response.output_audio.delta":
-                    samples += len(base64.b64decode(event["delta"])) // 2
-                elif kind == "response.output_audio_transcript.done":
-                    answer = event["transcript"]
-                elif kind == "error":
-                    assert event["error"]["type"] == "server_error", event  # no client error now
-                    assert event["error"]["code"] != "server_error", event
-                elif kind == "response.done":
-                    assert event["response"]["status"] == "completed", event
-                    return transcript, answer, samples
+        self.transcript, self.answer, self.samples = "", "", 0
+        seen: list[str] = []
+        try:
+            async with asyncio.timeout(TURN_TIMEOUT_S):
+                while True:
+                    event = await self.next_event("the spoken turn", TURN_TIMEOUT_S)
+                    kind = event["type"]
+                    seen.append(kind)
+                    if self.turn_event(event):
+                        return self.transcript, self.answer, self.samples
+        except TimeoutError:
+            raise AssertionError(f"no answer in {TURN_TIMEOUT_S} s; events: {seen}") from None
+
+    def turn_event(self, event: dict[str, Any]) -> bool:
+        """One event of the spoken turn; True at its end."""
+        kind = event["type"]
+        if kind == "conversation.item.input_audio_transcription.completed":
+            self.transcript = event["transcript"]
+        elif kind == "response.output_audio.delta":
+            self.samples += len(base64.b64decode(event["delta"])) // 2
+        elif kind == "response.output_audio_transcript.done":
+            self.answer = event["transcript"]
+        elif kind == "error":
+            assert event["error"]["type"] == "server_error", event  # no client error now
+            assert event["error"]["code"] != "server_error", event
+        elif kind == "response.done":
+            assert event["response"]["status"] == "completed", event
+            return True
+        return False
 
 
 def test_realtime_events(loop: asyncio.AbstractEventLoop, server: RunningServer) -> None:
@@ -311,6 +324,7 @@ def test_realtime_events(loop: asyncio.AbstractEventLoop, server: RunningServer)
     try:
         fuzz()
         loop.run_until_complete(client.sync())
+        print(f"\n/v1/realtime: {client.inputs} fuzz inputs", flush=True)
         transcript, answer, samples = loop.run_until_complete(client.spoken_turn())
         # a message over the WebSocket's own cap (4x the limit) ends the connection: 1009
         loop.run_until_complete(client.step(Giant(4 * LIMIT + 1)))
@@ -388,7 +402,7 @@ def test_datachannel_commands(loop: asyncio.AbstractEventLoop, server: RunningSe
     async def typed_turn() -> dict[str, Any]:
         await webrtc._on_message(state, json.dumps({"type": "cancel"}))
         await webrtc._on_message(state, json.dumps({"type": "text", "text": QUESTION}))
-        async with asyncio.timeout(180):
+        async with asyncio.timeout(TURN_TIMEOUT_S):
             while True:
                 turns = [e for e in channel.sent if e["event"] == "turn"]
                 if turns:
@@ -453,7 +467,7 @@ def test_offers(loop: asyncio.AbstractEventLoop, server: RunningServer) -> None:
             assert r.status == 200, await r.text()
             await pc.setRemoteDescription(RTCSessionDescription(**await r.json()))
         mic.feed(speech(QUESTION, 48000))
-        await asyncio.wait_for(got_turn.wait(), 180)
+        await asyncio.wait_for(got_turn.wait(), TURN_TIMEOUT_S)
         channel.send("{not json")
         await asyncio.sleep(0.5)
         return events
@@ -602,7 +616,7 @@ class TwilioClient:
             await self.send({"event": "media", "streamSid": SID, "media": {"payload": payload}})
             await asyncio.sleep(0.005)
         loud = 0
-        async with asyncio.timeout(180):
+        async with asyncio.timeout(TURN_TIMEOUT_S):
             while True:
                 msg = await self.ws.receive()
                 assert msg.type == aiohttp.WSMsgType.TEXT, msg
