@@ -53,6 +53,7 @@ from realtime.server.codecs import ulaw_encode
 LIMIT = 32 * 1024
 SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
 TURN_TIMEOUT_S = 300.0  # a spoken turn, on a CPU that may be shared with other work
+CASE_TIMEOUT_S = 600.0  # one sequence; a hang is caught sooner, by REPLY_TIMEOUT_S per reply
 REPLY_TIMEOUT_S = 60.0  # a hang; generous, as a loaded CI machine is slow
 OPEN_TIMEOUT_S = 60.0  # a real session primes the engine first (seconds on a busy CPU)
 COUNTS: collections.Counter[str] = collections.Counter()
@@ -323,7 +324,7 @@ def test_realtime_events(loop: asyncio.AbstractEventLoop, server: RunningServer)
     @given(realtime_cases(LIMIT))
     @example(FOUND_REALTIME)  # what the fuzz found once, always tried first
     def fuzz(case: list[Any]) -> None:
-        loop.run_until_complete(asyncio.wait_for(client.run(case), 120))
+        loop.run_until_complete(asyncio.wait_for(client.run(case), CASE_TIMEOUT_S))
 
     # The spoken turn runs on a fresh connection beside the fuzzed one: on the fuzzed one, a
     # late transcript of an earlier commit of silence (Whisper's "you") can be taken for the
@@ -648,7 +649,7 @@ def test_twilio_frames(loop: asyncio.AbstractEventLoop, server: RunningServer) -
     @given(twilio_cases(LIMIT))
     @example(FOUND_TWILIO)
     def fuzz(case: list[Any]) -> None:
-        loop.run_until_complete(asyncio.wait_for(client.run(case), 120))
+        loop.run_until_complete(asyncio.wait_for(client.run(case), CASE_TIMEOUT_S))
 
     try:
         fuzz()
