@@ -52,3 +52,12 @@ lint: install
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache
+
+# Reliability (docs/reliability.md): hypothesis fuzzing of every protocol handler at 10x the
+# examples of `make test`, and the long soak (16 callers, 5 minutes, then a leak check).
+.PHONY: fuzz soak
+fuzz: install system-deps
+	FUZZ_SCALE=10 $(BIN)/python -m pytest -q -s tests/test_fuzz_protocols.py
+
+soak: install system-deps
+	$(BIN)/python bench/soak.py --callers 16 --duration 300

@@ -304,7 +304,11 @@ class ServerContext:
 
 
 async def cancel_task(task: asyncio.Task[Any] | None) -> None:
-    if task is None or task.done():
+    if task is None:
+        return
+    if task.done():
+        if not task.cancelled():
+            task.exception()  # retrieved: a pump that died with its socket is no news
         return
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -265,7 +265,7 @@ async def handle_event(
         await conn.send("conversation.item.done", item=full)
     elif kind == "conversation.item.truncate":
         item_id, end_ms = event.get("item_id"), event.get("audio_end_ms")
-        if conn.items.get(item_id) != "assistant":
+        if not isinstance(item_id, str) or conn.items.get(item_id) != "assistant":
             raise ClientError(f"no assistant item {item_id!r} to truncate", param="item_id")
         if isinstance(end_ms, bool) or not isinstance(end_ms, int) or end_ms < 0:
             raise ClientError("audio_end_ms must be a non-negative integer", param="audio_end_ms")
@@ -291,7 +291,7 @@ async def handle_event(
         await conn.send("conversation.item.retrieved", item=conn.item_json[item_id])
     elif kind == "conversation.item.delete":
         item_id = event.get("item_id")
-        if item_id not in conn.items:
+        if not isinstance(item_id, str) or item_id not in conn.items:
             raise ClientError(f"no item {item_id!r} in the conversation", param="item_id")
         if conn.response is not None and conn.response.item_id == item_id:
             raise ClientError(
@@ -367,8 +367,10 @@ def parse_message(data: str, limit: int) -> dict[str, Any]:
         )
     try:
         event = json.loads(data)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or a number too long to convert
         raise ClientError(f"message is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise ClientError("message is nested too deeply", code="invalid_json") from None
     if not isinstance(event, dict):
         raise ClientError("an event must be a JSON object", code="invalid_event")
     return event

@@ -293,6 +293,11 @@ def parse_session_update(session: Any, current: Settings, voices: set[str]) -> S
         raise ClientError("session.audio must be an object", param="session.audio")
     a_in = audio.get("input") or {}
     a_out = audio.get("output") or {}
+    for part, value in (("input", a_in), ("output", a_out)):
+        if not isinstance(value, dict):
+            raise ClientError(
+                f"session.audio.{part} must be an object", param=f"session.audio.{part}"
+            )
     # beta: flat keys; GA: under session.audio
     if "input_audio_format" in session:
         s = replace(

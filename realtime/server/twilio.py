@@ -192,8 +192,10 @@ def _parse(data: str, limit: int) -> dict[str, Any]:
         raise TwilioError("message_too_large", f"message of {len(data)} bytes exceeds {limit}")
     try:
         msg = json.loads(data)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or a number too long to convert
         raise TwilioError("invalid_json", f"message is not valid JSON: {exc}") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise TwilioError("invalid_json", "message is nested too deeply") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
         raise TwilioError("invalid_message", 'a message must be a JSON object with an "event"')
     return msg
@@ -209,6 +211,8 @@ async def _handle(call: TwilioCall, msg: dict[str, Any]) -> bool:
         if not isinstance(start, dict):
             raise TwilioError("invalid_message", 'a "start" message needs a "start" object')
         fmt = start.get("mediaFormat") or {}
+        if not isinstance(fmt, dict):
+            raise TwilioError("invalid_message", "start.mediaFormat must be an object")
         encoding, rate = fmt.get("encoding", "audio/x-mulaw"), fmt.get("sampleRate", RATE)
         if encoding != "audio/x-mulaw" or rate != RATE or fmt.get("channels", 1) != 1:
             raise TwilioError(
@@ -248,8 +252,9 @@ async def _handle(call: TwilioCall, msg: dict[str, Any]) -> bool:
         return True
     if event == "mark":
         mark = msg.get("mark")
-        if isinstance(mark, dict) and isinstance(mark.get("name"), str):
-            call.on_mark(mark["name"])
+        if not isinstance(mark, dict) or not isinstance(mark.get("name"), str):
+            raise TwilioError("invalid_message", 'a "mark" message needs mark.name')
+        call.on_mark(mark["name"])
         return True
     if event == "dtmf":
         dtmf = msg.get("dtmf")
@@ -323,6 +328,13 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
                     if err.fatal:
                         await ws.close(code=1003, message=err.message.encode()[:120])
                         return
+                except (ConnectionResetError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # a fault in one message must not end the call
+                    log.exception("twilio stream %s: a message failed", call.stream_sid)
+                    await call.send_error(
+                        TwilioError("internal_error", f"internal error: {type(exc).__name__}")
+                    )
             elif msg.type == WSMsgType.BINARY:
                 await call.send_error(
                     TwilioError("invalid_message", "binary messages not expected")

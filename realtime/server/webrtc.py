@@ -251,8 +251,9 @@ async def _on_message(state: PeerState, message: object) -> None:
                 f"unknown command {kind!r} "
                 "(expected 'cancel', 'text', 'tools', 'tool_result' or 'respond')"
             )
-    except (ValueError, json.JSONDecodeError) as exc:
-        state.send_event({"event": "error", "code": "bad_command", "message": str(exc)})
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply
+        message = str(exc) if isinstance(exc, ValueError) else "message is nested too deeply"
+        state.send_event({"event": "error", "code": "bad_command", "message": message})
 
 
 def _bad_request(message: str, status: int = 400) -> web.Response:
@@ -267,7 +268,7 @@ async def _parse_offer(request: web.Request, limit: int) -> RTCSessionDescriptio
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
     try:
         offer = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, too deep
         raise ValueError('the body must be JSON: {"sdp": "...", "type": "offer"}') from None
     if not isinstance(offer, dict) or not isinstance(offer.get("sdp"), str):
         raise ValueError('the body must be a JSON object {"sdp": "...", "type": "offer"}')
