@@ -16,7 +16,8 @@ Measured per turn, as the caller sees it:
   moment the microphone would have produced it) to the first ``response.output_audio.delta``
   of the turn's answer;
 - answer tokens/s: the engine's text tokens of a completed answer (``response.done`` usage)
-  over the answer's time from ``response.created`` to ``response.done``;
+  over the answer's time from ``response.created`` to ``response.done`` (the median over
+  answers): the rate the answer reached the caller, generation and synthesis together;
 - errors (``error`` events, failed responses, turns with no answer) and rejections (the server
   refused the caller: ``session_limit_reached`` / ``server_busy`` errors, HTTP 503).
 
@@ -135,8 +136,10 @@ class Caller:
         answer_timeout_s: float,
         deadline: float,
         headers: dict[str, str],
+        trace: bool = False,
     ) -> None:
         self.idx = idx
+        self.trace = trace
         self.url = url
         self.rng = random.Random(idx)
         self.clips = clips
@@ -264,6 +267,9 @@ class Caller:
             ev = json.loads(msg.data)
             kind = ev.get("type")
             turn = self._turn
+            if self.trace and not kind.endswith(".delta"):
+                rel = f"{now - turn.t_end:+7.2f}" if turn else "       "
+                print(f"caller {self.idx} {rel} s  {kind}", file=sys.stderr, flush=True)
             if kind == "response.created":
                 self._created[ev["response"]["id"]] = now
             elif kind in ("response.output_audio.delta", "response.audio.delta"):
@@ -317,6 +323,7 @@ async def run_level(args: argparse.Namespace, url: str, clips: list[Clip], n: in
             args.answer_timeout,
             deadline,
             headers,
+            args.trace,
         )
         for i in range(n)
     ]
@@ -429,6 +436,8 @@ async def main_async(args: argparse.Namespace) -> dict:
             print(f"N = {n}: {n} caller(s), {args.turns} turn(s) each ...", flush=True)
             load[str(n)] = r = await run_level(args, url, clips, n)
             print(table({str(n): r}).splitlines()[-1], flush=True)
+            for e in r["error_samples"]:
+                print(f"     error: {e}", flush=True)
             p95 = r["first_packet_s"]["p95"]
             if args.stop_above and (p95 is None or p95 > args.stop_above):
                 print(
@@ -490,6 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--api-key", default=os.environ.get("REALTIME_AGENT_API_KEY", ""))
     p.add_argument("--machine", default="", help="label for the JSON (default: this host)")
     p.add_argument("--server-log", default="", help="the started server's output goes here")
+    p.add_argument("--trace", action="store_true", help="print each caller's events (stderr)")
     p.add_argument("--out", default="", help="write the JSON here")
     p.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
