@@ -66,12 +66,15 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
 class FaultyServer:
     """A real HTTP server on loopback in front of the LLM server. ``mode``: "proxy" streams the
     LLM server's answer through; "503" answers Service Unavailable; "stall" accepts the request
-    and never answers; "reasoning" streams a canned answer with ``reasoning_content``."""
+    and never answers; "reasoning" streams a canned answer with ``reasoning_content``; "slow"
+    streams 100 words, one every 50 ms, and counts the clients that hang up before the end."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
-        self.mode = "proxy"
+        self.mode = "reasoning"  # the runtime's warm-up needs no upstream
         self.requests: list[dict] = []
+        self.auth: list[str | None] = []
+        self.disconnects = 0  # "slow" streams the client closed before their end
         self.loop = asyncio.new_event_loop()
         self.port = _free_port()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
@@ -88,14 +91,16 @@ class FaultyServer:
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
         self.client = aiohttp.ClientSession()
+        self.release = asyncio.Event()  # set at close: stalled requests end
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        self.auth.append(request.headers.get("Authorization"))
         if self.mode == "503":
             return web.Response(status=503, text="model overloaded, try later")
         if self.mode == "stall":
-            await asyncio.sleep(3600)
+            await self.release.wait()  # holds the connection open, answering nothing
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         if self.mode == "reasoning":
@@ -107,6 +112,15 @@ class FaultyServer:
                 await resp.write(f"data: {json.dumps(event)}\n\n".encode())
             await resp.write(b"data: [DONE]\n\n")
             return resp
+        if self.mode == "slow":
+            try:
+                for i in range(100):
+                    event = {"choices": [{"index": 0, "delta": {"content": f" word{i}"}}]}
+                    await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+                    await asyncio.sleep(0.05)
+            except ConnectionResetError:
+                self.disconnects += 1
+            return resp
         async with self.client.post(f"{self.upstream}/chat/completions", json=body) as up:
             async for chunk in up.content.iter_any():
                 await resp.write(chunk)
@@ -114,6 +128,7 @@ class FaultyServer:
 
     def close(self) -> None:
         async def stop() -> None:
+            self.release.set()
             await self.client.close()
             await self.runner.cleanup()
 
@@ -284,3 +299,70 @@ async def test_reasoning_content_is_thinking_and_content_is_the_answer(faulty):
     finally:
         server.mode = "proxy"
         await session.close()
+
+
+async def test_cancelling_an_answer_hangs_up_on_the_server(faulty):
+    rt, server = faulty
+    server.mode = "slow"
+    session = rt.new_session(pace_output=False)
+    session.update(speak=False)
+    await session.start()
+    seen: list[Frame] = []
+
+    async def read() -> None:
+        async for frame in session.frames():
+            seen.append(frame)
+
+    reader = asyncio.create_task(read())
+    try:
+        await session.respond("Say a hundred words.")
+        t0 = time.monotonic()
+        while not any(isinstance(f, AnswerText) and f.text for f in seen):
+            assert time.monotonic() - t0 < 10, "no answer started"
+            await asyncio.sleep(0.02)
+        await session.cancel()
+        t0 = time.monotonic()
+        while server.disconnects < 1:  # the server's next write finds the connection closed
+            assert time.monotonic() - t0 < 2, "the request was not closed"
+            await asyncio.sleep(0.02)
+        assert len(_answer(seen).split()) < 50
+    finally:
+        reader.cancel()
+        server.mode = "proxy"
+        await session.close()
+
+
+def test_config_mistakes_are_clear_errors(faulty, monkeypatch):
+    from realtime.config import ConfigError
+    from realtime.engine import build_engine
+    from realtime.engine.base import CancelToken, UserTurn
+    from realtime.engine.openai_compat import RemoteEngineError
+
+    _, server = faulty
+    with pytest.raises(ConfigError, match=r"engine\.remote\.extra_body: expected a mapping"):
+        load_config("openai-compatible", {"engine.remote.extra_body": "top_k=3"})
+    with pytest.raises(ConfigError, match=r"unknown config key engine\.remote\.url"):
+        load_config("openai-compatible", {"engine.remote.url": server.base_url})
+
+    def engine(**remote: object):
+        sets = {"engine.remote": {"base_url": server.base_url, **remote}}
+        return build_engine(load_config("openai-compatible", sets).engine)
+
+    with pytest.raises(RemoteEngineError, match="must start with http"):
+        engine(base_url="127.0.0.1:8000/v1")
+    monkeypatch.delenv("TEST_LLM_KEY", raising=False)
+    with pytest.raises(RemoteEngineError, match="TEST_LLM_KEY, which is not set"):
+        engine(api_key_env="TEST_LLM_KEY")
+    monkeypatch.setenv("TEST_LLM_KEY", "sk-test-123")
+    server.mode = "reasoning"
+    eng = engine(api_key_env="TEST_LLM_KEY", extra_body={"top_k": 7})
+    try:
+        s = eng.new_session("Be brief.", eng.cfg.sampling)
+        answer = [
+            e.text for e in s.respond(UserTurn("Hi"), CancelToken()) if e and e.kind == "answer"
+        ]
+        assert "".join(answer) == "Paris it is."
+        assert server.auth[-1] == "Bearer sk-test-123" and server.requests[-1]["top_k"] == 7
+    finally:
+        eng.close()
+        server.mode = "proxy"
