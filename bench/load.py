@@ -240,11 +240,11 @@ class Caller:
             cut_in = self.barge_in and k > 0 and self.result.turns[-1].first_packet_s is not None
             turn = await self._say(clip, cut_in)
             try:
-                await asyncio.wait_for(
-                    self._first_audio.wait(), clip.end_s + self.answer_timeout_s + 1
-                )
+                wait = turn.t_end + self.answer_timeout_s - time.monotonic()
+                await asyncio.wait_for(self._first_audio.wait(), max(0.0, wait))
             except asyncio.TimeoutError:
-                self.result.errors.append(f"no answer within {self.answer_timeout_s} s")
+                # counted as an error; a later first packet is still recorded as its latency
+                self.result.errors.append(f"no answer within {self.answer_timeout_s:g} s")
                 continue
             if self.barge_in and k + 1 < self.n_turns:
                 # cut in while the answer plays: the next question starts shortly after it began

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -39,10 +40,11 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     port = _free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(bundled_gguf())]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1"]
     cmd += ["--interrupt_requests", "False", "--model_alias", "smollm2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its log is read while it runs
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 180
@@ -65,7 +67,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
 
 class FaultyServer:
     """A real HTTP server on loopback in front of the LLM server. ``mode``: "proxy" streams the
-    LLM server's answer through; "503" answers Service Unavailable; "stall" accepts the request
+    LLM server's answer through (pinging while it waits); "503" answers Service Unavailable; "stall" accepts the request
     and never answers; "reasoning" streams a canned answer with ``reasoning_content``; "slow"
     streams 100 words, one every 50 ms, and counts the clients that hang up before the end."""
 
@@ -121,9 +123,29 @@ class FaultyServer:
             except ConnectionResetError:
                 self.disconnects += 1
             return resp
-        async with self.client.post(f"{self.upstream}/chat/completions", json=body) as up:
-            async for chunk in up.content.iter_any():
-                await resp.write(chunk)
+        # While the LLM server is silent (pre-fill, a slow token on a busy machine), SSE
+        # comments keep the stream alive, as real servers' pings do: the client's read timeout
+        # can stay short for the "stall" case.
+        lock, last = asyncio.Lock(), [time.monotonic()]
+
+        async def send(data: bytes) -> None:
+            async with lock:
+                await resp.write(data)
+                last[0] = time.monotonic()
+
+        async def ping() -> None:
+            while True:
+                await asyncio.sleep(0.25)
+                if time.monotonic() - last[0] > 0.5:
+                    await send(b": ping\n\n")
+
+        pinger = asyncio.create_task(ping())
+        try:
+            async with self.client.post(f"{self.upstream}/chat/completions", json=body) as up:
+                async for chunk in up.content.iter_any():
+                    await send(chunk)
+        finally:
+            pinger.cancel()
         return resp
 
     def close(self) -> None:
@@ -132,7 +154,7 @@ class FaultyServer:
             await self.client.close()
             await self.runner.cleanup()
 
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(90)
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
@@ -196,7 +218,8 @@ async def test_a_text_turn_is_answered_by_the_llm_server(direct):
         assert "paris" in _answer(frames).lower(), _answer(frames)
         assert not [f for f in frames if isinstance(f, ErrorFrame)]
         (metrics,) = [f for f in frames if isinstance(f, TurnMetrics)]
-        assert metrics.usage["output_tokens"] > 0 and metrics.usage["input_tokens"] > 0
+        # one streamed delta is one token (llama-cpp-python sends no usage when streaming)
+        assert metrics.usage["output_tokens"] > 0
         # the history goes with the next request: the model sees the earlier turn
         await session.respond("Repeat the name of that city.")
         frames = await _turns(session, 1)
@@ -273,6 +296,7 @@ async def test_503_and_a_stalled_server_are_error_events_and_the_session_goes_on
         server.mode = "proxy"  # the server is back: the same session is answered
         await session.respond("What is the capital of France?")
         frames = await _turns(session, 1)
+        assert not [f.message for f in frames if isinstance(f, ErrorFrame)]
         assert "paris" in _answer(frames).lower() and not [
             f for f in frames if isinstance(f, ErrorFrame)
         ]
