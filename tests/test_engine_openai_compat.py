@@ -297,6 +297,8 @@ async def test_503_and_a_stalled_server_are_error_events_and_the_session_goes_on
         await session.respond("What is the capital of France?")
         frames = await _turns(session, 1)
         assert not [f.message for f in frames if isinstance(f, ErrorFrame)]
+        # the failed turns are not in the history sent: nothing was answered in them
+        assert [m["role"] for m in server.requests[-1]["messages"]] == ["system", "user"]
         assert "paris" in _answer(frames).lower() and not [
             f for f in frames if isinstance(f, ErrorFrame)
         ]

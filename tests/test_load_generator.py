@@ -48,4 +48,3 @@ async def test_first_packets_are_timed_from_the_end_of_speech_and_rejections_cou
     # just after that, counted from the true end of speech.
     fp = result["first_packet_s"]
     assert 0.38 < fp["p50"] <= fp["p95"] <= fp["p99"] < 1.5, fp
-    print(fp)

@@ -344,6 +344,8 @@ class OpenAICompatSession:
 
     def commit(self, turn: UserTurn, spoken_answer: str, interrupted: bool) -> None:
         answer = spoken_answer.strip()
+        if not answer and not interrupted:
+            return  # the answer failed: nothing was said, and the user will ask again
         if interrupted:
             answer = (answer + " ...").strip()
         h = self._history
