@@ -173,7 +173,11 @@ class Caller:
             self.result.errors.append(f"connect: {exc}")
             return self.result
         async with ws:
-            first = await ws.receive(timeout=30)
+            try:
+                first = await ws.receive(timeout=30)
+            except asyncio.TimeoutError:
+                self.result.errors.append("no session.created within 30 s")
+                return self.result
             event = json.loads(first.data) if first.type == aiohttp.WSMsgType.TEXT else {}
             if event.get("type") != "session.created":
                 code = (event.get("error") or {}).get("code")
