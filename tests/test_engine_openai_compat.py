@@ -69,7 +69,8 @@ class FaultyServer:
     """A real HTTP server on loopback in front of the LLM server. ``mode``: "proxy" streams the
     LLM server's answer through (pinging while it waits); "503" answers Service Unavailable; "stall" accepts the request
     and never answers; "reasoning" streams a canned answer with ``reasoning_content``; "slow"
-    streams 100 words, one every 50 ms, and counts the clients that hang up before the end."""
+    streams 100 words, one every 50 ms, and counts the clients that hang up before the end;
+    "json" answers without streaming."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
@@ -103,6 +104,12 @@ class FaultyServer:
             return web.Response(status=503, text="model overloaded, try later")
         if self.mode == "stall":
             await self.release.wait()  # holds the connection open, answering nothing
+        if self.mode == "json":  # a server that ignores stream: true
+            message = {"role": "assistant", "content": "Paris, of course."}
+            usage = {"prompt_tokens": 31, "completion_tokens": 4, "total_tokens": 35}
+            return web.json_response(
+                {"choices": [{"index": 0, "message": message}], "usage": usage}
+            )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         if self.mode == "reasoning":
@@ -389,6 +396,10 @@ def test_config_mistakes_are_clear_errors(faulty, monkeypatch):
         ]
         assert "".join(answer) == "Paris it is."
         assert server.auth[-1] == "Bearer sk-test-123" and server.requests[-1]["top_k"] == 7
+        server.mode = "json"  # a whole answer where a stream was asked for is still an answer
+        answer = [e.text for e in s.respond(UserTurn("Hi"), CancelToken()) if e]
+        assert "".join(answer) == "Paris, of course."
+        assert (s.stats.prefill_tokens, s.stats.generated_tokens) == (31, 4)
     finally:
         eng.close()
         server.mode = "proxy"

@@ -184,6 +184,10 @@ class OpenAICompatEngine:
                 if resp.status != 200:
                     text = await resp.text(errors="replace")
                     raise RemoteEngineError(_status_message(self.url, resp.status, text))
+                if resp.content_type == "application/json":  # the server did not stream
+                    for piece in _whole_answer(await resp.json(), self.url):
+                        put(piece)
+                    return
                 try:
                     async for raw in resp.content:
                         for piece in _pieces(raw, self.url):
@@ -199,6 +203,9 @@ class OpenAICompatEngine:
         except RemoteEngineError as exc:
             put(_Piece("error", error=exc))
         except (aiohttp.ClientError, OSError) as exc:  # timeouts are OSErrors too
+            put(_Piece("error", error=RemoteEngineError(self._failure(exc))))
+        except Exception as exc:  # e.g. a malformed JSON body: still this turn's error
+            log.debug("LLM request failed", exc_info=exc)
             put(_Piece("error", error=RemoteEngineError(self._failure(exc))))
         finally:
             put(_Piece("done"))  # whatever happened, the reader stops waiting
@@ -242,6 +249,23 @@ def _pieces(raw: bytes, url: str) -> Iterator[_Piece]:
         if delta.get("content"):
             yield _Piece("content", delta["content"])
     if event.get("usage"):
+        yield _Piece("usage", usage=event["usage"])
+
+
+def _whole_answer(event: Any, url: str) -> Iterator[_Piece]:
+    """The pieces of a non-streamed answer (a server that ignores ``stream: true``)."""
+    try:
+        message = event["choices"][0]["message"]
+    except (KeyError, IndexError, TypeError):
+        raise RemoteEngineError(
+            f"the LLM server at {url} sent no answer: {str(event)[:200]}"
+        ) from None
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if reasoning:
+        yield _Piece("reasoning", reasoning)
+    if message.get("content"):
+        yield _Piece("content", message["content"])
+    if isinstance(event.get("usage"), dict):
         yield _Piece("usage", usage=event["usage"])
 
 
