@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 OUT    ?= out
 
-.PHONY: install demo test bench serve lint clean system-deps
+.PHONY: install demo test bench bench-load serve lint clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ bench: install system-deps
 	$(BIN)/python bench/tts_bench.py
 	$(BIN)/python bench/listener_bench.py
 	$(BIN)/python bench/concurrent_bench.py
+
+# N simulated callers on /v1/realtime of a server started here (configs/embedded.yaml):
+# first packet p50/p95/p99, answer tokens/s, errors, rejections. LOAD_ARGS: see bench/load.py
+LOAD_ARGS ?= --n 1,4,16,32 --out bench/results/load.json
+bench-load: install system-deps
+	$(BIN)/python bench/load.py $(LOAD_ARGS)
 
 serve: install
 	$(BIN)/python run_agent.py --serve

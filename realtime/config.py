@@ -96,8 +96,26 @@ class SamplingConfig:
 
 
 @dataclass
+class RemoteLLMConfig:
+    """``engine.backend: openai-compatible``: the reply comes from an OpenAI-compatible server
+    (vLLM, SGLang, llama.cpp's server, Ollama, a hosted API) through ``POST
+    {base_url}/chat/completions`` with ``stream: true``. ``engine.model`` names the served
+    model (empty: the first one the server lists at ``GET {base_url}/models``)."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key: str = ""  # sent as "Authorization: Bearer ..."; prefer api_key_env
+    api_key_env: str = ""  # the environment variable that holds the key (e.g. OPENAI_API_KEY)
+    connect_timeout_s: float = 5.0  # to open the connection
+    read_timeout_s: float = 30.0  # the longest wait for the next piece of the answer
+    max_connections: int = 256  # kept-alive connections to the server, all sessions together
+    # Added to every request body as they are (e.g. {"top_k": 20} or
+    # {"chat_template_kwargs": {"enable_thinking": false}} for vLLM).
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class EngineConfig:
-    backend: Literal["smollm2", "step-audio", "step-audio-random"] = "smollm2"
+    backend: Literal["smollm2", "step-audio", "step-audio-random", "openai-compatible"] = "smollm2"
     model: str = ""  # path or hub id; empty = the backend's bundled default
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"  # auto, float32, bfloat16, float16
@@ -123,6 +141,8 @@ class EngineConfig:
     # Benchmarks with random weights only: the speaking lane is fed these words' token ids as
     # its next inputs instead of what it samples (same step cost, real words for the TTS).
     forced_answer: str = ""
+    # openai-compatible only
+    remote: RemoteLLMConfig = field(default_factory=RemoteLLMConfig)
 
 
 @dataclass
@@ -217,6 +237,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

@@ -16,4 +16,8 @@ def build_engine(cfg: EngineConfig) -> Engine:
         from realtime.engine.step_audio import build_step_audio_engine
 
         return build_step_audio_engine(cfg)
+    if cfg.backend == "openai-compatible":
+        from realtime.engine.openai_compat import OpenAICompatEngine
+
+        return OpenAICompatEngine(cfg)
     raise ValueError(f"unknown engine.backend {cfg.backend!r}")

@@ -1,0 +1,393 @@
+"""``engine.backend: openai-compatible``: the reply comes from any OpenAI-compatible LLM server
+(vLLM, SGLang, llama.cpp's server, Ollama, a hosted API) instead of a model in this process.
+
+Each answer is one ``POST {base_url}/chat/completions`` with ``stream: true``; the server-sent
+events come back as the engine's thinking and answer tokens. Reasoning is taken from the
+``reasoning_content`` delta field where the server sends it (vLLM and SGLang with a reasoning
+parser), else from ``<think>...</think>`` in the content.
+
+Threads: the HTTP requests run on one event loop of the engine's own (a background thread with
+one aiohttp client session and its pool of kept-alive connections), never on the caller's loop
+and never blocking the engine's worker thread. ``respond`` (on the worker thread) reads what the
+request received and yields ``None`` while nothing has come, so that the worker can advance other
+sessions' answers meanwhile. Cancelling an answer (barge-in, ``response.cancel``, a discarded
+speculative answer) cancels its request, which closes the connection: the server sees the
+client go away and stops generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from realtime.config import EngineConfig, RemoteLLMConfig, SamplingConfig
+from realtime.engine.base import CancelToken, TokenEvent, TurnStats, UserTurn
+from realtime.engine.parser import ReasoningParser
+
+log = logging.getLogger(__name__)
+
+WAIT_S = 0.02  # the longest a waiting answer holds the worker before giving way
+MAX_ERROR_BODY = 300  # characters of an error answer quoted in the error message
+
+
+class RemoteEngineError(RuntimeError):
+    """The LLM server failed a request: unreachable, too slow, an HTTP error or a bad stream.
+    The message says which server and what happened."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    kind: str  # "reasoning" | "content" | "usage" | "done" | "error"
+    text: str = ""
+    usage: dict[str, Any] | None = None
+    error: BaseException | None = None
+
+
+class _HttpLoop:
+    """An event loop on its own thread holding one aiohttp session for every request."""
+
+    def __init__(self, cfg: RemoteLLMConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="llm-http", daemon=True)
+        self._thread.start()
+        self.client: aiohttp.ClientSession = self.run(self._open(cfg), timeout=10)
+
+    async def _open(self, cfg: RemoteLLMConfig) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=max(1, cfg.max_connections))
+        return aiohttp.ClientSession(connector=connector)
+
+    def submit(self, coro: Any) -> Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Any, timeout: float) -> Any:
+        return self.submit(coro).result(timeout)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            self.run(self.client.close(), timeout=5)
+        except Exception as exc:  # noqa: BLE001 - closing anyway
+            log.warning("closing the LLM client failed: %s", exc)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class OpenAICompatEngine:
+    name = "openai-compatible"
+    input_kind = "text"
+    interleaved_responses = True  # every answer is its own request
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        remote = cfg.remote
+        if not remote.base_url.startswith(("http://", "https://")):
+            raise RemoteEngineError(
+                f"engine.remote.base_url must start with http:// or https://, got {remote.base_url!r}"
+            )
+        self.base_url = remote.base_url.rstrip("/")
+        self.url = f"{self.base_url}/chat/completions"
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=remote.connect_timeout_s, sock_read=remote.read_timeout_s
+        )
+        self.headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        key = remote.api_key or (
+            os.environ.get(remote.api_key_env, "") if remote.api_key_env else ""
+        )
+        if remote.api_key_env and not key:
+            raise RemoteEngineError(
+                f"engine.remote.api_key_env names {remote.api_key_env}, which is not set"
+            )
+        if key:
+            self.headers["Authorization"] = f"Bearer {key}"
+        # Set by any request that received something: a waiting answer wakes at once.
+        self.arrived = threading.Event()
+        self.http = _HttpLoop(remote)
+        try:
+            self.model = cfg.model or self.http.run(
+                self._first_model(), timeout=remote.connect_timeout_s + remote.read_timeout_s + 1
+            )
+        except BaseException:
+            self.http.close()
+            raise
+        log.info("reply engine: %s at %s", self.model, self.base_url)
+
+    async def _first_model(self) -> str:
+        """The model the server serves (engine.model left empty)."""
+        url = f"{self.base_url}/models"
+        try:
+            async with self.http.client.get(url, headers=self.headers, timeout=self.timeout) as r:
+                if r.status != 200:
+                    raise RemoteEngineError(_status_message(url, r.status, await r.text()))
+                models = (await r.json(content_type=None)).get("data") or []
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise RemoteEngineError(
+                f"cannot list the models of the LLM server at {url} ({_describe(exc)}); "
+                "is it running? (or set engine.model)"
+            ) from exc
+        if not models or "id" not in models[0]:
+            raise RemoteEngineError(f"the LLM server at {url} lists no model; set engine.model")
+        return str(models[0]["id"])
+
+    def new_session(self, system_prompt: str, sampling: SamplingConfig) -> OpenAICompatSession:
+        return OpenAICompatSession(self, system_prompt, sampling)
+
+    def warmup(self) -> None:
+        """One tiny answer: the server is reachable and serves the model before any caller."""
+        s = self.new_session("You are a helpful assistant.", SamplingConfig(max_new_tokens=2))
+        for _ in s.respond(UserTurn(text="Hello."), CancelToken()):
+            pass
+        s.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    # -- one request, on the HTTP loop ------------------------------------------------
+    def _failure(self, exc: BaseException) -> str:
+        r = self.cfg.remote
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return f"the LLM server at {self.url} did not accept a connection within {r.connect_timeout_s:g} s"
+        if isinstance(exc, TimeoutError):
+            return (
+                f"the LLM server at {self.url} sent nothing for {r.read_timeout_s:g} s (timed out)"
+            )
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return f"cannot reach the LLM server at {self.url}: {exc.os_error or exc}"
+        return f"the LLM server at {self.url} failed: {_describe(exc)}"
+
+    async def stream(self, body: dict[str, Any], out: queue.SimpleQueue[_Piece]) -> None:
+        """POST ``body`` and put each piece of the answer on ``out``; ends with "done" or
+        "error". Cancelling this task closes the connection."""
+
+        def put(piece: _Piece) -> None:
+            out.put(piece)
+            self.arrived.set()
+
+        try:
+            async with self.http.client.post(
+                self.url, json=body, headers=self.headers, timeout=self.timeout
+            ) as resp:
+                if resp.status != 200:
+                    text = await resp.text(errors="replace")
+                    raise RemoteEngineError(_status_message(self.url, resp.status, text))
+                if resp.content_type == "application/json":  # the server did not stream
+                    for piece in _whole_answer(await resp.json(), self.url):
+                        put(piece)
+                    return
+                try:
+                    async for raw in resp.content:
+                        for piece in _pieces(raw, self.url):
+                            put(piece)
+                            if piece.kind == "done":
+                                return
+                except asyncio.CancelledError:
+                    resp.close()  # drop the connection: the server stops generating
+                    raise
+            put(_Piece("done"))  # the stream ended without [DONE]: what came is the answer
+        except asyncio.CancelledError:
+            raise
+        except RemoteEngineError as exc:
+            put(_Piece("error", error=exc))
+        except (aiohttp.ClientError, OSError) as exc:  # timeouts are OSErrors too
+            put(_Piece("error", error=RemoteEngineError(self._failure(exc))))
+        except Exception as exc:  # e.g. a malformed JSON body: still this turn's error
+            log.debug("LLM request failed", exc_info=exc)
+            put(_Piece("error", error=RemoteEngineError(self._failure(exc))))
+        finally:
+            put(_Piece("done"))  # whatever happened, the reader stops waiting
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _status_message(url: str, status: int, body: str) -> str:
+    body = " ".join(body.split())[:MAX_ERROR_BODY]
+    return f"the LLM server at {url} answered HTTP {status}" + (f": {body}" if body else "")
+
+
+def _pieces(raw: bytes, url: str) -> Iterator[_Piece]:
+    """The pieces in one line of a server-sent event stream."""
+    line = raw.decode("utf-8", errors="replace").strip()
+    if not line.startswith("data:"):
+        return  # blank separators, comments (": ping"), "event:" lines
+    data = line[5:].strip()
+    if data == "[DONE]":
+        yield _Piece("done")
+        return
+    try:
+        event = json.loads(data)
+    except ValueError:
+        event = None
+    if not isinstance(event, dict):
+        raise RemoteEngineError(f"the LLM server at {url} sent a malformed event: {data[:200]!r}")
+    if event.get("error"):
+        err = event["error"]
+        msg = err.get("message", err) if isinstance(err, dict) else err
+        raise RemoteEngineError(f"the LLM server at {url} failed mid-answer: {msg}")
+    for choice in event.get("choices") or ():
+        delta = choice.get("delta") or {}
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if reasoning:
+            yield _Piece("reasoning", reasoning)
+        if delta.get("content"):
+            yield _Piece("content", delta["content"])
+    if event.get("usage"):
+        yield _Piece("usage", usage=event["usage"])
+
+
+def _whole_answer(event: Any, url: str) -> Iterator[_Piece]:
+    """The pieces of a non-streamed answer (a server that ignores ``stream: true``)."""
+    try:
+        message = event["choices"][0]["message"]
+    except (KeyError, IndexError, TypeError):
+        raise RemoteEngineError(
+            f"the LLM server at {url} sent no answer: {str(event)[:200]}"
+        ) from None
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if reasoning:
+        yield _Piece("reasoning", reasoning)
+    if message.get("content"):
+        yield _Piece("content", message["content"])
+    if isinstance(event.get("usage"), dict):
+        yield _Piece("usage", usage=event["usage"])
+
+
+@dataclass
+class _History:
+    messages: list[dict[str, str]] = field(default_factory=list)
+    first: int = 0  # the oldest message still sent
+
+
+class OpenAICompatSession:
+    def __init__(
+        self, engine: OpenAICompatEngine, system_prompt: str, sampling: SamplingConfig
+    ) -> None:
+        self.engine = engine
+        self.system_prompt = system_prompt
+        self.sampling = sampling
+        self.stats = TurnStats()
+        self._history = _History()
+        self._request: Future[Any] | None = None  # the answer's request, while it runs
+
+    def messages(self, user_text: str) -> list[dict[str, str]]:
+        h = self._history
+        return [
+            {"role": "system", "content": self.system_prompt},
+            *h.messages[h.first :],
+            {"role": "user", "content": user_text},
+        ]
+
+    def request_body(self, user_text: str) -> dict[str, Any]:
+        """The body of one answer's request (a subclass or a later option may add ``tools``)."""
+        s = self.sampling
+        body: dict[str, Any] = {
+            "model": self.engine.model,
+            "messages": self.messages(user_text),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": s.max_new_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "seed": s.seed,
+        }
+        if s.top_k > 0:
+            body["top_k"] = s.top_k  # not in OpenAI's API: sent only when asked for
+        body.update(self.engine.cfg.remote.extra_body)
+        return body
+
+    def listen(self, pcm16k: np.ndarray) -> None:
+        """Text engine: the transcript comes from the listener, audio is not used."""
+
+    def respond(self, turn: UserTurn, cancel: CancelToken) -> Iterator[TokenEvent | None]:
+        self.stats = stats = TurnStats()
+        engine = self.engine
+        pieces: queue.SimpleQueue[_Piece] = queue.SimpleQueue()
+        self._request = request = engine.http.submit(
+            engine.stream(self.request_body(turn.text), pieces)
+        )
+        parser = ReasoningParser(in_thinking=False)
+        usage: dict[str, Any] | None = None
+        try:
+            while not cancel.cancelled:
+                try:
+                    piece = pieces.get_nowait()
+                except queue.Empty:
+                    engine.arrived.wait(WAIT_S)
+                    engine.arrived.clear()  # a piece for another answer is found by its reader
+                    yield None
+                    continue
+                if piece.kind == "error":
+                    assert piece.error is not None
+                    raise piece.error
+                if piece.kind == "done":
+                    break
+                if piece.kind == "usage":
+                    usage = piece.usage
+                    continue
+                now = time.monotonic()
+                if stats.wall_first_token is None:
+                    stats.wall_first_token = stats.wall_prefill_done = now
+                stats.generated_tokens += 1  # one delta is one token on the servers we know
+                if piece.kind == "reasoning":
+                    stats.thinking_tokens += 1
+                    yield TokenEvent("thinking", piece.text)
+                    continue
+                for ev in parser.feed(piece.text):
+                    if ev.kind == "answer" and stats.wall_first_answer_token is None:
+                        stats.wall_first_answer_token = now
+                    if ev.kind == "thinking":
+                        stats.thinking_tokens += 1
+                    yield ev
+                if parser.done:
+                    break
+            if not cancel.cancelled:
+                yield from parser.close()
+        finally:
+            request.cancel()  # cancelled, failed or finished early: the connection closes
+            self._request = None
+        if usage:
+            stats.prefill_tokens = int(usage.get("prompt_tokens") or 0)
+            stats.generated_tokens = int(usage.get("completion_tokens") or stats.generated_tokens)
+
+    def commit(self, turn: UserTurn, spoken_answer: str, interrupted: bool) -> None:
+        answer = spoken_answer.strip()
+        if not answer and not interrupted:
+            return  # the answer failed: nothing was said, and the user will ask again
+        if interrupted:
+            answer = (answer + " ...").strip()
+        h = self._history
+        h.messages += [
+            {"role": "user", "content": turn.text},
+            {"role": "assistant", "content": answer},
+        ]
+        keep = max(1, self.engine.cfg.history_turns)
+        if len(h.messages) - h.first > 2 * keep:
+            h.first = len(h.messages) - 2 * keep  # servers with prefix caching keep the rest
+
+    def discard(self) -> None:
+        """Nothing to undo: a speculative answer's request ends when it is cancelled."""
+
+    def set_instructions(self, system_prompt: str) -> None:
+        self.system_prompt = system_prompt
+
+    def close(self) -> None:
+        if self._request is not None:
+            self._request.cancel()
+        self._history = _History()
