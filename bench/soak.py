@@ -463,7 +463,7 @@ def _count(runtime: Any, ctx: Any, session_type: type, pc_type: type) -> dict[st
             for o in objects
         ),
         "peer_connections": sum(isinstance(o, pc_type) for o in objects),
-        "closers": len(ctx.closers),
+        "live_sessions": len(ctx.live),
     }
 
 
@@ -474,7 +474,7 @@ async def settle(
     and how long it took. The sessions' closes queue behind the engine's work in flight."""
     t0 = time.monotonic()
     while True:
-        quick = ctx.active or runtime.sessions or ctx.closers
+        quick = ctx.active or runtime.sessions or ctx.live
         if not quick or time.monotonic() - t0 > timeout_s:
             now = holdings(runtime, ctx)
             if all(now[k] <= before[k] for k in before) or time.monotonic() - t0 > timeout_s:
