@@ -20,7 +20,9 @@ def _decode(cache: KVCache, prompts: list[torch.Tensor], steps: int) -> list[lis
     runner = DecodeRunner(model, cache, OPTS)
     for p in prompts:
         slot = cache.allocate(1)[0]
-        runner.add_lane(slot, len(p), LaneSampling(), logits=runner.prefill(model.embed(p), slot, 0))
+        runner.add_lane(
+            slot, len(p), LaneSampling(), logits=runner.prefill(model.embed(p), slot, 0)
+        )
     got: list[list[int]] = [[] for _ in prompts]
     for _ in range(steps):
         for k, tok in enumerate(runner.step()):

@@ -10,20 +10,28 @@ and each step reads the weights once for all of them: when decoding is bound by 
 weights, two callers cost about what one does.
 
 Lanes are addressed by identity, never by row: the runner moves rows when a lane leaves.
+
+With a paged KV cache each step may need a new page for a lane. Before the step, every lane's
+page is taken; a lane that gets none (the pool is full) leaves the runner and its session gets
+:class:`~realtime.engine.base.EngineBusy` at its next ``take``, while the other lanes step on.
 """
 
 from __future__ import annotations
 
 import torch
 
+from realtime.engine.base import EngineBusy
 from realtime.models.decode import DecodeRunner, Lane, LaneSampling
+from realtime.models.kv_pages import KVPoolFull
 
 
 class SharedSteps:
     def __init__(self, runner: DecodeRunner) -> None:
         self.runner = runner
         self._pending: dict[int, int] = {}  # id(lane) -> the token it was fed at the last step
+        self._starved: dict[int, str] = {}  # id(lane) -> why it was taken off (no KV page)
         self.steps = 0  # runner steps taken (for tests and benchmarks)
+        self.pool_full = 0  # lanes taken off for want of a KV page
 
     def _row(self, lane: Lane) -> int:
         for k, other in enumerate(self.runner.lanes):
@@ -46,6 +54,7 @@ class SharedSteps:
     def remove(self, lane: Lane) -> None:
         """Take ``lane`` off the runner (a no-op if it is gone already)."""
         self._pending.pop(id(lane), None)
+        self._starved.pop(id(lane), None)
         try:
             k = self._row(lane)
         except KeyError:
@@ -62,15 +71,35 @@ class SharedSteps:
 
     def take(self, lanes: list[Lane]) -> list[int] | None:
         """The tokens ``lanes`` were fed at their next step, in order; ``None`` while other
-        sessions have yet to take theirs from the last step (try again after they ran)."""
+        sessions have yet to take theirs from the last step (try again after they ran).
+        :class:`EngineBusy` if one of ``lanes`` was taken off for want of a KV page."""
+        starved = [self._starved.pop(id(lane)) for lane in lanes if id(lane) in self._starved]
+        if starved:
+            raise EngineBusy(f"the engine's KV memory is full: {starved[0]}")
         if lanes and all(id(lane) in self._pending for lane in lanes):
             return [self._pending.pop(id(lane)) for lane in lanes]
         if self._pending:
             return None
         for lane in lanes:
             self._row(lane)  # every lane asked for is on the runner
+        self._grow(lanes)
         fed = self.runner.step()
         self.steps += 1
         for lane, tok in zip(self.runner.lanes, fed, strict=True):
             self._pending[id(lane)] = tok
         return [self._pending.pop(id(lane)) for lane in lanes]
+
+    def _grow(self, asking: list[Lane]) -> None:
+        """The page each lane writes at the next step; a lane that gets none leaves the runner
+        (its session hears of it at its next ``take``; the asking session at once)."""
+        cache = self.runner.cache
+        for lane in list(self.runner.lanes):
+            try:
+                cache.ensure(lane.slot, lane.position + 1)
+            except KVPoolFull as exc:
+                self.runner.remove_lane(self._row(lane))
+                self._starved[id(lane)] = str(exc)
+                self.pool_full += 1
+        mine = [self._starved.pop(id(lane)) for lane in asking if id(lane) in self._starved]
+        if mine:
+            raise EngineBusy(f"the engine's KV memory is full: {mine[0]}")

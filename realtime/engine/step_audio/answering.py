@@ -27,10 +27,11 @@ from typing import Literal
 import torch
 
 from realtime.config import SamplingConfig
-from realtime.engine.base import CancelToken, TokenEvent, TurnStats
+from realtime.engine.base import CancelToken, EngineBusy, TokenEvent, TurnStats
 from realtime.engine.parser import ReasoningParser
 from realtime.engine.step_audio.core import THINK_CLOSE_TEXT, StepAudioCore
 from realtime.models.decode import Lane, LaneSampling
+from realtime.models.kv_pages import KVPoolFull
 from realtime.models.step_audio.tokens import TextStream
 from realtime.text import ends_sentence
 
@@ -121,9 +122,16 @@ class Answer:
             log.info("no free cache slot for the speaking fork: this answer thinks first")
             return None
         slot = e.cache.allocate(1)[0]
+        try:
+            e.cache.copy_prefix(self.slot, slot, gen_end)
+            logits = e.prefill(e.embed_ids(e.think_close_ids), slot, gen_end)
+        except (KVPoolFull, EngineBusy):
+            e.cache.free([slot])  # and the pages the copy took
+            e.counters["think_first_fallbacks"] += 1
+            log.info("no KV pages for the speaking fork: this answer thinks first")
+            return None
         self._extra_slots.append(slot)
-        e.cache.copy_prefix(self.slot, slot, gen_end)
-        return slot, e.prefill(e.embed_ids(e.think_close_ids), slot, gen_end)
+        return slot, logits
 
     def _drop(self, state: LaneState) -> None:
         self.engine.steps.remove(state.lane)

@@ -50,13 +50,19 @@ class StepAudioSession:
         self.engine = engine
         self.sampling = sampling
         self.stats = TurnStats()
-        if engine.cache.free_slots == 0:
+        cache = engine.cache
+        if cache.free_slots == 0 or cache.free_pages == 0:
             engine.counters["sessions_refused"] += 1
-            raise EngineBusy(
-                f"all {engine.cache.max_batch} cache slots of the engine are taken; "
-                "try again when a conversation ends (engine.max_batch sets how many fit)"
+            what = (
+                f"all {cache.max_batch} cache sequences of the engine are taken"
+                if cache.free_slots == 0
+                else f"all {cache.num_pages} KV pages of the engine are in use"
             )
-        self.slot = engine.cache.allocate(1)[0]
+            raise EngineBusy(
+                f"{what}; try again when a conversation ends (engine.max_batch and "
+                "engine.kv_pages set how many fit)"
+            )
+        self.slot = cache.allocate(1)[0]
         self.conv = Conversation(system_prompt, max_turns=engine.cfg.history_turns)
         self._turn_embeds: list[list[torch.Tensor]] = []  # per earlier turn, per piece
         self._hist_len = 0
@@ -69,7 +75,13 @@ class StepAudioSession:
         self._calls: list[str] = []  # the tool-call payloads of the last answer
         self.on_token: Callable[[Role, int, float], None] | None = None  # bench/debug hook
         self.handovers = 0  # reasoning blocks handed to the speaking lane (all turns)
-        self._rebuild_history()
+        try:
+            self._rebuild_history()
+        except EngineBusy:
+            engine.counters["sessions_refused"] += 1
+            cache.free([self.slot])
+            raise
+        engine.sessions += 1
         self._l = self._new_turn()
 
     def _new_turn(self) -> Listening:
@@ -91,6 +103,7 @@ class StepAudioSession:
         audio_t = torch.cat(audio) if audio else None
         self._prefill(e.model.embed(torch.tensor(prompt.ids), audio_t), 0)
         self._hist_len = len(prompt.ids)
+        e.cache.truncate(self.slot, self._hist_len)  # pages beyond it go back to the pool
 
     def _trim_history(self, keep: int) -> None:
         """Keep the last ``keep`` turns and re-fill the cache from position 0 (the stored
@@ -251,8 +264,10 @@ class StepAudioSession:
     def close(self) -> None:
         """Free the slots; an answer still running stops at its next step (its lanes leave
         the runner now, so no later step writes into a slot that another session may get)."""
+        if not self._closed:
+            self.engine.sessions -= 1
         self._closed = True
         self._deferred = []
         if self._answer is not None:
             self._answer.release()
-        self.engine.cache.free([self.slot])
+        self.engine.cache.free([self.slot])  # and every KV page it held
