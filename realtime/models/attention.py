@@ -28,7 +28,7 @@ With a paged cache (``kv_pages.py``: ``[pages, page_size, kv_heads, head_dim]`` 
 rows of a sequence are found through its block-table row (``table``, ``[B, pages_per_seq]``):
 ``flash_attn_with_kvcache(..., block_table=table)`` when ``flash_attn`` serves it (page size a
 multiple of 256), else the keys are written by flat row index and read back gathered page by
-page (:func:`paged_rows`, :func:`paged_read`) for SDPA or the step's reductions.
+page (:func:`paged_index`, :func:`paged_read`) for SDPA or the step's reductions.
 """
 
 from __future__ import annotations
@@ -92,11 +92,15 @@ class VarlenFlash:
         )
 
 
-def paged_rows(table: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
-    """Flat row indices into a paged layer cache viewed as ``[pages * page_size, ...]`` of
-    ``positions [B, T]`` through ``table [B, P]`` (block-table rows of the batch)."""
+def paged_index(
+    table: torch.Tensor, positions: torch.Tensor, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(page, offset)`` in a paged layer cache of ``positions [B, T]`` through ``table
+    [B, P]`` (the batch's block-table rows). The cache is written with both as indices of the
+    4-D tensor, never through a flattened view (a view written inside a compiled step made
+    inductor copy the whole cache every layer)."""
     blocks = (positions // page_size).clamp_max(table.shape[1] - 1)
-    return table.long().gather(1, blocks) * page_size + positions % page_size
+    return table.long().gather(1, blocks), positions % page_size
 
 
 def paged_read(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
@@ -252,9 +256,9 @@ def _attend_paged(
             causal=True,
         )
         return out.reshape(b, t, n_heads * head_dim)
-    rows = paged_rows(ctx.table, ctx.positions, ctx.page_size)
-    kc.view(-1, *kc.shape[2:]).index_put_((rows,), k)
-    vc.view(-1, *vc.shape[2:]).index_put_((rows,), v)
+    at = paged_index(ctx.table, ctx.positions, ctx.page_size)
+    kc.index_put_(at, k)
+    vc.index_put_(at, v)
     keys = paged_read(kc, ctx.table, ctx.attn_len).transpose(1, 2)  # [B, Hkv, L, D]
     vals = paged_read(vc, ctx.table, ctx.attn_len).transpose(1, 2)
     return _sdpa_grouped(q, keys, vals, ctx.mask)
@@ -279,14 +283,19 @@ def attend_cache_step(
     the fused reduction (no gathered copy of the cache). ``visible [B, L]``: which of the first
     ``L`` cache positions each row may see. ``fused``: the one-kernel Triton op instead (it
     reads each row's length from ``pos`` and ignores ``visible``). ``table [B, P]``: a paged
-    cache, its rows' block-table rows (then ``slots`` is unused and ``fused`` must be off)."""
+    cache, its rows' block-table rows (then ``slots`` is unused; ``fused`` needs pages of a
+    multiple of 64 positions)."""
     b, _, n_heads, d = q.shape
     n_kv = k.shape[2]
     length = visible.shape[1]
     if table is not None:
-        rows = paged_rows(table, pos[:, None], kc.shape[1])[:, 0]
-        kc.view(-1, *kc.shape[2:]).index_put_((rows,), k[:, 0])
-        vc.view(-1, *vc.shape[2:]).index_put_((rows,), v[:, 0])
+        page, offset = paged_index(table, pos[:, None], kc.shape[1])
+        kc.index_put_((page[:, 0], offset[:, 0]), k[:, 0])
+        vc.index_put_((page[:, 0], offset[:, 0]), v[:, 0])
+        if fused:
+            scale = d**-0.5
+            out = torch.ops.realtime.decode_attention_paged(q[:, 0], kc, vc, table, pos, scale)
+            return out.reshape(b, 1, n_heads * d)
         keys = paged_read(kc, table, length).float()  # [B, L, Hkv, D]
         vals = paged_read(vc, table, length).float()
         return _step_reduce(q, keys, vals, visible, n_kv)

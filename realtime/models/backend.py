@@ -138,7 +138,9 @@ class DecoderBackend:
                 if not self.use_flash:
                     self.layer = torch.compile(layer_decode, **kw)
                     self.fused_attention = (
-                        opts.triton_attention and _triton_attention() and self.table is None
+                        opts.triton_attention
+                        and _triton_attention()
+                        and (self.table is None or cache.page_size % 64 == 0)
                     )
                     if self.fused_attention:
                         self.attention_name += "; decode step: triton decode_attention kernel"
