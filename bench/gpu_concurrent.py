@@ -1,5 +1,5 @@
 """Two callers answered at once on one GPU: full-size Step-Audio-R1 shapes, random bf16 weights.
-Their lanes share each batched decode step (``realtime.engine.batching``); this measures the
+Their lanes share each batched decode step (``realtime.engine.scheduler``); this measures the
 step time with one caller and with two, in the same process.
 
     python bench/gpu_concurrent.py       # from the repository root, on a CUDA machine

@@ -126,6 +126,9 @@ class EngineConfig:
     # as many as free GPU memory holds (CPU: max_batch sessions at max_context).
     kv_page_size: int = 256
     kv_pages: int = 0
+    # An answer's pre-fill (its turn, a history re-fill) runs this many positions at a time,
+    # other callers' decode steps in between (realtime/engine/scheduler.py).
+    prefill_chunk: int = 256
     # Benchmarks with random weights only: the speaking lane is fed these words' token ids as
     # its next inputs instead of what it samples (same step cost, real words for the TTS).
     forced_answer: str = ""

@@ -13,7 +13,7 @@ from step_audio_fixtures import cpu_engine, speechlike, write_tiny_checkpoint
 
 from realtime.config import SamplingConfig
 from realtime.engine.base import CancelToken, EngineBusy, UserTurn
-from realtime.engine.batching import SharedSteps
+from realtime.engine.scheduler import Scheduler
 from realtime.models.decode import DecodeRunner, LaneSampling, RunnerOptions
 from realtime.models.kv_pages import PagedKVCache
 from realtime.models.qwen2 import KVCache
@@ -74,12 +74,12 @@ def test_a_lane_without_a_page_is_busy_and_the_other_lanes_step_on():
     opts = RunnerOptions(cuda_graphs=False, compile=False, len_buckets=(64,))
     torch.manual_seed(3)
     prompt = torch.randint(0, 101, (15,))
-    ref = SharedSteps(DecodeRunner(model, KVCache(CFG, 1, 64, "cpu", torch.float32), opts))
+    ref = Scheduler(DecodeRunner(model, KVCache(CFG, 1, 64, "cpu", torch.float32), opts))
     lane = ref.add(0, 15, LaneSampling(), logits=ref.runner.prefill(model.embed(prompt), 0, 0))
     expected = [ref.take([lane])[0] for _ in range(6)]
 
     cache = PagedKVCache(CFG, 2, 64, "cpu", torch.float32, page_size=8, num_pages=4)
-    steps = SharedSteps(DecodeRunner(model, cache, opts))
+    steps = Scheduler(DecodeRunner(model, cache, opts))
     a, b = cache.allocate(2)
     la = steps.add(a, 15, LaneSampling(), logits=steps.runner.prefill(model.embed(prompt), a, 0))
     lb = steps.add(

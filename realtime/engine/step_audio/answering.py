@@ -169,6 +169,7 @@ class Answer:
             now = time.monotonic()
             if stats.wall_first_token is None:
                 stats.wall_first_token = now
+            gave_way = False  # an event handed out is a turn of the worker already
             for lane, tok in zip(lanes, fed, strict=True):
                 if self.on_token is not None:
                     self.on_token(lane.role, tok, now)
@@ -179,7 +180,9 @@ class Answer:
                         stats.wall_first_answer_token = now
                 else:
                     stats.thinking_tokens += 1
-                yield from self._feed(lane, tok)
+                for ev in self._feed(lane, tok):
+                    gave_way = gave_way or ev is not None
+                    yield ev
                 if lane.role == "articulation" and answer_tokens >= max_answer:
                     lane.done = True
             if self.released or cancel.cancelled:
@@ -190,7 +193,8 @@ class Answer:
             for ln in [ln for ln in lanes if ln.done]:
                 self._drop(ln)
             self._force_next()
-            yield None  # one step done: other work may run before the next
+            if not gave_way:
+                yield None  # one step done: other work may run before the next
         for lane in lanes:
             for ev in lane.parser.close():
                 yield from self._route(lane, ev)

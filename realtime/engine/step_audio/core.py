@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
 
 from realtime.config import EngineConfig
 from realtime.engine.base import EngineBusy
-from realtime.engine.batching import SharedSteps
+from realtime.engine.scheduler import Scheduler
 from realtime.models.decode import DecodeRunner, RunnerOptions
 from realtime.models.fp8 import quantize_decoder_
 from realtime.models.kv_pages import KVPoolFull, PagedKVCache
@@ -151,7 +152,7 @@ class StepAudioCore:
                 split_reductions=self.opts.split_reductions,
             ),
         )
-        self.steps = SharedSteps(self.runner)
+        self.steps = Scheduler(self.runner, cfg.prefill_chunk)  # decode steps, pre-fill chunks
         self.chunk_samples = max(1, cfg.listen_chunk_ms * SAMPLE_RATE // 1000)
         self.think_close_ids = self.text_ids(THINK_CLOSE_TEXT)
         self.think_open_ids = self.text_ids(THINK_OPEN_TEXT)
@@ -187,6 +188,12 @@ class StepAudioCore:
 
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
         return self.model.decoder.embed(torch.tensor(ids, device=self.device))
+
+    def prefill_chunks(
+        self, embeds: torch.Tensor, slot: int, start: int
+    ) -> Generator[None, None, torch.Tensor]:
+        """:meth:`prefill` a chunk at a time, yielding between chunks (``scheduler.py``)."""
+        return self.steps.prefill(self.prefill, embeds, slot, start)
 
     def prefill(self, embeds: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """Write ``embeds`` into ``slot`` from position ``start``; the last position's logits."""

@@ -1,8 +1,11 @@
-"""Several sessions' lanes in one batched decode step.
+"""The engine's scheduler: the one place that decides, between the worker's turns, which
+lanes decode and which pre-fill chunk runs.
+
+Decode: several sessions' lanes in one batched step.
 
 Each answering session owns some lanes of the engine's :class:`DecodeRunner` (one, or two while
 it reasons and speaks at once) and runs its own generator on the engine worker, which advances
-the generators in turn (``realtime.engine.worker``). :meth:`SharedSteps.take` gives a session the
+the generators in turn (``realtime.engine.worker``). :meth:`Scheduler.take` gives a session the
 tokens its lanes were fed at the next step. The first session to ask runs ``runner.step()`` for
 *every* lane and keeps the other sessions' tokens for them; a session that asks again before the
 others have taken theirs waits (gets ``None`` and gives way). So all sessions move in lockstep
@@ -10,6 +13,14 @@ and each step reads the weights once for all of them: when decoding is bound by 
 weights, two callers cost about what one does.
 
 Lanes are addressed by identity, never by row: the runner moves rows when a lane leaves.
+Sessions join (``add``) and leave (``remove``) between steps.
+
+Pre-fill: :meth:`Scheduler.prefill` is a generator that writes a sequence's embeddings
+``prefill_chunk`` positions (``engine.prefill_chunk``) at a time and yields ``None`` between
+chunks. A session's answer (run by the worker as a shared stream) pre-fills its turn and any
+history re-fill through it, so the worker runs the other sessions' decode steps between the
+chunks: a newcomer's long pre-fill delays each of them by one chunk at most, never by the
+whole pre-fill. :func:`run_to_end` runs the same generator at once (calls outside an answer).
 
 With a paged KV cache each step may need a new page for a lane. Before the step, every lane's
 page is taken; a lane that gets none (the pool is full) leaves the runner and its session gets
@@ -18,6 +29,9 @@ page is taken; a lane that gets none (the pool is full) leaves the runner and it
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
+from typing import TypeVar
+
 import torch
 
 from realtime.engine.base import EngineBusy
@@ -25,9 +39,13 @@ from realtime.models.decode import DecodeRunner, Lane, LaneSampling
 from realtime.models.kv_pages import KVPoolFull
 
 
-class SharedSteps:
-    def __init__(self, runner: DecodeRunner) -> None:
+class Scheduler:
+    def __init__(self, runner: DecodeRunner, prefill_chunk: int = 256) -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"engine.prefill_chunk must be positive, not {prefill_chunk}")
         self.runner = runner
+        self.prefill_chunk = prefill_chunk
+        self.prefill_chunks = 0  # pre-fill chunks run (for tests and benchmarks)
         self._pending: dict[int, int] = {}  # id(lane) -> the token it was fed at the last step
         self._starved: dict[int, str] = {}  # id(lane) -> why it was taken off (no KV page)
         self.steps = 0  # runner steps taken (for tests and benchmarks)
@@ -103,3 +121,35 @@ class SharedSteps:
         mine = [self._starved.pop(id(lane)) for lane in asking if id(lane) in self._starved]
         if mine:
             raise EngineBusy(f"the engine's KV memory is full: {mine[0]}")
+
+    def prefill(
+        self,
+        run: Callable[[torch.Tensor, int, int], torch.Tensor],
+        embeds: torch.Tensor,
+        slot: int,
+        start: int,
+    ) -> Generator[None, None, torch.Tensor]:
+        """``run(piece, slot, position)`` over ``embeds [T, H]`` in chunks of at most
+        ``prefill_chunk`` positions from ``start``, yielding ``None`` between chunks (the
+        worker runs other sessions' steps there); returns the last position's logits."""
+        if embeds.shape[0] == 0:
+            raise ValueError("empty pre-fill")
+        n = self.prefill_chunk
+        for i in range(0, embeds.shape[0], n):
+            if i:
+                yield None
+            logits = run(embeds[i : i + n], slot, start + i)
+            self.prefill_chunks += 1
+        return logits
+
+
+T = TypeVar("T")
+
+
+def run_to_end(gen: Generator[None, None, T]) -> T:
+    """Run a scheduler generator (:meth:`Scheduler.prefill` and what is built on it) at once."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
