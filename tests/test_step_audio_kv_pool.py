@@ -79,7 +79,8 @@ def test_a_lane_without_a_page_is_busy_and_the_other_lanes_step_on():
     expected = [ref.take([lane])[0] for _ in range(6)]
 
     cache = PagedKVCache(CFG, 2, 64, "cpu", torch.float32, page_size=8, num_pages=4)
-    steps = Scheduler(DecodeRunner(model, cache, opts))
+    counters: dict[str, int] = {}
+    steps = Scheduler(DecodeRunner(model, cache, opts), counters=counters)
     a, b = cache.allocate(2)
     la = steps.add(a, 15, LaneSampling(), logits=steps.runner.prefill(model.embed(prompt), a, 0))
     lb = steps.add(
@@ -90,7 +91,7 @@ def test_a_lane_without_a_page_is_busy_and_the_other_lanes_step_on():
     got = steps.take([la])
     with pytest.raises(EngineBusy, match="KV memory is full"):
         steps.take([lb])
-    assert lb not in steps.runner.lanes and steps.pool_full == 1
+    assert lb not in steps.runner.lanes and counters == {"kv_pool_full": 1}
     cache.free([b])  # its session ends: its pages come back, a goes on
     got += [steps.take([la])[0] for _ in range(5)]
     assert got == expected

@@ -40,12 +40,20 @@ from realtime.models.kv_pages import KVPoolFull
 
 
 class Scheduler:
-    def __init__(self, runner: DecodeRunner, prefill_chunk: int = 256) -> None:
+    def __init__(
+        self,
+        runner: DecodeRunner,
+        prefill_chunk: int = 256,
+        counters: dict[str, int] | None = None,
+    ) -> None:
+        """``counters``: the engine's event counters (``/metrics``); a lane taken off for want
+        of a KV page counts as ``kv_pool_full``."""
         if prefill_chunk < 1:
             raise ValueError(f"engine.prefill_chunk must be positive, not {prefill_chunk}")
         self.runner = runner
         self.prefill_chunk = prefill_chunk
         self.prefill_chunks = 0  # pre-fill chunks run (for tests and benchmarks)
+        self.counters = counters if counters is not None else {}
         self._pending: dict[int, int] = {}  # id(lane) -> the token it was fed at the last step
         self._starved: dict[int, str] = {}  # id(lane) -> why it was taken off (no KV page)
         self.steps = 0  # runner steps taken (for tests and benchmarks)
@@ -118,6 +126,7 @@ class Scheduler:
                 self.runner.remove_lane(self._row(lane))
                 self._starved[id(lane)] = str(exc)
                 self.pool_full += 1
+                self.counters["kv_pool_full"] = self.counters.get("kv_pool_full", 0) + 1
         mine = [self._starved.pop(id(lane)) for lane in asking if id(lane) in self._starved]
         if mine:
             raise EngineBusy(f"the engine's KV memory is full: {mine[0]}")

@@ -152,7 +152,8 @@ class StepAudioCore:
                 split_reductions=self.opts.split_reductions,
             ),
         )
-        self.steps = Scheduler(self.runner, cfg.prefill_chunk)  # decode steps, pre-fill chunks
+        # decode steps and pre-fill chunks (a lane with no KV page counts as kv_pool_full)
+        self.steps = Scheduler(self.runner, cfg.prefill_chunk, self.counters)
         self.chunk_samples = max(1, cfg.listen_chunk_ms * SAMPLE_RATE // 1000)
         self.think_close_ids = self.text_ids(THINK_CLOSE_TEXT)
         self.think_open_ids = self.text_ids(THINK_OPEN_TEXT)
