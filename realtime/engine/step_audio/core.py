@@ -40,6 +40,11 @@ class StepAudioOptions:
 
 
 GIB = 1024**3
+# Step graphs are captured per (batch size, attention-length bucket) and compiled once per
+# shape: 6 sizes x 5 buckets (8192 positions) stay under the compiler's recompile limit (32,
+# backend.py), past which steps would silently run uncompiled.
+STEP_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+MAX_AUTO_SEQUENCES = 32  # engine.max_batch 0: at most this many sequences (lanes) at once
 
 
 def kv_bytes_per_position(c: Qwen2Config, dtype: torch.dtype) -> int:
@@ -75,7 +80,7 @@ class PoolPlan:
 def plan_pool(model: StepAudioModel, cfg: EngineConfig) -> PoolPlan:
     """``engine.kv_pages`` pages, or with 0 (auto) as many as the GPU's free memory holds
     after the reserve (CPU: ``max_batch`` sessions at ``max_context``). ``engine.max_batch``
-    sequences, or with 0 (auto) one per page of the pool up to 128. Prints the pool, and how
+    sequences, or with 0 (auto) one per page of the pool up to ``MAX_AUTO_SEQUENCES``. Prints the pool, and how
     many sessions fit at ``max_context`` and at a 4k context."""
     page = cfg.kv_page_size
     if page < 1:
@@ -89,7 +94,7 @@ def plan_pool(model: StepAudioModel, cfg: EngineConfig) -> PoolPlan:
     else:
         free, total = torch.cuda.mem_get_info(model.device)
         pages = cfg.kv_pages or max(per_seq, pool_bytes(free, total) // per_page - 1)
-    sequences = cfg.max_batch if cfg.max_batch > 0 else max(2, min(128, pages))
+    sequences = cfg.max_batch if cfg.max_batch > 0 else max(2, min(MAX_AUTO_SEQUENCES, pages))
     positions = pages * page
     fit = positions // (per_seq * page)
     fit_4k = positions // (-(-4096 // page) * page)
@@ -148,7 +153,7 @@ class StepAudioCore:
                 cuda_graphs=graphs,
                 compile=graphs and self.opts.compile,
                 attention=cfg.attention,
-                batch_sizes=(1, 2, 4, 8, 16, 32, 64),
+                batch_sizes=STEP_BATCH_SIZES,
                 split_reductions=self.opts.split_reductions,
             ),
         )
