@@ -96,3 +96,18 @@ def test_a_lane_without_a_page_is_busy_and_the_other_lanes_step_on():
     got += [steps.take([la])[0] for _ in range(5)]
     assert got == expected
     assert np.unique(expected).size > 2  # a prompt whose tokens differ
+
+
+def test_the_reasoning_pages_go_back_at_the_commit(ckpt):
+    long_answer = "Hi hello the you think " * 6
+    engine = cpu_engine(ckpt, max_batch=4, kv_page_size=16, kv_pages=64, forced_answer=long_answer)
+    cache = engine.cache
+    s = engine.new_session("sys", SamplingConfig(think_budget=48, max_new_tokens=60))
+    s.listen(speechlike(0.5))
+    peak = 0
+    for _ in s.respond(UserTurn(), CancelToken()):
+        peak = max(peak, cache.pages_used)
+    s.commit(UserTurn(), "ok", interrupted=False)
+    held = -(-s._hist_len // cache.page_size)
+    assert peak >= held + 4  # the reasoning (48 tokens) and the speaking fork held more
+    assert cache.pages_used == len(cache.tables[s.slot]) == held

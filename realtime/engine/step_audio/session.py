@@ -288,10 +288,15 @@ class StepAudioSession:
         self._turn_embeds.append(ans.pieces)
         self._answered = None
         self._l = self._new_turn()
+        # the answer's reasoning and anything heard past the turn are not history: their
+        # pages go back to the pool
+        e.cache.truncate(self.slot, self._hist_len)
 
     def discard(self) -> None:
         self._answered = None
         self._l = self._new_turn()
+        if self._answer is None and not self._responding:  # no lane writes past it now
+            self.engine.cache.truncate(self.slot, self._hist_len)
 
     def close(self) -> None:
         """Free the slots; an answer still running stops at its next step (its lanes leave
