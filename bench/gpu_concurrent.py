@@ -1,5 +1,5 @@
 """Two callers answered at once on one GPU: full-size Step-Audio-R1 shapes, random bf16 weights.
-Their lanes share each batched decode step (``realtime.engine.batching``); this measures the
+Their lanes share each batched decode step (``realtime.engine.scheduler``); this measures the
 step time with one caller and with two, in the same process.
 
     python bench/gpu_concurrent.py       # from the repository root, on a CUDA machine
@@ -65,11 +65,16 @@ def answer_at_once(engine, callers: int, tokens: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--context", type=int, default=4096, help="engine.max_context")
+    ap.add_argument("--max-batch", type=int, default=-1, help="engine.max_batch (default: config)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/gpu-concurrent.json"))
     args = ap.parse_args()
     cfg = load_config("step-audio-r1-random")
     t0 = time.monotonic()
-    engine = build_step_audio_engine(dataclasses.replace(cfg.engine, max_context=4096))
+    ecfg = dataclasses.replace(cfg.engine, max_context=args.context)
+    if args.max_batch >= 0:
+        ecfg = dataclasses.replace(ecfg, max_batch=args.max_batch)
+    engine = build_step_audio_engine(ecfg)
     engine.warmup()
     log(f"engine built and warmed up in {time.monotonic() - t0:.1f} s")
     rows = []

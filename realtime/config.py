@@ -138,6 +138,15 @@ class EngineConfig:
     # Decoder layer weights: as loaded (bf16 on GPU), or FP8 e4m3 with per-channel scales
     # (realtime/models/fp8.py; half the memory and bytes read per step; CPU: emulated, slow).
     weights: Literal["bf16", "fp8"] = "bf16"
+    # KV cache: one pool of pages shared by all sessions (realtime/models/kv_pages.py); a
+    # session takes pages as its context grows (max_context stays its cap) and gives them all
+    # back when it ends. Page size: a multiple of 256 for flash-attn's paged path. kv_pages 0:
+    # as many as free GPU memory holds (CPU: max_batch sessions at max_context).
+    kv_page_size: int = 256
+    kv_pages: int = 0
+    # An answer's pre-fill (its turn, a history re-fill) runs this many positions at a time,
+    # other callers' decode steps in between (realtime/engine/scheduler.py).
+    prefill_chunk: int = 256
     # Benchmarks with random weights only: the speaking lane is fed these words' token ids as
     # its next inputs instead of what it samples (same step cost, real words for the TTS).
     forced_answer: str = ""

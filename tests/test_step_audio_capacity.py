@@ -52,7 +52,7 @@ def test_a_forced_answer_is_spoken_word_for_word(random_dir, budget):
 def test_no_free_slot_is_a_busy_error_and_counted(random_dir):
     engine = cpu_engine(random_dir, max_batch=1)
     first = engine.new_session("sys", SamplingConfig())
-    with pytest.raises(EngineBusy, match="cache slots"):
+    with pytest.raises(EngineBusy, match="cache sequences"):
         engine.new_session("sys", SamplingConfig())
     assert engine.counters["sessions_refused"] == 1
     first.close()

@@ -23,6 +23,12 @@ Two entry points, both ``q, k, v`` in the ``[B, T, heads, head_dim]`` layout of
 * :func:`attend_cache_step` is the one-new-token step that the runner compiles: plain
   reductions over the slot rows (which inductor fuses), or the one-kernel Triton op
   ``realtime::decode_attention`` (``decode_attention.py``).
+
+With a paged cache (``kv_pages.py``: ``[pages, page_size, kv_heads, head_dim]`` per layer) the
+rows of a sequence are found through its block-table row (``table``, ``[B, pages_per_seq]``):
+``flash_attn_with_kvcache(..., block_table=table)`` when ``flash_attn`` serves it (page size a
+multiple of 256), else the keys are written by flat row index and read back gathered page by
+page (:func:`paged_index`, :func:`paged_read`) for SDPA or the step's reductions.
 """
 
 from __future__ import annotations
@@ -86,6 +92,24 @@ class VarlenFlash:
         )
 
 
+def paged_index(
+    table: torch.Tensor, positions: torch.Tensor, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(page, offset)`` in a paged layer cache of ``positions [B, T]`` through ``table
+    [B, P]`` (the batch's block-table rows). The cache is written with both as indices of the
+    4-D tensor, never through a flattened view (a view written inside a compiled step made
+    inductor copy the whole cache every layer)."""
+    blocks = (positions // page_size).clamp_max(table.shape[1] - 1)
+    return table.long().gather(1, blocks), positions % page_size
+
+
+def paged_read(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` positions of each row's sequence, gathered: ``[B, length, Hkv, D]``."""
+    page_size = cache.shape[1]
+    n = min(-(-length // page_size), table.shape[1])
+    return cache[table[:, :n].long()].flatten(1, 2)[:, :length]
+
+
 def attention_mask(positions: torch.Tensor, attn_len: int, group: int) -> torch.Tensor:
     """Key ``j`` is visible to the query at position ``p`` iff ``j <= p``: ``[B, 1, g*T, L]``."""
     b, t = positions.shape
@@ -106,6 +130,8 @@ class AttnContext:
     mask: torch.Tensor | None  # [B, 1, group*T, attn_len] bool (SDPA path)
     use_flash: bool
     varlen: VarlenFlash | None = None  # pre-fill through PyTorch's flash kernel
+    table: torch.Tensor | None = None  # [B, P] block-table rows (paged cache), else None
+    page_size: int = 0
 
     @classmethod
     def build(
@@ -120,10 +146,18 @@ class AttnContext:
         max_len: int,
         use_flash: bool,
         torch_flash: bool,
+        table: torch.Tensor | None = None,
+        page_size: int = 0,
     ) -> AttnContext:
         """The attention path for one forward: ``flash_attn`` when wanted (and importable);
-        PyTorch's flash kernel for a one-sequence pre-fill when wanted; else SDPA with a mask."""
+        PyTorch's flash kernel for a one-sequence pre-fill when wanted; else SDPA with a mask.
+        ``table``/``page_size``: a paged cache (flash only for pages of a multiple of 256
+        positions, as flash-attn 2 requires; no varlen pre-fill)."""
         b, t = positions.shape
+        if table is not None:
+            flash = use_flash and flash_attn_with_kvcache is not None and page_size % 256 == 0
+            mask = None if flash else attention_mask(positions, attn_len, group)
+            return cls(positions, slots, cos, sin, attn_len, mask, flash, None, table, page_size)
         if use_flash and flash_attn_with_kvcache is not None:
             return cls(positions, slots, cos, sin, attn_len, None, True)
         if torch_flash and b == 1 and t > 1:
@@ -145,6 +179,8 @@ def attend_cache(
     to it; returns ``[B, T, Hq * D]``."""
     b, t, n_heads, head_dim = q.shape
     n_kv = k.shape[2]
+    if ctx.table is not None:
+        return _attend_paged(q, k, v, kc, vc, ctx)
     if ctx.use_flash:
         assert flash_attn_with_kvcache is not None
         out = flash_attn_with_kvcache(
@@ -179,12 +215,53 @@ def attend_cache(
         return out.reshape(b, t, n_heads * head_dim)
     keys = kc[:, : ctx.attn_len].index_select(0, ctx.slots).transpose(1, 2)  # [B, Hkv, L, D]
     vals = vc[:, : ctx.attn_len].index_select(0, ctx.slots).transpose(1, 2)
+    return _sdpa_grouped(q, keys, vals, ctx.mask)
+
+
+def _sdpa_grouped(
+    q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``q [B, T, Hq, D]`` against ``keys``/``vals [B, Hkv, L, D]`` -> ``[B, T, Hq * D]``."""
+    b, t, n_heads, head_dim = q.shape
+    n_kv = keys.shape[1]
     g = n_heads // n_kv
     # head h uses kv head h // g: fold the group into the query length, never repeat the cache
     qg = q.view(b, t, n_kv, g, head_dim).permute(0, 2, 3, 1, 4).reshape(b, n_kv, g * t, head_dim)
-    out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=ctx.mask)
+    out = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=mask)
     out = out.view(b, n_kv, g, t, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(b, t, n_heads * head_dim)
+
+
+def _attend_paged(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kc: torch.Tensor,
+    vc: torch.Tensor,
+    ctx: AttnContext,
+) -> torch.Tensor:
+    """:func:`attend_cache` over a paged cache (``kc``/``vc`` ``[pages, page_size, Hkv, D]``)."""
+    b, t, n_heads, head_dim = q.shape
+    assert ctx.table is not None
+    if ctx.use_flash:
+        assert flash_attn_with_kvcache is not None
+        out = flash_attn_with_kvcache(
+            q,
+            kc,
+            vc,
+            k=k,
+            v=v,
+            cache_seqlens=ctx.positions[:, 0].to(torch.int32),
+            block_table=ctx.table,
+            causal=True,
+        )
+        return out.reshape(b, t, n_heads * head_dim)
+    at = paged_index(ctx.table, ctx.positions, ctx.page_size)
+    kc.index_put_(at, k)
+    vc.index_put_(at, v)
+    keys = paged_read(kc, ctx.table, ctx.attn_len).transpose(1, 2)  # [B, Hkv, L, D]
+    vals = paged_read(vc, ctx.table, ctx.attn_len).transpose(1, 2)
+    return _sdpa_grouped(q, keys, vals, ctx.mask)
 
 
 def attend_cache_step(
@@ -197,6 +274,7 @@ def attend_cache_step(
     slots: torch.Tensor,
     visible: torch.Tensor,
     fused: bool = False,
+    table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new token per row: write ``k``/``v`` ``[B, 1, Hkv, D]`` at ``pos [B]`` of
     ``slots [B]``, attend ``q [B, 1, Hq, D]`` to the cache; returns ``[B, 1, Hq * D]``.
@@ -204,18 +282,39 @@ def attend_cache_step(
     Meant for ``torch.compile``: each lane's cache rows are read through its slot index inside
     the fused reduction (no gathered copy of the cache). ``visible [B, L]``: which of the first
     ``L`` cache positions each row may see. ``fused``: the one-kernel Triton op instead (it
-    reads each row's length from ``pos`` and ignores ``visible``)."""
+    reads each row's length from ``pos`` and ignores ``visible``). ``table [B, P]``: a paged
+    cache, its rows' block-table rows (then ``slots`` is unused; ``fused`` needs pages of a
+    multiple of 64 positions)."""
     b, _, n_heads, d = q.shape
     n_kv = k.shape[2]
+    length = visible.shape[1]
+    if table is not None:
+        page, offset = paged_index(table, pos[:, None], kc.shape[1])
+        kc.index_put_((page[:, 0], offset[:, 0]), k[:, 0])
+        vc.index_put_((page[:, 0], offset[:, 0]), v[:, 0])
+        if fused:
+            scale = d**-0.5
+            out = torch.ops.realtime.decode_attention_paged(q[:, 0], kc, vc, table, pos, scale)
+            return out.reshape(b, 1, n_heads * d)
+        keys = paged_read(kc, table, length).float()  # [B, L, Hkv, D]
+        vals = paged_read(vc, table, length).float()
+        return _step_reduce(q, keys, vals, visible, n_kv)
     kc.index_put_((slots, pos), k[:, 0])
     vc.index_put_((slots, pos), v[:, 0])
     if fused:
         out = torch.ops.realtime.decode_attention(q[:, 0], kc, vc, slots, pos, d**-0.5)
         return out.reshape(b, 1, n_heads * d)
-    length = visible.shape[1]
-    g = n_heads // n_kv
     keys = kc[slots, :length].float()  # [B, L, Hkv, D]
     vals = vc[slots, :length].float()
+    return _step_reduce(q, keys, vals, visible, n_kv)
+
+
+def _step_reduce(
+    q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, visible: torch.Tensor, n_kv: int
+) -> torch.Tensor:
+    """One query per row against float32 ``keys``/``vals [B, L, Hkv, D]``: ``[B, 1, Hq * D]``."""
+    b, _, n_heads, d = q.shape
+    g = n_heads // n_kv
     qg = q[:, 0].reshape(b, 1, n_kv, g, d).float() * (d**-0.5)
     scores = (qg * keys[:, :, :, None, :]).sum(-1)  # [B, L, Hkv, g]
     scores = scores.masked_fill(~visible[:, :, None, None], float("-inf"))

@@ -102,17 +102,22 @@ class DecoderBackend:
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.eps = cfg.rms_norm_eps
 
+        self.table = getattr(cache, "block_table", None)  # a paged cache (kv_pages.py)
+        page_ok = self.table is None or getattr(cache, "page_size", 0) % 256 == 0
         want_flash = opts.attention in ("auto", "flash_attn")
-        self.use_flash = self.is_cuda and want_flash and flash_attn_available()
+        self.use_flash = self.is_cuda and want_flash and flash_attn_available() and page_ok
         if opts.attention == "flash_attn" and not self.use_flash:
             log.warning("flash_attn requested but not importable (or not on CUDA): using SDPA")
         want_torch_flash = opts.attention in ("auto", "torch_flash")
         self.torch_flash = (
             not self.use_flash
+            and self.table is None  # its variable-length form reads contiguous slots
             and want_torch_flash
             and torch_flash_available(self.device, self.dtype)
         )
         self.attention_name = "flash_attn" if self.use_flash else self._sdpa_name()
+        if self.table is not None:
+            self.attention_name += f"; paged KV ({cache.page_size} positions a page)"
         if self.torch_flash:
             self.attention_name += "; pre-fill: torch flash kernel (varlen, causal bottom-right)"
 
@@ -132,7 +137,11 @@ class DecoderBackend:
                 self.post = torch.compile(post_attention, **kw)
                 if not self.use_flash:
                     self.layer = torch.compile(layer_decode, **kw)
-                    self.fused_attention = opts.triton_attention and _triton_attention()
+                    self.fused_attention = (
+                        opts.triton_attention
+                        and _triton_attention()
+                        and (self.table is None or cache.page_size % 64 == 0)
+                    )
                     if self.fused_attention:
                         self.attention_name += "; decode step: triton decode_attention kernel"
                 self.compiled = True
@@ -196,9 +205,10 @@ class DecoderBackend:
         cos, sin = rope_cos_sin(pos[:, None], self.model.inv_freq, x.dtype)
         visible = torch.arange(attn_len, device=x.device)[None] <= pos[:, None]
         delta = torch.zeros_like(x)
+        table = None if self.table is None else self.table.index_select(0, slots)
         for i, lw in enumerate(self.model.layer_weights()):
             x, delta = self.layer(
                 x, delta, lw, self.cache.k[i], self.cache.v[i], cos, sin, pos, slots,
-                visible, self.eps, self.n_heads, self.n_kv, self.fused_attention,
+                visible, self.eps, self.n_heads, self.n_kv, self.fused_attention, table,
             )  # fmt: skip
         return x + delta

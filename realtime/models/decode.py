@@ -269,6 +269,8 @@ class DecodeRunner:
             raise RuntimeError("step with no lanes")
         n = len(self.lanes)
         key = self._key()
+        for lane in self.lanes:  # the position each lane writes (a paged cache takes pages)
+            self.cache.ensure(lane.slot, lane.position + 1)
         if n < key[0]:
             self.pos[n : key[0]].fill_(0)  # padding rows write position 0 of the scratch slot
         slot = self._step_no % len(self._ring)

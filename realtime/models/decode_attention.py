@@ -7,8 +7,11 @@ pass with an online softmax, one program per (row, KV head) covering that head's
 It reads the lane's cache rows through its slot index and its length from ``pos`` on the device,
 so it is safe inside a CUDA graph.
 
-Registered as the custom op ``realtime::decode_attention`` so that ``torch.compile`` can keep
-it inside the compiled layer. Importing this module needs Triton; callers check
+A paged cache (``kv_pages.py``) has its own op, ``realtime::decode_attention_paged``: the
+same kernel finds each block of ``BLOCK_N`` positions through the row's block-table entry
+(pages of a multiple of ``BLOCK_N`` positions, so a block never straddles two pages).
+
+Registered as custom ops so that ``torch.compile`` can keep them inside the compiled layer. Importing this module needs Triton; callers check
 :func:`available` first.
 """
 
@@ -38,6 +41,8 @@ if triton is not None:
         out_ptr,
         slots_ptr,
         pos_ptr,
+        table_ptr,
+        stride_tb,
         stride_qb,
         stride_qh,
         stride_ks,
@@ -54,6 +59,7 @@ if triton is not None:
         D: tl.constexpr,
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
+        PAGE: tl.constexpr,  # > 0: paged cache, positions per page (a multiple of BLOCK_N)
     ):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -71,13 +77,20 @@ if triton is not None:
         m = tl.full([G_PAD], float("-inf"), tl.float32)
         l_sum = tl.zeros([G_PAD], tl.float32)
         acc = tl.zeros([G_PAD, D], tl.float32)
-        k_base = k_ptr + slot * stride_ks + kv_head * stride_kh
-        v_base = v_ptr + slot * stride_vs + kv_head * stride_vh
+        local = tl.arange(0, BLOCK_N)
         for start in range(0, length, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
+            if PAGE > 0:  # the block's page, from the row's block table
+                page = tl.load(table_ptr + row * stride_tb + start // PAGE).to(tl.int64)
+                first = start % PAGE
+            else:
+                page = slot
+                first = start
+            k_base = k_ptr + page * stride_ks + first * stride_kl + kv_head * stride_kh
+            v_base = v_ptr + page * stride_vs + first * stride_vl + kv_head * stride_vh
+            n = start + local
             n_mask = n < length
             k = tl.load(
-                k_base + n[:, None] * stride_kl + d[None, :], mask=n_mask[:, None], other=0.0
+                k_base + local[:, None] * stride_kl + d[None, :], mask=n_mask[:, None], other=0.0
             )
             s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale).to(tl.float32)
             s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -86,7 +99,7 @@ if triton is not None:
             p = tl.exp(s - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, 1)
             v = tl.load(
-                v_base + n[:, None] * stride_vl + d[None, :], mask=n_mask[:, None], other=0.0
+                v_base + local[:, None] * stride_vl + d[None, :], mask=n_mask[:, None], other=0.0
             )
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
@@ -97,17 +110,9 @@ if triton is not None:
             mask=q_mask[:, None],
         )
 
-    @triton_op("realtime::decode_attention", mutates_args={})
-    def decode_attention(
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slots: torch.Tensor,
-        pos: torch.Tensor,
-        scale: float,
-    ) -> torch.Tensor:
-        """``q [B, Hq, D]`` (the new token's queries), caches ``[slots, L, Hkv, D]`` holding the
-        new token at ``pos [B]`` of ``slots [B]`` -> ``[B, Hq, D]``."""
+    BLOCK_N = 64
+
+    def _launch(q, k_cache, v_cache, slots, pos, table, scale, page):  # noqa: ANN001, ANN202
         b, n_heads, d = q.shape
         n_kv = k_cache.shape[2]
         group = n_heads // n_kv
@@ -119,6 +124,8 @@ if triton is not None:
             out,
             slots,
             pos,
+            table,
+            table.stride(0),
             q.stride(0),
             q.stride(1),
             k_cache.stride(0),
@@ -133,7 +140,34 @@ if triton is not None:
             GROUP=group,
             G_PAD=max(16, triton.next_power_of_2(group)),  # tl.dot needs 16 rows
             D=d,
-            BLOCK_N=64,
+            BLOCK_N=BLOCK_N,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no TF32 for fp32 models
+            PAGE=page,
         )
         return out
+
+    @triton_op("realtime::decode_attention", mutates_args={})
+    def decode_attention(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+        pos: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """``q [B, Hq, D]`` (the new token's queries), caches ``[slots, L, Hkv, D]`` holding the
+        new token at ``pos [B]`` of ``slots [B]`` -> ``[B, Hq, D]``."""
+        return _launch(q, k_cache, v_cache, slots, pos, slots[:, None], scale, 0)
+
+    @triton_op("realtime::decode_attention_paged", mutates_args={})
+    def decode_attention_paged(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        table: torch.Tensor,
+        pos: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """As ``decode_attention`` over a paged cache ``[pages, page_size, Hkv, D]``: row ``b``'s
+        positions are found through ``table [B, P]`` (its block-table row)."""
+        return _launch(q, k_cache, v_cache, pos, pos, table, scale, k_cache.shape[1])

@@ -157,6 +157,7 @@ def layer_decode(
     n_heads: int,
     n_kv: int,
     fused_attention: bool = False,
+    table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer for one new token per row (``x [B, 1, H]``), attention by
     :func:`attend_cache_step`. Meant for ``torch.compile`` as a whole (one compiled function
@@ -164,8 +165,9 @@ def layer_decode(
 
     The residual stream is ``x + delta`` and the layer returns ``(x', delta')`` unsummed, so
     the last residual add of one layer fuses with the first RMSNorm of the next.
+    ``table``: the rows' block-table rows when the cache is paged (``kv_pages.py``).
     """
     x = x + delta
     q, k, v = pre_attention(x, lw.ln1, lw.qkv_w, lw.qkv_b, cos, sin, eps, n_heads, n_kv)
-    attn = attend_cache_step(q, k, v, kc, vc, pos, slots, visible, fused_attention)
+    attn = attend_cache_step(q, k, v, kc, vc, pos, slots, visible, fused_attention, table)
     return post_attention_split(x, attn, lw.o_w, lw.ln2, lw.gu_w, lw.down_w, eps)

@@ -47,8 +47,7 @@ class Prefiller:
         """Write ``embeds [T, H]`` at positions ``start..`` of ``slot``; logits ``[V]`` of the
         last position (float32, on the device)."""
         t = embeds.shape[0]
-        if start + t > self.cache.max_len:
-            raise RuntimeError(f"context full: {start + t} > {self.cache.max_len} positions")
+        self.cache.ensure(slot, start + t)  # a paged cache takes pages (or raises KVPoolFull)
         logits: torch.Tensor | None = None
         i = 0
         while i < t:

@@ -151,6 +151,12 @@ class KVCache:
             self._free.append(s)
         self._free.sort()
 
+    def ensure(self, slot: int, length: int) -> None:
+        """Room for positions ``0..length-1`` of ``slot`` (a slot always has its ``max_len``;
+        the paged cache of ``kv_pages.py`` takes pages here)."""
+        if length > self.max_len:
+            raise RuntimeError(f"context full: {length} > {self.max_len} positions")
+
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Fork: positions ``0..n-1`` of slot ``src`` into slot ``dst`` (device copies only)."""
         for kc, vc in zip(self.k, self.v, strict=True):
@@ -323,9 +329,12 @@ class Qwen2ForCausalLM(nn.Module):
         length = cache.max_len if attn_len is None else min(attn_len, cache.max_len)
         cos, sin = rope_cos_sin(positions, self.inv_freq, embeds.dtype)
         group = cfg.num_attention_heads // cfg.num_key_value_heads
+        paged = getattr(cache, "block_table", None)  # a PagedKVCache (kv_pages.py)
         ctx = AttnContext.build(
             positions, slots, cos, sin, length, group,
             max_len=cache.max_len, use_flash=use_flash, torch_flash=torch_flash,
+            table=None if paged is None else paged.index_select(0, slots),
+            page_size=getattr(cache, "page_size", 0),
         )  # fmt: skip
         x = embeds
         for layer in self.model.layers:

@@ -40,15 +40,17 @@ class ServerMetrics:
         self.engine_stats = Gauge(
             "agent_engine",
             "What the engine holds now: sessions, lanes_in_use (decode lanes answering), "
-            "kv_slots_total / kv_slots_used (cache slots, one per session), kv_positions_used "
-            "(cache positions written, all slots together)",
+            "kv_slots_total / kv_slots_used (cache sequences: a session, its speaking fork), "
+            "kv_pages_total / kv_pages_used (the KV pool's pages), kv_positions_used "
+            "(cache positions written, all sequences together)",
             ["stat"],
             registry=r,
         )
         self.engine_events = Gauge(
             "agent_engine_events",
             "Engine events since start: sessions_refused (no free cache slot), "
-            "think_first_fallbacks (no slot for the speaking fork: the answer thought first)",
+            "think_first_fallbacks (no slot or pages for the speaking fork: the answer thought "
+            "first), kv_pool_full (a pre-fill found no free KV page: that session was busy)",
             ["event"],
             registry=r,
         )

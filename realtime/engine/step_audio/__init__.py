@@ -29,7 +29,7 @@ it at sentence ends. The spoken answer never contains reasoning.
 **Sessions** own cache slots (one while listening, two while speaking with reasoning), the
 history and their sampling settings; the model, cache and decode runner belong to the engine.
 Several sessions answer at once: the worker advances their ``respond`` generators in turn and
-their lanes share each batched step (:class:`~realtime.engine.batching.SharedSteps`), so a
+their lanes share each batched step (:class:`~realtime.engine.scheduler.Scheduler`), so a
 second caller costs one more row of the step, not a wait for the first caller's answer.
 
 Modules: :mod:`.encoding` (audio to embeddings, the chunked-encoding error), :mod:`.listening`

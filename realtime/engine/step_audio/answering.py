@@ -27,10 +27,11 @@ from typing import Literal
 import torch
 
 from realtime.config import SamplingConfig
-from realtime.engine.base import CancelToken, TokenEvent, TurnStats
+from realtime.engine.base import CancelToken, EngineBusy, TokenEvent, TurnStats
 from realtime.engine.parser import ReasoningParser
 from realtime.engine.step_audio.core import THINK_CLOSE_TEXT, StepAudioCore
 from realtime.models.decode import Lane, LaneSampling
+from realtime.models.kv_pages import KVPoolFull
 from realtime.models.step_audio.tokens import TextStream
 from realtime.text import ends_sentence
 
@@ -121,9 +122,16 @@ class Answer:
             log.info("no free cache slot for the speaking fork: this answer thinks first")
             return None
         slot = e.cache.allocate(1)[0]
+        try:
+            e.cache.copy_prefix(self.slot, slot, gen_end)
+            logits = e.prefill(e.embed_ids(e.think_close_ids), slot, gen_end)
+        except (KVPoolFull, EngineBusy):
+            e.cache.free([slot])  # and the pages the copy took
+            e.counters["think_first_fallbacks"] += 1
+            log.info("no KV pages for the speaking fork: this answer thinks first")
+            return None
         self._extra_slots.append(slot)
-        e.cache.copy_prefix(self.slot, slot, gen_end)
-        return slot, e.prefill(e.embed_ids(e.think_close_ids), slot, gen_end)
+        return slot, logits
 
     def _drop(self, state: LaneState) -> None:
         self.engine.steps.remove(state.lane)
@@ -161,6 +169,7 @@ class Answer:
             now = time.monotonic()
             if stats.wall_first_token is None:
                 stats.wall_first_token = now
+            gave_way = False  # an event handed out is a turn of the worker already
             for lane, tok in zip(lanes, fed, strict=True):
                 if self.on_token is not None:
                     self.on_token(lane.role, tok, now)
@@ -171,7 +180,9 @@ class Answer:
                         stats.wall_first_answer_token = now
                 else:
                     stats.thinking_tokens += 1
-                yield from self._feed(lane, tok)
+                for ev in self._feed(lane, tok):
+                    gave_way = gave_way or ev is not None
+                    yield ev
                 if lane.role == "articulation" and answer_tokens >= max_answer:
                     lane.done = True
             if self.released or cancel.cancelled:
@@ -182,7 +193,8 @@ class Answer:
             for ln in [ln for ln in lanes if ln.done]:
                 self._drop(ln)
             self._force_next()
-            yield None  # one step done: other work may run before the next
+            if not gave_way:
+                yield None  # one step done: other work may run before the next
         for lane in lanes:
             for ev in lane.parser.close():
                 yield from self._route(lane, ev)

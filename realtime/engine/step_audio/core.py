@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
 
 from realtime.config import EngineConfig
-from realtime.engine.batching import SharedSteps
+from realtime.engine.base import EngineBusy
+from realtime.engine.scheduler import Scheduler
 from realtime.models.decode import DecodeRunner, RunnerOptions
 from realtime.models.fp8 import quantize_decoder_
+from realtime.models.kv_pages import KVPoolFull, PagedKVCache
 from realtime.models.qwen2 import Qwen2Config
 from realtime.models.step_audio.lengths import SAMPLE_RATE
 from realtime.models.step_audio.model import StepAudioModel
@@ -37,6 +40,11 @@ class StepAudioOptions:
 
 
 GIB = 1024**3
+# Step graphs are captured per (batch size, attention-length bucket) and compiled once per
+# shape: 6 sizes x 5 buckets (8192 positions) stay under the compiler's recompile limit (32,
+# backend.py), past which steps would silently run uncompiled.
+STEP_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+MAX_AUTO_SEQUENCES = 32  # engine.max_batch 0: at most this many sequences (lanes) at once
 
 
 def kv_bytes_per_position(c: Qwen2Config, dtype: torch.dtype) -> int:
@@ -48,34 +56,60 @@ def kv_bytes_per_position(c: Qwen2Config, dtype: torch.dtype) -> int:
 def sessions_that_fit(
     c: Qwen2Config, dtype: torch.dtype, free: int, total: int, context: int
 ) -> int:
-    """How many cache slots of ``context`` positions fit in ``free`` bytes after a reserve for
-    activations, graphs and the audio encoder (the larger of 4 GiB and 5 % of ``total``);
-    one more row is the cache's scratch slot."""
-    reserve = max(4 * GIB, total // 20)
-    return max(0, int((free - reserve) // (kv_bytes_per_position(c, dtype) * context)) - 1)
+    """How many sessions of ``context`` positions the KV pages that fit in ``free`` bytes hold
+    (after the reserve of :func:`pool_bytes`)."""
+    return max(0, pool_bytes(free, total) // (kv_bytes_per_position(c, dtype) * context))
 
 
-def cache_slots(model: StepAudioModel, cfg: EngineConfig) -> int:
-    """``engine.max_batch``, or with 0 (auto) as many ``max_context`` slots as the GPU's free
-    memory holds after a reserve for activations, graphs and the audio encoder. On CUDA it
-    prints how many fit, and how many would at a 4k context."""
-    if model.device.type != "cuda":
-        return cfg.max_batch if cfg.max_batch > 0 else 4
+def pool_bytes(free: int, total: int) -> int:
+    """Bytes for the KV pool: ``free`` less a reserve for activations, graphs and the audio
+    encoder (the larger of 4 GiB and 5 % of ``total``)."""
+    return max(0, free - max(4 * GIB, total // 20))
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """The KV pool the engine allocates: ``sequences`` at once (a session, and its speaking
+    fork while it reasons and speaks), ``pages`` of ``page_size`` positions shared by them."""
+
+    sequences: int
+    pages: int
+    page_size: int
+
+
+def plan_pool(model: StepAudioModel, cfg: EngineConfig) -> PoolPlan:
+    """``engine.kv_pages`` pages, or with 0 (auto) as many as the GPU's free memory holds
+    after the reserve (CPU: ``max_batch`` sessions at ``max_context``). ``engine.max_batch``
+    sequences, or with 0 (auto) one per page of the pool up to ``MAX_AUTO_SEQUENCES``. Prints the pool, and how
+    many sessions fit at ``max_context`` and at a 4k context."""
+    page = cfg.kv_page_size
+    if page < 1:
+        raise ValueError(f"engine.kv_page_size must be positive, not {page}")
+    per_seq = -(-cfg.max_context // page)
     c = model.decoder_cfg
-    per_slot = kv_bytes_per_position(c, model.dtype) * cfg.max_context
-    free, total = torch.cuda.mem_get_info(model.device)
-    fit = max(1, sessions_that_fit(c, model.dtype, free, total, cfg.max_context))
-    fit_4k = sessions_that_fit(c, model.dtype, free, total, 4096)
-    slots = cfg.max_batch if cfg.max_batch > 0 else fit
+    per_page = kv_bytes_per_position(c, model.dtype) * page
+    if model.device.type != "cuda":
+        pages = cfg.kv_pages or max(cfg.max_batch, 1) * per_seq
+        free = total = 0
+    else:
+        free, total = torch.cuda.mem_get_info(model.device)
+        pages = cfg.kv_pages or max(per_seq, pool_bytes(free, total) // per_page - 1)
+    sequences = cfg.max_batch if cfg.max_batch > 0 else max(2, min(MAX_AUTO_SEQUENCES, pages))
+    positions = pages * page
+    fit = positions // (per_seq * page)
+    fit_4k = positions // (-(-4096 // page) * page)
+    where = f" in {free / GIB:.1f} GiB free" if free else ""
     print(
         f"engine: {cfg.weights} weights {model.decoder.weight_bytes() / GIB:.1f} GiB; "
-        f"{fit} cache slots of {cfg.max_context} positions ({per_slot / GIB:.2f} GiB each) fit "
-        f"in {free / GIB:.1f} GiB free ({fit_4k} at a 4096-position context); using {slots}: "
-        f"{slots} callers at once, or {slots // 2} thinking and speaking at once",
+        f"KV pool of {pages} pages x {page} positions = {positions} positions "
+        f"({pages * per_page / GIB:.2f} GiB{where}): {fit} sessions at their full "
+        f"{cfg.max_context}-position context, {fit_4k} at a 4096-position context, more while "
+        f"contexts are short; up to {sequences} sequences at once (a caller who thinks and "
+        "speaks at once takes two)",
         file=sys.stderr,
         flush=True,
     )
-    return slots
+    return PoolPlan(sequences=sequences, pages=pages, page_size=page)
 
 
 class StepAudioCore:
@@ -103,8 +137,14 @@ class StepAudioCore:
         if cfg.weights == "fp8":
             saved = quantize_decoder_(model.decoder)
             log.info("decoder layer weights quantised to FP8 e4m3: %.1f GiB saved", saved / GIB)
-        self.cache = model.new_cache(cache_slots(model, cfg), cfg.max_context)
+        plan = plan_pool(model, cfg)
+        self.cache = PagedKVCache(
+            model.decoder_cfg, plan.sequences, cfg.max_context, model.device, model.dtype,
+            page_size=plan.page_size, num_pages=plan.pages,
+        )  # fmt: skip
         self.counters = {"sessions_refused": 0, "think_first_fallbacks": 0}  # for /metrics
+        self.counters["kv_pool_full"] = 0  # a pre-fill or a step found no free page
+        self.sessions = 0  # open sessions
         graphs = cfg.cuda_graphs and self.device.type == "cuda"
         self.runner = DecodeRunner(
             model.decoder,
@@ -113,11 +153,12 @@ class StepAudioCore:
                 cuda_graphs=graphs,
                 compile=graphs and self.opts.compile,
                 attention=cfg.attention,
-                batch_sizes=(1, 2, 4),
+                batch_sizes=STEP_BATCH_SIZES,
                 split_reductions=self.opts.split_reductions,
             ),
         )
-        self.steps = SharedSteps(self.runner)
+        # decode steps and pre-fill chunks (a lane with no KV page counts as kv_pool_full)
+        self.steps = Scheduler(self.runner, cfg.prefill_chunk, self.counters)
         self.chunk_samples = max(1, cfg.listen_chunk_ms * SAMPLE_RATE // 1000)
         self.think_close_ids = self.text_ids(THINK_CLOSE_TEXT)
         self.think_open_ids = self.text_ids(THINK_OPEN_TEXT)
@@ -138,11 +179,13 @@ class StepAudioCore:
         cache = self.cache
         used = cache.max_batch - cache.free_slots
         return {
-            "sessions": used,
+            "sessions": self.sessions,
             "lanes_in_use": len(self.runner.lanes),
-            "kv_slots_total": cache.max_batch,
+            "kv_slots_total": cache.max_batch,  # sequences (a session, its speaking fork)
             "kv_slots_used": used,
-            "kv_positions_total": cache.max_batch * cache.max_len,
+            "kv_pages_total": cache.num_pages,
+            "kv_pages_used": cache.pages_used,
+            "kv_positions_total": cache.num_pages * cache.page_size,
             "kv_positions_used": sum(cache.lengths[: cache.max_batch]),  # free slots hold 0
         }
 
@@ -152,8 +195,18 @@ class StepAudioCore:
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
         return self.model.decoder.embed(torch.tensor(ids, device=self.device))
 
+    def prefill_chunks(
+        self, embeds: torch.Tensor, slot: int, start: int
+    ) -> Generator[None, None, torch.Tensor]:
+        """:meth:`prefill` a chunk at a time, yielding between chunks (``scheduler.py``)."""
+        return self.steps.prefill(self.prefill, embeds, slot, start)
+
     def prefill(self, embeds: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """Write ``embeds`` into ``slot`` from position ``start``; the last position's logits."""
         if embeds.shape[0] == 0:
             raise ValueError("empty pre-fill")
-        return self.runner.prefill(embeds, slot, start)
+        try:
+            return self.runner.prefill(embeds, slot, start)
+        except KVPoolFull as exc:
+            self.counters["kv_pool_full"] += 1
+            raise EngineBusy(f"the engine's KV memory is full: {exc}") from None

@@ -20,7 +20,7 @@ __all__ = ["StepAudioEngine", "StepAudioOptions", "build_step_audio_engine"]
 
 class StepAudioEngine(StepAudioCore):
     input_kind: Literal["text", "audio"] = "audio"
-    # sessions' answers advance in turn and share each batched step (SharedSteps)
+    # sessions' answers advance in turn and share each batched step (scheduler.py)
     interleaved_responses = True
 
     def new_session(self, system_prompt: str, sampling: SamplingConfig) -> StepAudioSession:

@@ -12,14 +12,16 @@ Step-Audio chat format) and opens the next turn after it; ``discard`` forgets th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from realtime.config import SamplingConfig
 from realtime.engine.base import CancelToken, EngineBusy, TokenEvent, TurnStats, UserTurn
+from realtime.engine.scheduler import run_to_end
 from realtime.engine.step_audio.answering import Answer, Role
 from realtime.engine.step_audio.core import StepAudioCore
 from realtime.engine.step_audio.listening import Listening
@@ -32,6 +34,9 @@ from realtime.models.step_audio.prompt import (
     Turn,
     assistant_text,
 )
+
+T = TypeVar("T")
+Chunks = Generator[None, None, T]  # pre-fill a chunk at a time (``scheduler.py``), then T
 
 
 @dataclass
@@ -50,13 +55,19 @@ class StepAudioSession:
         self.engine = engine
         self.sampling = sampling
         self.stats = TurnStats()
-        if engine.cache.free_slots == 0:
+        cache = engine.cache
+        if cache.free_slots == 0 or cache.free_pages == 0:
             engine.counters["sessions_refused"] += 1
-            raise EngineBusy(
-                f"all {engine.cache.max_batch} cache slots of the engine are taken; "
-                "try again when a conversation ends (engine.max_batch sets how many fit)"
+            what = (
+                f"all {cache.max_batch} cache sequences of the engine are taken"
+                if cache.free_slots == 0
+                else f"all {cache.num_pages} KV pages of the engine are in use"
             )
-        self.slot = engine.cache.allocate(1)[0]
+            raise EngineBusy(
+                f"{what}; try again when a conversation ends (engine.max_batch and "
+                "engine.kv_pages set how many fit)"
+            )
+        self.slot = cache.allocate(1)[0]
         self.conv = Conversation(system_prompt, max_turns=engine.cfg.history_turns)
         self._turn_embeds: list[list[torch.Tensor]] = []  # per earlier turn, per piece
         self._hist_len = 0
@@ -64,12 +75,19 @@ class StepAudioSession:
         self._answer: Answer | None = None  # while ``respond`` runs
         self._deferred: list[np.ndarray] = []  # audio heard while answering, listened after
         self._closed = False
+        self._responding = False  # ``respond`` runs (from its turn's pre-fill on)
         self._prompt_changed = False
         self._dropped = 0  # committed turns trimmed from the history so far
         self._calls: list[str] = []  # the tool-call payloads of the last answer
         self.on_token: Callable[[Role, int, float], None] | None = None  # bench/debug hook
         self.handovers = 0  # reasoning blocks handed to the speaking lane (all turns)
-        self._rebuild_history()
+        try:
+            self._rebuild_history()
+        except EngineBusy:
+            engine.counters["sessions_refused"] += 1
+            cache.free([self.slot])
+            raise
+        engine.sessions += 1
         self._l = self._new_turn()
 
     def _new_turn(self) -> Listening:
@@ -79,6 +97,9 @@ class StepAudioSession:
         return self.engine.prefill(embeds, self.slot, start)
 
     def _rebuild_history(self) -> None:
+        run_to_end(self._rebuild_history_chunks())
+
+    def _rebuild_history_chunks(self) -> Chunks[None]:
         """Pre-fill system prompt + the kept history from position 0."""
         e = self.engine
         turns = self.conv.turns[-self.conv.max_turns :] if self.conv.max_turns else self.conv.turns
@@ -89,22 +110,25 @@ class StepAudioSession:
             return
         audio = [p for t in embeds for p in t]
         audio_t = torch.cat(audio) if audio else None
-        self._prefill(e.model.embed(torch.tensor(prompt.ids), audio_t), 0)
+        embeds = e.model.embed(torch.tensor(prompt.ids), audio_t)
+        yield from e.prefill_chunks(embeds, self.slot, 0)
         self._hist_len = len(prompt.ids)
+        e.cache.truncate(self.slot, self._hist_len)  # pages beyond it go back to the pool
 
-    def _trim_history(self, keep: int) -> None:
+    def _trim_history(self, keep: int) -> Chunks[None]:
         """Keep the last ``keep`` turns and re-fill the cache from position 0 (the stored
         audio embeddings are reused; this runs when the next turn starts, before it is heard)."""
         self._dropped += len(self.conv.turns) - keep
         self.conv.turns = self.conv.turns[len(self.conv.turns) - keep :]
         self._turn_embeds = self._turn_embeds[len(self._turn_embeds) - keep :]
-        self._rebuild_history()
+        yield from self._rebuild_history_chunks()
 
     # ---- listening ----------------------------------------------------------------------------
     @torch.inference_mode()
     def listen(self, pcm16k: np.ndarray) -> None:
         pcm = np.asarray(pcm16k, dtype=np.float32).reshape(-1)
-        if self._answer is not None:  # answering: its tokens sit where this audio would go
+        if self._answer is not None or self._responding:  # answering: its tokens sit where
+            # this audio would go (or its turn is being pre-filled, a chunk at a time)
             self._deferred.append(pcm)
             return
         self._answered = None  # a speculative answer was not committed: more audio
@@ -140,29 +164,37 @@ class StepAudioSession:
         self._prompt_changed = True
 
     def _open_turn(self) -> None:
+        run_to_end(self._open_turn_chunks())
+
+    def _open_turn_chunks(self) -> Chunks[None]:
         lst, e = self._l, self.engine
         if lst.opened:
             return
         if self._prompt_changed:
             self._prompt_changed = False
-            self._rebuild_history()
+            yield from self._rebuild_history_chunks()
             lst.pos = self._hist_len
         limit = e.cfg.history_turns
         too_long = self._hist_len + 64 > e.cache.max_len // 2 and bool(self.conv.turns)
         if too_long or (limit and len(self.conv.turns) > limit):
             # down to half the window in one go: the cache is re-filled once per limit/2
             # turns, not every turn (the prefix stays put in between)
-            self._trim_history(len(self.conv.turns) // 2 if too_long else max(1, limit // 2))
+            yield from self._trim_history(
+                len(self.conv.turns) // 2 if too_long else max(1, limit // 2)
+            )
             lst.pos = self._hist_len
         lst.open()
 
     # ---- the end of the turn ------------------------------------------------------------------
     def _close_turn(self, turn: UserTurn) -> tuple[torch.Tensor, int]:
+        return run_to_end(self._close_turn_chunks(turn))
+
+    def _close_turn_chunks(self, turn: UserTurn) -> Chunks[tuple[torch.Tensor, int]]:
         """Pre-fill the tail, ``<audio_end><|EOT|>`` and the generation prompt beyond the
-        listened prefix. Returns (last logits, cache length)."""
+        listened prefix, a chunk at a time. Returns (last logits, cache length)."""
         e, lst = self.engine, self._l
         audio = lst.audio
-        self._open_turn()
+        yield from self._open_turn_chunks()
         gen = e.builder.generation_prompt().ids
         if self.sampling.think_budget <= 0:
             gen = gen + e.think_close_ids  # an empty reasoning block: answer at once
@@ -190,7 +222,7 @@ class StepAudioSession:
         turn_end = start + sum(p.shape[0] for p in parts) + len(ids)
         embeds = torch.cat([*parts, e.embed_ids(ids + gen)])
         self.stats.prefill_tokens = embeds.shape[0]
-        logits = self._prefill(embeds, start)
+        logits = yield from e.prefill_chunks(embeds, self.slot, start)
         self._answered = _Answered(turn_end, pieces, audio, user, inputs)
         return logits, turn_end + len(gen)
 
@@ -200,11 +232,22 @@ class StepAudioSession:
         """The answer's events; ``None`` items mark a step (or a wait for other sessions to
         take their tokens) so that the worker can run other work in between."""
         self.stats = TurnStats()
-        logits, gen_end = self._close_turn(turn)
-        answer = Answer(self.engine, self.slot, self.sampling, self.stats, self.on_token)
-        self._answer = answer
-        self._calls = []
+        self._responding = True
         try:
+            chunks = self._close_turn_chunks(turn)
+            while True:  # the turn's pre-fill: other sessions step between its chunks
+                try:
+                    item = next(chunks)
+                except StopIteration as done:
+                    logits, gen_end = done.value
+                    break
+                yield item
+                if cancel.cancelled or self._closed:
+                    chunks.close()
+                    return
+            answer = Answer(self.engine, self.slot, self.sampling, self.stats, self.on_token)
+            self._answer = answer
+            self._calls = []
             answer.start(gen_end, logits)
             self.stats.wall_prefill_done = time.monotonic()
             for ev in answer.events(cancel):
@@ -212,9 +255,11 @@ class StepAudioSession:
                     self._calls.append(ev.text.strip())
                 yield ev
         finally:
-            answer.release()
-            self.handovers += answer.handovers
+            if self._answer is not None:
+                self._answer.release()
+                self.handovers += self._answer.handovers
             self._answer = None
+            self._responding = False
             if self._deferred and not self._closed:  # what was heard meanwhile, in order
                 pcm, self._deferred = np.concatenate(self._deferred), []
                 self.listen(pcm)
@@ -243,16 +288,23 @@ class StepAudioSession:
         self._turn_embeds.append(ans.pieces)
         self._answered = None
         self._l = self._new_turn()
+        # the answer's reasoning and anything heard past the turn are not history: their
+        # pages go back to the pool
+        e.cache.truncate(self.slot, self._hist_len)
 
     def discard(self) -> None:
         self._answered = None
         self._l = self._new_turn()
+        if self._answer is None and not self._responding:  # no lane writes past it now
+            self.engine.cache.truncate(self.slot, self._hist_len)
 
     def close(self) -> None:
         """Free the slots; an answer still running stops at its next step (its lanes leave
         the runner now, so no later step writes into a slot that another session may get)."""
+        if not self._closed:
+            self.engine.sessions -= 1
         self._closed = True
         self._deferred = []
         if self._answer is not None:
             self._answer.release()
-        self.engine.cache.free([self.slot])
+        self.engine.cache.free([self.slot])  # and every KV page it held

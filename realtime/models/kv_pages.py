@@ -1,0 +1,157 @@
+"""The KV cache as one pool of fixed-size pages shared by all sequences (paged attention).
+
+Per layer ``k``/``v`` are ``[num_pages, page_size, kv_heads, head_dim]``. A *sequence* (what
+the runner calls a slot: a session's history, or the fork its speaking lane runs on) owns no
+memory of its own: it has a row of the block table, the page index for each run of
+``page_size`` positions. Pages are taken from a free list as the sequence grows and all of
+them go back when it is freed, so many short conversations share memory that fixed
+``max_len`` slots would each reserve in full. ``max_len`` stays as a per-sequence cap (the
+block table's width, static so that CUDA graphs capture it).
+
+Page 0 is the scratch page: never handed out, every unused block-table entry and the whole
+row of the scratch sequence point at it (padding rows of a batched step and graph capture
+write there; reads through it are masked). ``block_table`` lives on the device (int32, the
+layout ``flash_attn_with_kvcache(..., block_table=...)`` takes); ``tables`` is its host copy
+for bookkeeping. Growing a sequence writes one entry of the device table (no sync).
+
+Running out of pages raises :class:`KVPoolFull`, an :class:`~realtime.engine.base.EngineBusy`
+(the busy answer a full cache already gives), never a crash of other sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from realtime.models.qwen2 import KVCache, Qwen2Config
+
+
+class KVPoolFull(RuntimeError):
+    """No free page for a sequence that must grow (the engine turns it into EngineBusy)."""
+
+
+SCRATCH_PAGE = 0
+
+
+class PagedKVCache(KVCache):
+    """The pool; the same interface as the fixed-slot :class:`KVCache` (``allocate``, ``free``,
+    ``ensure``, ``copy_prefix``, ``lengths``, ``scratch_slot``, ``max_len``)."""
+
+    def __init__(
+        self,
+        cfg: Qwen2Config,
+        max_batch: int,
+        max_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        *,
+        page_size: int = 256,
+        num_pages: int = 0,
+    ) -> None:
+        """``max_batch`` sequences at once, each up to ``max_len`` positions (rounded up to
+        whole pages), sharing ``num_pages`` pages (0: enough for every sequence at
+        ``max_len``, the memory of the old fixed slots) plus the scratch page."""
+        if page_size < 1 or max_len < 1 or max_batch < 1:
+            raise ValueError("page_size, max_len and max_batch must be positive")
+        self.page_size = page_size
+        self.pages_per_seq = -(-max_len // page_size)
+        self.max_len = self.pages_per_seq * page_size
+        self.max_batch = max_batch
+        self.num_pages = num_pages or max_batch * self.pages_per_seq
+        shape = (self.num_pages + 1, page_size, cfg.num_key_value_heads, cfg.head_dim)
+        layers = range(cfg.num_hidden_layers)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
+        self.scratch_slot = max_batch
+        self.block_table = torch.full(
+            (max_batch + 1, self.pages_per_seq), SCRATCH_PAGE, dtype=torch.int32, device=device
+        )
+        self.tables: list[list[int]] = [[] for _ in range(max_batch + 1)]
+        self.lengths = [0] * (max_batch + 1)
+        self._free = list(range(max_batch))
+        self._free_pages = list(range(self.num_pages, 0, -1))  # pop() hands out low pages first
+
+    # ---- sequences ------------------------------------------------------------------------
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free_pages)
+
+    @property
+    def pages_used(self) -> int:
+        return self.num_pages - len(self._free_pages)
+
+    def nbytes_per_position(self) -> int:
+        k = self.k[0]
+        return 2 * len(self.k) * k.shape[2] * k.shape[3] * k.element_size()
+
+    def allocate(self, n: int = 1) -> list[int]:
+        if n > len(self._free):
+            raise KVPoolFull(f"KV cache full: {n} sequence(s) wanted, {len(self._free)} free")
+        slots, self._free = self._free[:n], self._free[n:]
+        for s in slots:
+            self.lengths[s] = 0
+        return slots
+
+    def free(self, slots: list[int]) -> None:
+        """Give the sequences back, and every page they held."""
+        for s in slots:
+            if s in self._free or s == self.scratch_slot:
+                continue
+            self._release_pages(s, 0)
+            self.lengths[s] = 0
+            self._free.append(s)
+        self._free.sort()
+
+    # ---- pages ----------------------------------------------------------------------------
+    def ensure(self, slot: int, length: int) -> None:
+        """Pages for positions ``0..length-1`` of ``slot``; :class:`KVPoolFull` if the pool
+        (or the sequence's cap) cannot hold them, with nothing taken."""
+        if slot == self.scratch_slot:
+            return
+        if length > self.max_len:
+            raise KVPoolFull(f"context full: {length} > {self.max_len} positions")
+        table = self.tables[slot]
+        need = -(-length // self.page_size) - len(table)
+        if need <= 0:
+            return
+        if need > len(self._free_pages):
+            raise KVPoolFull(
+                f"KV pool full: {need} page(s) of {self.page_size} positions wanted, "
+                f"{len(self._free_pages)} of {self.num_pages} free"
+            )
+        for _ in range(need):
+            page = self._free_pages.pop()
+            self.block_table[slot, len(table)].fill_(page)
+            table.append(page)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the pages of positions ``0..length-1``, give the rest back."""
+        self._release_pages(slot, -(-length // self.page_size))
+        self.lengths[slot] = min(self.lengths[slot], length)
+
+    def _release_pages(self, slot: int, keep: int) -> None:
+        table = self.tables[slot]
+        if len(table) <= keep:
+            return
+        self._free_pages.extend(reversed(table[keep:]))
+        self.block_table[slot, keep:].fill_(SCRATCH_PAGE)
+        del table[keep:]
+
+    def rows(self, slot: int, start: int, n: int) -> torch.Tensor:
+        """Flat row indices (into ``k[layer].view(-1, ...)``) of positions ``start..start+n-1``."""
+        pos = torch.arange(start, start + n)
+        pages = torch.tensor(self.tables[slot], dtype=torch.long)[pos // self.page_size]
+        return (pages * self.page_size + pos % self.page_size).to(self.k[0].device)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Fork: positions ``0..n-1`` of ``src`` into ``dst`` (pages taken for ``dst``)."""
+        self.ensure(dst, n)
+        a, b = self.rows(src, 0, n), self.rows(dst, 0, n)
+        for kc, vc in zip(self.k, self.v, strict=True):
+            flat_k, flat_v = kc.view(-1, *kc.shape[2:]), vc.view(-1, *vc.shape[2:])
+            flat_k[b] = flat_k[a]
+            flat_v[b] = flat_v[a]
+        self.lengths[dst] = n
