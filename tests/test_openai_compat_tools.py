@@ -17,6 +17,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -26,7 +27,7 @@ from test_engine_openai_compat import FaultyServer, llama_process
 
 from realtime.config import load_config
 from realtime.engine.base import CancelToken, TokenEvent, UserTurn
-from realtime.engine.openai_compat import OpenAICompatEngine
+from realtime.engine.openai_compat import OpenAICompatEngine, RemoteEngineError
 from realtime.engine.tools import ToolResult, ToolSpec, parse_tool_calls
 
 pytestmark = pytest.mark.slow
@@ -46,13 +47,35 @@ TIME_SPEC = ToolSpec("get_time", "The time in a city.", WEATHER["parameters"])
 
 
 # -- a real server: llama.cpp's chatml-function-calling ------------------------------------
+class RecordingProxy(FaultyServer):
+    """Passes every request through to the LLM server as it answers it (streamed or not),
+    keeping the request bodies; the runtime's warm-up gets ``FaultyServer``'s canned answer."""
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        if self.mode != "proxy":
+            return await super()._chat(request)
+        body = await request.json()
+        self.requests.append(body)
+        if not self.client.connector or not self.client.connector.force_close:
+            # a fresh connection each time: llama.cpp's server closes one whose stream failed
+            await self.client.close()
+            self.client = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        async with self.client.post(f"{self.upstream}/chat/completions", json=body) as up:
+            kind = up.headers.get("Content-Type", "application/json")
+            resp = web.StreamResponse(status=up.status, headers={"Content-Type": kind})
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+        return resp
+
+
 @pytest.fixture(scope="module")
-def function_calling_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultyServer]:
+def function_calling_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordingProxy]:
     """llama-cpp-python's server with the chatml-function-calling chat format, behind a
-    recording proxy (``FaultyServer`` in "proxy" mode)."""
+    recording proxy."""
     log = tmp_path_factory.mktemp("llama-fc") / "server.log"
     with llama_process(log, "--chat_format", "chatml-function-calling") as base:
-        proxy = FaultyServer(base)
+        proxy = RecordingProxy(base)
         try:
             yield proxy
         finally:
@@ -60,7 +83,7 @@ def function_calling_server(tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def realtime_server(function_calling_server: FaultyServer) -> Any:
+async def realtime_server(function_calling_server: RecordingProxy) -> Any:
     from realtime.runtime import Runtime
 
     proxy = function_calling_server
@@ -158,6 +181,73 @@ async def test_a_named_tool_is_called_then_the_agent_speaks(realtime_server: Any
             "tool_call_id": call["id"],
             "content": output,
         }
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_auto_choice_falls_back_to_an_unstreamed_request(realtime_server: Any) -> None:
+    """llama-cpp-python cannot stream tool_choice "auto" (its stream ends empty): the engine
+    asks again without streaming, and from then on asks so for "auto" at once."""
+    srv, proxy = realtime_server
+    client = AsyncOpenAI(api_key="x", websocket_base_url=f"{srv.ws}/v1")
+    async with client.realtime.connect(model="local-agent") as conn:
+        await _recv(conn, "session.created")
+        await conn.session.update(
+            session={"type": "realtime", "tools": [WEATHER], "tool_choice": "auto"}
+        )
+        await _recv(conn, "session.updated")
+        before = len(proxy.requests)
+        for n in range(2):
+            text = "What is the weather like in Oslo?" if n == 0 else "And in Rome?"
+            await conn.conversation.item.create(
+                item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+            )  # fmt: skip
+            await _recv(conn, "conversation.item.added")
+            await _recv(conn, "conversation.item.done")
+            await conn.response.create()
+            _, done = await _until_done(conn)
+            assert done.status == "completed", done
+            kinds = {o.type for o in done.output}
+            assert kinds & {"function_call", "message"}, done  # a call or spoken words
+            if "function_call" in kinds:
+                call = next(o for o in done.output if o.type == "function_call")
+                await conn.conversation.item.create(
+                    item={"type": "function_call_output", "call_id": call.call_id, "output": "{}"}
+                )
+                await _recv(conn, "conversation.item.added")
+                await _recv(conn, "conversation.item.done")
+        streamed = [r.get("stream") for r in proxy.requests[before:]]
+        assert streamed == [True, False, False], streamed  # asked again, then at once unstreamed
+
+
+def test_llama_cpp_direct_auto_required_and_named(function_calling_server: RecordingProxy) -> None:
+    """The engine straight on llama.cpp's server (no proxy): "auto" comes back unstreamed
+    after the empty stream, "required" (which chatml-function-calling cannot do) is a clear
+    error, and the next requests still work on fresh connections."""
+    sets = {
+        "engine.backend": "openai-compatible",
+        "engine.model": "smollm2",
+        "engine.remote": {"base_url": function_calling_server.upstream, "read_timeout_s": 30.0},
+        "engine.sampling.max_new_tokens": 40,
+    }
+    engine = OpenAICompatEngine(load_config("embedded", sets).engine)
+    session = engine.new_session("You are a helpful assistant.", engine.cfg.sampling)
+    turn = UserTurn(text="What is the weather like in Paris?")
+    try:
+        for choice in ("auto", "required", "auto", "get_weather"):
+            session.set_tools((WEATHER_SPEC,), choice)
+            if choice == "required":
+                with pytest.raises(RemoteEngineError, match="HTTP 500"):
+                    _events(session, turn)
+                continue
+            events = _events(session, turn)
+            assert [ev for ev in events if ev.kind in ("tool_call", "answer")], (choice, events)
+            if choice == "get_weather":
+                (call,) = [parse_tool_calls(ev.text) for ev in events if ev.kind == "tool_call"]
+                assert call[0].name == "get_weather" and "city" in json.loads(call[0].arguments)
+        assert engine.unstreamable == {"auto", "required"}
+    finally:
+        session.close()
+        engine.close()
 
 
 # -- a SCRIPTED OpenAI-format stream: the accumulation of delta.tool_calls -------------------

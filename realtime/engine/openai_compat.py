@@ -148,6 +148,9 @@ class OpenAICompatEngine:
             )
         if key:
             self.headers["Authorization"] = f"Bearer {key}"
+        # the tool choices ("auto", "required", "none", "named") for which the server sent
+        # an empty stream: requests with them are no longer streamed
+        self.unstreamable: set[str] = set()
         # Set by any request that received something: a waiting answer wakes at once.
         self.arrived = threading.Event()
         self.http = _HttpLoop(remote)
@@ -203,6 +206,52 @@ class OpenAICompatEngine:
             return f"cannot reach the LLM server at {self.url}: {exc.os_error or exc}"
         return f"the LLM server at {self.url} failed: {_describe(exc)}"
 
+    async def _post(self, body: dict[str, Any], put: Any) -> bool:
+        """One request; each piece of its answer goes to ``put``. Whether the server sent
+        anything (an event, [DONE] or a whole answer)."""
+        async with self.http.client.post(
+            self.url, json=body, headers=self.headers, timeout=self.timeout
+        ) as resp:
+            if resp.status != 200:
+                text = await resp.text(errors="replace")
+                resp.close()  # servers may drop a connection after an error: not reused
+                raise RemoteEngineError(_status_message(self.url, resp.status, text))
+            if resp.content_type == "application/json":  # the server did not stream
+                for piece in _whole_answer(await resp.json(), self.url):
+                    put(piece)
+                return True
+            sent = False
+            try:
+                async for raw in resp.content:
+                    sent = sent or raw.lstrip().startswith(b"data:")
+                    for piece in _pieces(raw, self.url):
+                        if piece.kind == "done":
+                            return True
+                        put(piece)
+            except asyncio.CancelledError:
+                resp.close()  # drop the connection: the server stops generating
+                raise
+            if not sent:
+                resp.close()  # a stream that failed: its connection is not reused
+        return sent  # the stream ended without [DONE]: what came is the answer
+
+    async def _post_retried(self, body: dict[str, Any], put: Any) -> bool:
+        """``_post``, once more if the server closed the (kept-alive) connection before
+        answering anything: a connection the pool kept after the server dropped it."""
+        got: list[_Piece] = []
+
+        def keep(piece: _Piece) -> None:
+            got.append(piece)
+            put(piece)
+
+        try:
+            return await self._post(body, keep)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            if got:
+                raise
+            log.info("the LLM server closed a kept connection; asking again")
+            return await self._post(body, put)
+
     async def stream(self, body: dict[str, Any], out: queue.SimpleQueue[_Piece]) -> None:
         """POST ``body`` and put each piece of the answer on ``out``; ends with "done" or
         "error". Cancelling this task closes the connection."""
@@ -212,26 +261,21 @@ class OpenAICompatEngine:
             self.arrived.set()
 
         try:
-            async with self.http.client.post(
-                self.url, json=body, headers=self.headers, timeout=self.timeout
-            ) as resp:
-                if resp.status != 200:
-                    text = await resp.text(errors="replace")
-                    raise RemoteEngineError(_status_message(self.url, resp.status, text))
-                if resp.content_type == "application/json":  # the server did not stream
-                    for piece in _whole_answer(await resp.json(), self.url):
-                        put(piece)
-                    return
-                try:
-                    async for raw in resp.content:
-                        for piece in _pieces(raw, self.url):
-                            put(piece)
-                            if piece.kind == "done":
-                                return
-                except asyncio.CancelledError:
-                    resp.close()  # drop the connection: the server stops generating
-                    raise
-            put(_Piece("done"))  # the stream ended without [DONE]: what came is the answer
+            kind = _choice_kind(body)
+            if kind in self.unstreamable:
+                body = _unstreamed(body)
+            if not await self._post_retried(body, put) and kind and body.get("stream"):
+                # An empty 200 stream where tools were declared: the server cannot stream this
+                # tool choice (llama-cpp-python's chatml-function-calling, for "auto" and
+                # "required"). This request and later ones with this choice go unstreamed.
+                log.warning(
+                    "the LLM server at %s sent an empty stream for tool_choice %s; "
+                    "requests with it are no longer streamed",
+                    self.url,
+                    kind,
+                )
+                self.unstreamable.add(kind)
+                await self._post_retried(_unstreamed(body), put)
         except asyncio.CancelledError:
             raise
         except RemoteEngineError as exc:
@@ -243,6 +287,20 @@ class OpenAICompatEngine:
             put(_Piece("error", error=RemoteEngineError(self._failure(exc))))
         finally:
             put(_Piece("done"))  # whatever happened, the reader stops waiting
+
+
+def _choice_kind(body: dict[str, Any]) -> str:
+    """The kind of tool choice a request makes ("" without tools)."""
+    if not body.get("tools"):
+        return ""
+    choice = body.get("tool_choice", "auto")
+    return choice if isinstance(choice, str) else "named"
+
+
+def _unstreamed(body: dict[str, Any]) -> dict[str, Any]:
+    body = {**body, "stream": False}
+    body.pop("stream_options", None)
+    return body
 
 
 def _describe(exc: BaseException) -> str:
