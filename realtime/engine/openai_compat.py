@@ -13,6 +13,9 @@ put together per index and, when the choice finishes or the stream ends, come ou
 checks and gives a call id of its own. The history keeps the assistant's ``tool_calls`` (with
 the server's ids), and the client's outputs go back as ``role: "tool"`` messages whose
 ``tool_call_id`` is the id of the call they answer (matched by tool name, in call order).
+A server that answers a request with tools with an empty stream (llama-cpp-python's
+chatml-function-calling cannot stream ``auto`` or ``required``) is asked again without
+streaming, and for that tool choice unstreamed from then on.
 
 Threads: the HTTP requests run on one event loop of the engine's own (a background thread with
 one aiohttp client session and its pool of kept-alive connections), never on the caller's loop
