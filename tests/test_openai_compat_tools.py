@@ -405,3 +405,42 @@ def test_scripted_named_choice_json_answer_and_a_stream_without_finish(scripted:
     assert msgs[-2]["tool_calls"][0]["id"] == "call_x"
     assert msgs[-1] == {"role": "tool", "tool_call_id": "call_x", "content": "rain"}
     session.close()
+
+
+def test_scripted_history_window_never_starts_at_a_tool_output(scripted: Any) -> None:
+    _, server = scripted
+    server.mode = "stream"
+    sets = {
+        "engine.backend": "openai-compatible",
+        "engine.model": "scripted",
+        "engine.history_turns": 1,
+        "engine.remote": {"base_url": server.base_url, "read_timeout_s": 5.0},
+    }
+    engine = OpenAICompatEngine(load_config("embedded", sets).engine)
+    session = engine.new_session("You are helpful.", engine.cfg.sampling)
+    session.set_tools((WEATHER_SPEC, TIME_SPEC), "auto")
+    try:
+        ask = UserTurn(text="Weather in Paris and time in Lima?")
+        _events(session, ask)
+        session.commit(ask, "Let me check.", interrupted=False)
+        back = UserTurn(
+            text="",
+            tool_results=(
+                ToolResult("c1", "get_weather", "sunny"),
+                ToolResult("c2", "get_time", "09:00"),
+            ),
+        )
+        _events(session, back)
+        session.commit(back, "Sunny, and nine.", interrupted=False)
+        _events(session, UserTurn(text="Thanks."))
+        roles = [m["role"] for m in server.requests[-1]["messages"]]
+        # the last two messages would be a tool output and the answer: the window starts at
+        # the user's words that led to the call
+        assert roles == ["system", "user", "assistant", "tool", "tool", "assistant", "user"]
+        session.commit(UserTurn(text="Thanks."), "You are welcome.", interrupted=False)
+        _events(session, UserTurn(text="Bye."))
+        roles = [m["role"] for m in server.requests[-1]["messages"]]
+        assert roles == ["system", "user", "assistant", "user"], roles  # then one turn again
+    finally:
+        session.close()
+        engine.close()
