@@ -562,10 +562,12 @@ class OpenAICompatSession:
         h.messages += [*self.turn_messages(turn), reply]
         keep = max(1, self.engine.cfg.history_turns)
         if len(h.messages) - h.first > 2 * keep:
+            oldest = h.first
             h.first = len(h.messages) - 2 * keep  # servers with prefix caching keep the rest
-            # never start at a tool output (or the call before it): at a user's words
-            while h.first < len(h.messages) - 1 and h.messages[h.first]["role"] != "user":
-                h.first += 1
+            # a turn with tool calls is longer than two messages: never start inside one (a
+            # tool output without its call), start at the user's words that began it
+            while h.first > oldest and h.messages[h.first]["role"] != "user":
+                h.first -= 1
 
     def discard(self) -> None:
         """Nothing to undo: a speculative answer's request ends when it is cancelled."""
