@@ -5,6 +5,7 @@ aiohttp server in front of it that can answer 503, stall, or stream reasoning.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -32,20 +33,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """llama-cpp-python's server on SmolLM2, on a free loopback port: (base_url, its log).
-    ``--interrupt_requests False``: a new request never ends a running one, so only the
-    client closing the stream does."""
+@contextlib.contextmanager
+def llama_process(log: Path, *extra: str) -> Iterator[str]:
+    """llama-cpp-python's server on SmolLM2, on a free loopback port, with ``extra`` options:
+    its base URL while it runs (its output goes to ``log``)."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("llama") / "server.log"
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(bundled_gguf())]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1"]
-    cmd += ["--interrupt_requests", "False", "--model_alias", "smollm2"]
+    cmd += ["--model_alias", "smollm2", *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its log is read while it runs
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -56,13 +54,23 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
             except OSError:
                 assert time.monotonic() < deadline, "llama_cpp.server did not start in 180 s"
                 time.sleep(0.5)
-        yield base, log
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """llama-cpp-python's server on SmolLM2: (base_url, its log).
+    ``--interrupt_requests False``: a new request never ends a running one, so only the
+    client closing the stream does."""
+    log = tmp_path_factory.mktemp("llama") / "server.log"
+    with llama_process(log, "--interrupt_requests", "False") as base:
+        yield base, log
 
 
 class FaultyServer:

@@ -6,6 +6,17 @@ events come back as the engine's thinking and answer tokens. Reasoning is taken 
 ``reasoning_content`` delta field where the server sends it (vLLM and SGLang with a reasoning
 parser), else from ``<think>...</think>`` in the content.
 
+Tools: declared tools go in the request as ``tools`` (the Chat Completions form) with
+``tool_choice``; the streamed ``delta.tool_calls[i]`` pieces (id, name, argument fragments) are
+put together per index and, when the choice finishes or the stream ends, come out as one
+``tool_call`` event each, ``{"name": ..., "arguments": "<json text>"}``, which the responder
+checks and gives a call id of its own. The history keeps the assistant's ``tool_calls`` (with
+the server's ids), and the client's outputs go back as ``role: "tool"`` messages whose
+``tool_call_id`` is the id of the call they answer (matched by tool name, in call order).
+A server that answers a request with tools with an empty stream (llama-cpp-python's
+chatml-function-calling cannot stream ``auto`` or ``required``) is asked again without
+streaming, and for that tool choice unstreamed from then on.
+
 Threads: the HTTP requests run on one event loop of the engine's own (a background thread with
 one aiohttp client session and its pool of kept-alive connections), never on the caller's loop
 and never blocking the engine's worker thread. ``respond`` (on the worker thread) reads what the
@@ -35,6 +46,7 @@ import numpy as np
 from realtime.config import EngineConfig, RemoteLLMConfig, SamplingConfig
 from realtime.engine.base import CancelToken, TokenEvent, TurnStats, UserTurn
 from realtime.engine.parser import ReasoningParser
+from realtime.engine.tools import AUTO, ToolChoice, ToolSpec, forced_name
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +61,35 @@ class RemoteEngineError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class _Piece:
-    kind: str  # "reasoning" | "content" | "usage" | "done" | "error"
-    text: str = ""
+    kind: str  # "reasoning" | "content" | "tool" | "calls_end" | "usage" | "done" | "error"
+    text: str = ""  # for "tool": a fragment of the call's arguments
     usage: dict[str, Any] | None = None
     error: BaseException | None = None
+    index: int = 0  # "tool": which call of the answer
+    call_id: str = ""  # "tool": the server's id of the call (in the call's first piece)
+    name: str = ""  # "tool": the function's name (in the call's first piece)
+
+
+def _tool_pieces(calls: Any, legacy: Any) -> Iterator[_Piece]:
+    """The ``tool`` pieces of one delta (or whole message): ``tool_calls``, else the legacy
+    ``function_call`` (one call)."""
+    if not isinstance(calls, list):
+        calls = [{"index": 0, "function": legacy}] if isinstance(legacy, dict) else []
+    for i, call in enumerate(calls):
+        if not isinstance(call, dict):
+            continue
+        fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+        args = fn.get("arguments")
+        if isinstance(args, dict):  # some servers send the object itself
+            args = json.dumps(args, ensure_ascii=False)
+        index = call.get("index")
+        yield _Piece(
+            "tool",
+            text=args if isinstance(args, str) else "",
+            index=index if isinstance(index, int) else i,
+            call_id=str(call.get("id") or ""),
+            name=str(fn.get("name") or ""),
+        )
 
 
 class _HttpLoop:
@@ -114,6 +151,9 @@ class OpenAICompatEngine:
             )
         if key:
             self.headers["Authorization"] = f"Bearer {key}"
+        # the tool choices ("auto", "required", "none", "named") for which the server sent
+        # an empty stream: requests with them are no longer streamed
+        self.unstreamable: set[str] = set()
         # Set by any request that received something: a waiting answer wakes at once.
         self.arrived = threading.Event()
         self.http = _HttpLoop(remote)
@@ -169,6 +209,52 @@ class OpenAICompatEngine:
             return f"cannot reach the LLM server at {self.url}: {exc.os_error or exc}"
         return f"the LLM server at {self.url} failed: {_describe(exc)}"
 
+    async def _post(self, body: dict[str, Any], put: Any) -> bool:
+        """One request; each piece of its answer goes to ``put``. Whether the server sent
+        anything (an event, [DONE] or a whole answer)."""
+        async with self.http.client.post(
+            self.url, json=body, headers=self.headers, timeout=self.timeout
+        ) as resp:
+            if resp.status != 200:
+                text = await resp.text(errors="replace")
+                resp.close()  # servers may drop a connection after an error: not reused
+                raise RemoteEngineError(_status_message(self.url, resp.status, text))
+            if resp.content_type == "application/json":  # the server did not stream
+                for piece in _whole_answer(await resp.json(), self.url):
+                    put(piece)
+                return True
+            sent = False
+            try:
+                async for raw in resp.content:
+                    sent = sent or raw.lstrip().startswith(b"data:")
+                    for piece in _pieces(raw, self.url):
+                        if piece.kind == "done":
+                            return True
+                        put(piece)
+            except asyncio.CancelledError:
+                resp.close()  # drop the connection: the server stops generating
+                raise
+            if not sent:
+                resp.close()  # a stream that failed: its connection is not reused
+        return sent  # the stream ended without [DONE]: what came is the answer
+
+    async def _post_retried(self, body: dict[str, Any], put: Any) -> bool:
+        """``_post``, once more if the server closed the (kept-alive) connection before
+        answering anything: a connection the pool kept after the server dropped it."""
+        got: list[_Piece] = []
+
+        def keep(piece: _Piece) -> None:
+            got.append(piece)
+            put(piece)
+
+        try:
+            return await self._post(body, keep)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            if got:
+                raise
+            log.info("the LLM server closed a kept connection; asking again")
+            return await self._post(body, put)
+
     async def stream(self, body: dict[str, Any], out: queue.SimpleQueue[_Piece]) -> None:
         """POST ``body`` and put each piece of the answer on ``out``; ends with "done" or
         "error". Cancelling this task closes the connection."""
@@ -178,26 +264,21 @@ class OpenAICompatEngine:
             self.arrived.set()
 
         try:
-            async with self.http.client.post(
-                self.url, json=body, headers=self.headers, timeout=self.timeout
-            ) as resp:
-                if resp.status != 200:
-                    text = await resp.text(errors="replace")
-                    raise RemoteEngineError(_status_message(self.url, resp.status, text))
-                if resp.content_type == "application/json":  # the server did not stream
-                    for piece in _whole_answer(await resp.json(), self.url):
-                        put(piece)
-                    return
-                try:
-                    async for raw in resp.content:
-                        for piece in _pieces(raw, self.url):
-                            put(piece)
-                            if piece.kind == "done":
-                                return
-                except asyncio.CancelledError:
-                    resp.close()  # drop the connection: the server stops generating
-                    raise
-            put(_Piece("done"))  # the stream ended without [DONE]: what came is the answer
+            kind = _choice_kind(body)
+            if kind in self.unstreamable:
+                body = _unstreamed(body)
+            if not await self._post_retried(body, put) and kind and body.get("stream"):
+                # An empty 200 stream where tools were declared: the server cannot stream this
+                # tool choice (llama-cpp-python's chatml-function-calling, for "auto" and
+                # "required"). This request and later ones with this choice go unstreamed.
+                log.warning(
+                    "the LLM server at %s sent an empty stream for tool_choice %s; "
+                    "requests with it are no longer streamed",
+                    self.url,
+                    kind,
+                )
+                self.unstreamable.add(kind)
+                await self._post_retried(_unstreamed(body), put)
         except asyncio.CancelledError:
             raise
         except RemoteEngineError as exc:
@@ -209,6 +290,20 @@ class OpenAICompatEngine:
             put(_Piece("error", error=RemoteEngineError(self._failure(exc))))
         finally:
             put(_Piece("done"))  # whatever happened, the reader stops waiting
+
+
+def _choice_kind(body: dict[str, Any]) -> str:
+    """The kind of tool choice a request makes ("" without tools)."""
+    if not body.get("tools"):
+        return ""
+    choice = body.get("tool_choice", "auto")
+    return choice if isinstance(choice, str) else "named"
+
+
+def _unstreamed(body: dict[str, Any]) -> dict[str, Any]:
+    body = {**body, "stream": False}
+    body.pop("stream_options", None)
+    return body
 
 
 def _describe(exc: BaseException) -> str:
@@ -248,6 +343,9 @@ def _pieces(raw: bytes, url: str) -> Iterator[_Piece]:
             yield _Piece("reasoning", reasoning)
         if delta.get("content"):
             yield _Piece("content", delta["content"])
+        yield from _tool_pieces(delta.get("tool_calls"), delta.get("function_call"))
+        if choice.get("finish_reason") in ("tool_calls", "function_call"):
+            yield _Piece("calls_end")
     if event.get("usage"):
         yield _Piece("usage", usage=event["usage"])
 
@@ -265,13 +363,51 @@ def _whole_answer(event: Any, url: str) -> Iterator[_Piece]:
         yield _Piece("reasoning", reasoning)
     if message.get("content"):
         yield _Piece("content", message["content"])
+    yield from _tool_pieces(message.get("tool_calls"), message.get("function_call"))
     if isinstance(event.get("usage"), dict):
         yield _Piece("usage", usage=event["usage"])
 
 
 @dataclass
+class _Call:
+    """One tool call of an answer, put together from its streamed pieces."""
+
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+    def add(self, piece: _Piece) -> None:
+        # OpenAI sends the id and name in a call's first piece only; llama.cpp repeats them
+        self.call_id = self.call_id or piece.call_id
+        self.name = self.name or piece.name
+        self.arguments += piece.text
+
+    def event(self) -> TokenEvent:
+        return TokenEvent("tool_call", json.dumps({"name": self.name, "arguments": self.arguments}))
+
+    def message(self, n: int) -> dict[str, Any]:
+        """The call in an assistant message's ``tool_calls`` (an id made up if none came)."""
+        if not self.call_id:
+            self.call_id = f"call_{n}"
+        args = self.arguments.strip() or "{}"
+        return {
+            "id": self.call_id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": args},
+        }
+
+
+def tool_choice_body(choice: ToolChoice) -> str | dict[str, Any]:
+    """``tool_choice`` in the Chat Completions form."""
+    name = forced_name(choice)
+    if name is None:
+        return choice  # "auto" | "none" | "required"
+    return {"type": "function", "function": {"name": name}}
+
+
+@dataclass
 class _History:
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
     first: int = 0  # the oldest message still sent
 
 
@@ -285,21 +421,50 @@ class OpenAICompatSession:
         self.stats = TurnStats()
         self._history = _History()
         self._request: Future[Any] | None = None  # the answer's request, while it runs
+        self.tools: tuple[ToolSpec, ...] = ()
+        self.tool_choice: ToolChoice = AUTO
+        self._calls: list[_Call] = []  # the tool calls of the last answer
 
-    def messages(self, user_text: str) -> list[dict[str, str]]:
+    def set_tools(self, tools: tuple[ToolSpec, ...], choice: ToolChoice) -> None:
+        self.tools, self.tool_choice = tuple(tools), choice
+
+    def turn_messages(self, turn: UserTurn) -> list[dict[str, Any]]:
+        """A turn's messages: the tool outputs it returns (``role: tool``, each with the id of
+        the call it answers), then the user's words."""
+        msgs: list[dict[str, Any]] = []
+        last = next((m for m in reversed(self._history.messages) if m["role"] == "assistant"), None)
+        open_calls = list((last or {}).get("tool_calls") or ())
+        unknown: list[dict[str, Any]] = []
+        for r in turn.tool_results:
+            call = next((c for c in open_calls if c["function"]["name"] == r.name), None)
+            if call is not None:
+                open_calls.remove(call)
+                call_id = call["id"]
+            else:  # an output for a call this history lacks: the call is written before it
+                call_id = r.call_id
+                fn = {"name": r.name, "arguments": "{}"}
+                unknown.append({"id": call_id, "type": "function", "function": fn})
+            msgs.append({"role": "tool", "tool_call_id": call_id, "content": r.output})
+        if unknown:
+            msgs.insert(0, {"role": "assistant", "content": "", "tool_calls": unknown})
+        if turn.text or not turn.tool_results:
+            msgs.append({"role": "user", "content": turn.text})
+        return msgs
+
+    def messages(self, turn: UserTurn) -> list[dict[str, Any]]:
         h = self._history
         return [
             {"role": "system", "content": self.system_prompt},
             *h.messages[h.first :],
-            {"role": "user", "content": user_text},
+            *self.turn_messages(turn),
         ]
 
-    def request_body(self, user_text: str) -> dict[str, Any]:
-        """The body of one answer's request (a subclass or a later option may add ``tools``)."""
+    def request_body(self, turn: UserTurn) -> dict[str, Any]:
+        """The body of one answer's request."""
         s = self.sampling
         body: dict[str, Any] = {
             "model": self.engine.model,
-            "messages": self.messages(user_text),
+            "messages": self.messages(turn),
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": s.max_new_tokens,
@@ -309,6 +474,9 @@ class OpenAICompatSession:
         }
         if s.top_k > 0:
             body["top_k"] = s.top_k  # not in OpenAI's API: sent only when asked for
+        if self.tools:
+            body["tools"] = [t.to_openai() for t in self.tools]
+            body["tool_choice"] = tool_choice_body(self.tool_choice)
         body.update(self.engine.cfg.remote.extra_body)
         return body
 
@@ -319,11 +487,18 @@ class OpenAICompatSession:
         self.stats = stats = TurnStats()
         engine = self.engine
         pieces: queue.SimpleQueue[_Piece] = queue.SimpleQueue()
-        self._request = request = engine.http.submit(
-            engine.stream(self.request_body(turn.text), pieces)
-        )
+        self._request = request = engine.http.submit(engine.stream(self.request_body(turn), pieces))
         parser = ReasoningParser(in_thinking=False)
         usage: dict[str, Any] | None = None
+        self._calls = []
+        calls: dict[int, _Call] = {}  # by the server's index, until the calls end
+
+        def end_calls() -> Iterator[TokenEvent]:
+            for index in sorted(calls):
+                self._calls.append(calls[index])
+                yield calls[index].event()
+            calls.clear()
+
         try:
             while not cancel.cancelled:
                 try:
@@ -341,10 +516,16 @@ class OpenAICompatSession:
                 if piece.kind == "usage":
                     usage = piece.usage
                     continue
+                if piece.kind == "calls_end":
+                    yield from end_calls()
+                    continue
                 now = time.monotonic()
                 if stats.wall_first_token is None:
                     stats.wall_first_token = stats.wall_prefill_done = now
                 stats.generated_tokens += 1  # one delta is one token on the servers we know
+                if piece.kind == "tool":
+                    calls.setdefault(piece.index, _Call()).add(piece)
+                    continue
                 if piece.kind == "reasoning":
                     stats.thinking_tokens += 1
                     yield TokenEvent("thinking", piece.text)
@@ -359,6 +540,7 @@ class OpenAICompatSession:
                     break
             if not cancel.cancelled:
                 yield from parser.close()
+                yield from end_calls()  # a stream that ended without finish_reason
         finally:
             request.cancel()  # cancelled, failed or finished early: the connection closes
             self._request = None
@@ -368,18 +550,24 @@ class OpenAICompatSession:
 
     def commit(self, turn: UserTurn, spoken_answer: str, interrupted: bool) -> None:
         answer = spoken_answer.strip()
-        if not answer and not interrupted:
+        calls, self._calls = ([] if interrupted else self._calls), []
+        if not answer and not interrupted and not calls:
             return  # the answer failed: nothing was said, and the user will ask again
         if interrupted:
             answer = (answer + " ...").strip()
+        reply: dict[str, Any] = {"role": "assistant", "content": answer}
+        if calls:  # the calls stay in the history: the tool outputs answer them by id
+            reply["tool_calls"] = [c.message(i) for i, c in enumerate(calls)]
         h = self._history
-        h.messages += [
-            {"role": "user", "content": turn.text},
-            {"role": "assistant", "content": answer},
-        ]
+        h.messages += [*self.turn_messages(turn), reply]
         keep = max(1, self.engine.cfg.history_turns)
         if len(h.messages) - h.first > 2 * keep:
+            oldest = h.first
             h.first = len(h.messages) - 2 * keep  # servers with prefix caching keep the rest
+            # a turn with tool calls is longer than two messages: never start inside one (a
+            # tool output without its call), start at the user's words that began it
+            while h.first > oldest and h.messages[h.first]["role"] != "user":
+                h.first -= 1
 
     def discard(self) -> None:
         """Nothing to undo: a speculative answer's request ends when it is cancelled."""
