@@ -86,7 +86,7 @@ def loop() -> Any:
 @pytest.fixture(scope="module")
 def server(loop: asyncio.AbstractEventLoop, server_runtime: Any) -> Any:
     srv = loop.run_until_complete(
-        start_server(server_runtime, ServerConfig(max_message_bytes=LIMIT, max_sessions=4))
+        start_server(server_runtime, ServerConfig(max_message_bytes=LIMIT, max_sessions=16))
     )
     yield srv
     loop.run_until_complete(srv.runner.cleanup())
