@@ -14,22 +14,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.soak import run_soak, table  # noqa: E402
 
-RSS_BOUND_MB = 150.0  # growth from the end of the warm-up (the first quarter) to the end
+RSS_BOUND_MB = 150.0  # growth over the measured pass, after a warm-up pass of the same callers
 
 
 @pytest.mark.slow
 async def test_short_soak_leaves_nothing_behind(server_runtime: Any) -> None:
     if not hasattr(server_runtime, "engine"):
         pytest.skip("the soak runs on the real pipeline")
-    result = await run_soak(
-        server_runtime,
-        callers=4,
-        duration_s=20.0,
-        seed=1,
-        mix={"realtime": 0.5, "twilio": 0.25, "webrtc": 0.25},
-        p_barge=0.3,
-        p_hang_up=0.3,
-    )
+    soak = {
+        "callers": 4,
+        "mix": {"realtime": 0.5, "twilio": 0.25, "webrtc": 0.25},
+        "p_barge": 0.3,
+        "p_hang_up": 0.3,
+    }
+    # A first pass of the same callers makes what the first answers allocate once (codecs,
+    # buffers, the models' caches): in 20 s there is no warm-up quarter to measure after.
+    await run_soak(server_runtime, duration_s=12.0, seed=2, **soak)
+    result = await run_soak(server_runtime, duration_s=20.0, seed=1, **soak)
     print("\n" + table(result))
     totals = result["totals"]
     assert result["transports"] == {"realtime": 2, "twilio": 1, "webrtc": 1}
@@ -40,4 +41,5 @@ async def test_short_soak_leaves_nothing_behind(server_runtime: Any) -> None:
     assert result["leaks"] == {}, table(result)
     assert result["held_after"]["sessions_open"] == 0
     assert result["held_after"]["peer_connections"] == 0
-    assert result["rss_mb"]["growth_after_warmup"] < RSS_BOUND_MB, result["rss_mb"]
+    rss = result["rss_mb"]
+    assert rss["end"] - rss["start"] < RSS_BOUND_MB, rss
