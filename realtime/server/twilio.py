@@ -169,12 +169,10 @@ async def _pump(call: TwilioCall) -> None:
                 await call.mark()  # a piece boundary
             call.audio_s += len(frame.pcm) / frame.sample_rate
             await call.send_audio(ulaw_encode(call.resample(frame.pcm, frame.sample_rate)))
-        elif isinstance(frame, Interruption) or (
-            isinstance(frame, SpeechStarted) and not in_answer
-        ):
-            # While an answer is still coming, the controller judges speech over it (a
-            # backchannel is no barge-in) and says Interruption. Once all of it was sent, only
-            # Twilio's queue (unechoed marks) is left to cut, at the first speech.
+        elif isinstance(frame, (SpeechStarted, Interruption)):
+            # Twilio holds the answer's audio (it is sent unpaced), so what the caller has not
+            # heard yet is cut at the first speech, before the controller has judged it: a
+            # backchannel also cuts it here (docs/telephony.md)
             await call.barge_in()
             in_answer = False
         elif isinstance(frame, TurnMetrics):
