@@ -72,20 +72,12 @@ class PagedKVCache(KVCache):
 
     # ---- sequences ------------------------------------------------------------------------
     @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
-    @property
     def free_pages(self) -> int:
         return len(self._free_pages)
 
     @property
     def pages_used(self) -> int:
         return self.num_pages - len(self._free_pages)
-
-    def nbytes_per_position(self) -> int:
-        k = self.k[0]
-        return 2 * len(self.k) * k.shape[2] * k.shape[3] * k.element_size()
 
     def allocate(self, n: int = 1) -> list[int]:
         if n > len(self._free):
