@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-    from realtime.models.qwen2 import Qwen2Config
 
 log = logging.getLogger(__name__)
 _group: ProcessGroup | None = None
@@ -91,8 +90,12 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def local_config(cfg: Qwen2Config, world: int) -> Qwen2Config:
-    """The config of one rank's shard of a decoder split ``world`` ways."""
+Cfg = TypeVar("Cfg")
+
+
+def local_config(cfg: Cfg, world: int) -> Cfg:
+    """The config (a ``Qwen2Config``; not imported here, as qwen2 imports this module through
+    layers) of one rank's shard of a decoder split ``world`` ways."""
     parts = {
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads,
