@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -61,6 +62,11 @@ from bench.voices import DEFAULT_VOICES, QUESTIONS, available, speech_end, synth
 RATE = 24000  # the Realtime API's default input format: audio/pcm at 24 kHz
 CHUNK_S = 0.02
 CHUNK = int(RATE * CHUNK_S)
+# filler for --context-words: words that are one token each in the step-audio-random tokenizer
+FILLER = (
+    "this is a fixed answer because the weights are random every step is still computed and "
+    "timed for real ask me another question whenever you like"
+).split()
 REJECT_CODES = {"session_limit_reached", "server_busy", "server_full"}
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,6 +121,13 @@ class Turn:
     response_id: str | None = None
     status: str | None = None  # response.done status of the answer
     tokens_per_s: float | None = None
+    # playback at the caller: the answer's audio played from its first packet at real-time
+    # pace; an underrun is a chunk that arrived after what came before it had finished playing
+    play_end: float = 0.0
+    audio_s: float = 0.0
+    underruns: int = 0
+    max_gap_s: float = 0.0
+    warm_up: bool = False  # a turn before the seeded context is pre-filled (--context-words)
 
 
 @dataclass
@@ -137,6 +150,7 @@ class Caller:
         deadline: float,
         headers: dict[str, str],
         trace: bool = False,
+        context_words: int = 0,
     ) -> None:
         self.idx = idx
         self.trace = trace
@@ -149,6 +163,7 @@ class Caller:
         self.answer_timeout_s = answer_timeout_s
         self.deadline = deadline
         self.headers = headers
+        self.context_words = context_words
         self.result = CallerResult()
         self._audio = np.zeros(0, np.int16)  # what the microphone says next
         self._turn: Turn | None = None
@@ -157,6 +172,7 @@ class Caller:
         self._created: dict[str, float] = {}
         self._first_audio = asyncio.Event()
         self._done = asyncio.Event()
+        self._seeded = asyncio.Event()
 
     async def run(self, session: aiohttp.ClientSession) -> CallerResult:
         try:
@@ -187,6 +203,8 @@ class Caller:
                     self.result.errors.append(f"no session.created: {str(event)[:200]}")
                 return self.result
             reader = asyncio.create_task(self._read(ws))
+            if self.context_words:
+                await self._seed_context(ws)
             mic = asyncio.create_task(self._microphone(ws))
             try:
                 await self._converse()
@@ -198,6 +216,23 @@ class Caller:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
         return self.result
+
+    async def _seed_context(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """A long earlier exchange in the conversation (``--context-words`` words of text as a
+        user message), so that each caller's context is that long; it is pre-filled at the
+        first turn, whose figures are then kept apart (``warm_up``)."""
+        words = (FILLER * (self.context_words // len(FILLER) + 1))[: self.context_words]
+        item = {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": " ".join(words)}],
+        }
+        self._seeded.clear()
+        await ws.send_str(json.dumps({"type": "conversation.item.create", "item": item}))
+        try:
+            await asyncio.wait_for(self._seeded.wait(), 30)
+        except asyncio.TimeoutError:
+            self.result.errors.append("seeded context not acknowledged within 30 s")
 
     async def _microphone(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """20 ms of audio every 20 ms, each sent when the microphone would have it (at the end
@@ -222,7 +257,7 @@ class Caller:
     async def _say(self, clip: Clip, barge_in: bool) -> Turn:
         """Queue ``clip`` on the microphone; the turn's true end is when its last loud sample
         leaves the microphone (plus the wait for the rest of the chunk holding it)."""
-        turn = Turn(clip.text, barge_in)
+        turn = Turn(clip.text, barge_in, warm_up=bool(self.context_words) and not self.result.turns)
         self._old_ids = set(self._created)
         self._first_audio.clear()
         self._done.clear()
@@ -286,7 +321,12 @@ class Caller:
                 ):
                     turn.first_packet_s = now - turn.t_end
                     turn.response_id = rid
+                    turn.play_end = now
                     self._first_audio.set()
+                if turn is not None and rid == turn.response_id:
+                    self._play(turn, now, ev.get("delta", ""))
+            elif kind == "conversation.item.done" and not self._seeded.is_set():
+                self._seeded.set()
             elif kind == "response.done":
                 resp = ev["response"]
                 if turn is not None and resp.get("id") == turn.response_id:
@@ -305,6 +345,19 @@ class Caller:
                     self.result.rejected = True
                 else:
                     self.result.errors.append(f"{err.get('code')}: {err.get('message')}")
+
+    @staticmethod
+    def _play(turn: Turn, now: float, delta: str) -> None:
+        """The caller's player: audio plays from the first packet at real-time pace, with no
+        buffer beyond what has arrived; a chunk that comes after the audio before it ran out
+        (by more than one 20 ms frame) is an underrun: the caller heard a gap."""
+        seconds = len(base64.b64decode(delta)) / 2 / RATE
+        gap = now - turn.play_end
+        if gap > CHUNK_S:
+            turn.underruns += 1
+            turn.max_gap_s = max(turn.max_gap_s, gap)
+        turn.play_end = max(turn.play_end, now) + seconds
+        turn.audio_s += seconds
 
 
 # ---- one load level ------------------------------------------------------------------------
@@ -328,17 +381,27 @@ async def run_level(args: argparse.Namespace, url: str, clips: list[Clip], n: in
             deadline,
             headers,
             args.trace,
+            args.context_words,
         )
         for i in range(n)
     ]
     t0 = time.monotonic()
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        results = await asyncio.gather(*(c.run(session) for c in callers))
+        sampler = asyncio.create_task(sample_metrics(session, url, headers))
+        try:
+            results = await asyncio.gather(*(c.run(session) for c in callers))
+        finally:
+            sampler.cancel()
+            peak = await sampler
     wall = time.monotonic() - t0
-    turns = [t for r in results for t in r.turns]
+    all_turns = [t for r in results for t in r.turns]
+    turns = [t for t in all_turns if not t.warm_up]
+    warm = [t.first_packet_s for t in all_turns if t.warm_up and t.first_packet_s is not None]
     fp = [t.first_packet_s for t in turns if t.first_packet_s is not None]
     tps = [t.tokens_per_s for t in turns if t.tokens_per_s is not None]
+    # speech starved: answers (played to their end, not cut in on) whose audio had a gap
+    played = [t for t in turns if t.status == "completed" and t.audio_s > 0]
     return {
         "first_packet_s": {
             "p50": percentile(fp, 50),
@@ -347,6 +410,19 @@ async def run_level(args: argparse.Namespace, url: str, clips: list[Clip], n: in
             "max": max(fp) if fp else None,
         },
         "answer_tokens_per_s": statistics.median(tps) if tps else None,
+        "starved_answers": sum(t.underruns > 0 for t in played),
+        "completed_answers": len(played),
+        "underruns": sum(t.underruns for t in played),
+        "max_gap_s": max((t.max_gap_s for t in played), default=0.0),
+        "answer_audio_s_p50": statistics.median(t.audio_s for t in played) if played else None,
+        "first_turn_first_packet_s": {  # --context-words: the turn that pre-filled the context
+            "p50": percentile(warm, 50),
+            "p95": percentile(warm, 95),
+            "max": max(warm) if warm else None,
+        }
+        if args.context_words
+        else None,
+        "engine_peak": peak,  # the largest value of each /metrics engine stat during the level
         "rejected": sum(r.rejected for r in results),
         "errors": sum(len(r.errors) for r in results),
         "error_samples": sorted({e for r in results for e in r.errors})[:5],
@@ -356,6 +432,32 @@ async def run_level(args: argparse.Namespace, url: str, clips: list[Clip], n: in
         "wall_s": round(wall, 1),
         "loadavg_after": os.getloadavg(),
     }
+
+
+async def sample_metrics(
+    session: aiohttp.ClientSession, ws_url: str, headers: dict[str, str]
+) -> dict[str, float]:
+    """Poll the server's ``/metrics`` every 0.5 s until cancelled; the peak of each engine stat
+    (sessions, lanes in use, KV pages and positions used) and the last value of each engine
+    event counter. Empty if the server has no ``/metrics`` or it needs other credentials."""
+    u = urlparse(ws_url)
+    url = f"http://{u.netloc}/metrics"
+    peak: dict[str, float] = {}
+    line = re.compile(r'^agent_engine(?:_events)?\{(?:stat|event)="([a-z_0-9]+)"\} ([0-9.e+]+)$')
+    try:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                async with session.get(
+                    url, headers=headers, timeout=aiohttp.ClientTimeout(total=2)
+                ) as r:
+                    if r.status == 200:
+                        for m in map(line.match, (await r.text()).splitlines()):
+                            if m:
+                                peak[m[1]] = max(peak.get(m[1], 0.0), float(m[2]))
+            await asyncio.sleep(0.5)
+    except asyncio.CancelledError:
+        return peak
+    return peak
 
 
 # ---- the server ----------------------------------------------------------------------------
@@ -407,7 +509,7 @@ async def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes
 
 # ---- main ----------------------------------------------------------------------------------
 def table(load: dict[str, dict]) -> str:
-    head = f"{'N':>4} {'turns':>6} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'tok/s':>7} {'rejected':>9} {'errors':>7}"
+    head = f"{'N':>4} {'turns':>6} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'tok/s':>7} {'rejected':>9} {'errors':>7} {'starved':>8}"
     rows = [head, "-" * len(head)]
 
     def f(x: float | None) -> str:
@@ -418,7 +520,8 @@ def table(load: dict[str, dict]) -> str:
         tps = r["answer_tokens_per_s"]
         rows.append(
             f"{n:>4} {r['turns']:>6} {f(fp['p50'])} {f(fp['p95'])} {f(fp['p99'])} "
-            f"{f(tps)} {r['rejected']:>9} {r['errors']:>7}"
+            f"{f(tps)} {r['rejected']:>9} {r['errors']:>7} "
+            f"{r['starved_answers']:>3}/{r['completed_answers']:<4}"
         )
     return "\n".join(rows)
 
@@ -500,6 +603,13 @@ def main(argv: list[str] | None = None) -> None:
         help="stop raising N once first-packet p95 exceeds this many seconds",
     )
     p.add_argument("--voices", default=",".join(DEFAULT_VOICES))
+    p.add_argument(
+        "--context-words",
+        type=int,
+        default=0,
+        help="seed each conversation with a user message of this many words before the first "
+        "question (a long call's context); the first turn, which pre-fills it, is reported apart",
+    )
     p.add_argument("--api-key", default=os.environ.get("REALTIME_AGENT_API_KEY", ""))
     p.add_argument("--machine", default="", help="label for the JSON (default: this host)")
     p.add_argument("--server-log", default="", help="the started server's output goes here")

@@ -114,3 +114,28 @@ def test_a_stream_whose_loop_has_closed_does_not_stop_the_worker():
         assert len(log) < 200  # the orphaned answer stopped early
     finally:
         w.close()
+
+
+async def test_a_backlog_of_jobs_drains_between_two_steps_not_one_job_a_step():
+    """Forty callers' audio jobs queued while an answer is written: the quick ones all run
+    before the answer's next few steps (one job a step let the backlog outlast the answer);
+    slow ones still let a step through every JOB_BUDGET_S."""
+    w = EngineWorker()
+    log: list[str] = []
+    try:
+        a = w.stream(_slow("a", 100, log, step_s=0.01), exclusive=False)
+        await a.__anext__()
+        quick = [w.submit(lambda i=i: log.append(f"q{i}")) for i in range(40)]
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in quick))
+        steps_before_last = sum(1 for x in log[: log.index("q39")] if x.startswith("a"))
+        steps_before_first = sum(1 for x in log[: log.index("q0")] if x.startswith("a"))
+        assert steps_before_last - steps_before_first <= 2, log[:60]
+
+        slow = [w.submit(lambda i=i: time.sleep(0.015) or log.append(f"s{i}")) for i in range(6)]
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in slow))
+        jobs = "".join("a" if x.startswith("a") else "j" for x in log if x[0] in "as")
+        run = max(len(r) for r in jobs.strip("a").split("a") if r)
+        assert run <= 2, jobs  # 15 ms jobs: at most two before the next step (20 ms budget)
+        await _collect(a)
+    finally:
+        w.close()

@@ -52,7 +52,9 @@ class RunnerOptions:
     triton_attention: bool = True  # the one-kernel decode attention (needs Triton and compile)
 
 
-RECOMPILE_LIMIT = 32
+# Each (batch size, attention-length bucket, greedy or sampled) step is its own compiled graph:
+# 8 batch sizes (engine.max_batch 96) x 5 buckets (8192 positions) x 2 already pass 64.
+RECOMPILE_LIMIT = 256
 _compiler_configured = False
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from realtime.context import SessionContext
 from realtime.engine.base import EngineSession
@@ -50,12 +53,34 @@ class Responder(Stage):
         super().__init__()
         self.ctx = ctx
         self.engine = engine
+        # The audio a queued listen job will hear: frames that come before it runs join it, so
+        # a busy engine gets one job per session instead of one per 20 ms frame. Any other job
+        # seals it (later audio goes to a new job, after that one). Guarded by ``_heard_lock``:
+        # the job takes it on the engine thread.
+        self._heard: list[np.ndarray] | None = None
+        self._heard_lock = threading.Lock()
+
+    def _listen(self, es: EngineSession, pcm: np.ndarray) -> None:
+        with self._heard_lock:
+            if self._heard is not None:
+                self._heard.append(pcm)
+                return
+            heard = self._heard = [pcm]
+
+        def job() -> None:
+            with self._heard_lock:
+                if self._heard is heard:
+                    self._heard = None
+                pieces = list(heard)
+            es.listen(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
+
+        self._submit(job, audio=True)
 
     async def process(self, frame: Frame) -> None:
         es = self.engine.session
         if isinstance(frame, TurnAudio):
             if self.engine.listens and es is not None:
-                self._submit(lambda: es.listen(frame.pcm))
+                self._listen(es, frame.pcm)
             return
         if isinstance(frame, DiscardTurn):
             if self.engine.listens and es is not None:
@@ -75,11 +100,19 @@ class Responder(Stage):
             return
         await self.push(frame)
         if isinstance(frame, StartResponse):
+            self._seal()  # the answer's stream is queued after the audio heard so far
             self.ctx.spawn(self._run(frame))
 
-    def _submit(self, job: Callable[[], None]) -> None:
+    def _seal(self) -> None:
+        """Audio from now on is heard after the job about to be queued."""
+        with self._heard_lock:
+            self._heard = None
+
+    def _submit(self, job: Callable[[], None], audio: bool = False) -> None:
         """Queue ``job`` on the engine thread (in order with every other engine job); a
         failure is reported as an error frame, never raised into the input path."""
+        if not audio:
+            self._seal()
         fut = self.engine.worker.submit(job)
         loop = asyncio.get_running_loop()
 
