@@ -25,7 +25,10 @@ other ranks are *followers* that only repeat what it does.
 * ``ensure`` that takes no page (most steps) changes nothing on any rank: not sent.
 
 A follower also answers ``stats`` (its lanes, pages, memory): the tests compare its state with
-rank 0's, benchmarks read its memory.
+rank 0's, benchmarks read its memory. With ``check`` on (tests), each follower sends its state
+back after every call and rank 0 compares it with its own (:func:`runner_state`): a call left
+out of the mirror is a :class:`RanksDiverged` error at that call, where it would otherwise be
+collectives of different shapes (gloo aborts the process, NCCL hangs or reads garbage).
 """
 
 from __future__ import annotations
@@ -86,12 +89,38 @@ def _sync_sampled(runner: DecodeRunner, name: str) -> None:
         _broadcast(runner.ids)
 
 
+class RanksDiverged(RuntimeError):
+    """A follower's runner or pages differ from rank 0's after a call (``check`` mode)."""
+
+
+def runner_state(runner: DecodeRunner, cache: PagedKVCache) -> dict[str, Any]:
+    """What every rank must hold alike: lanes, next tokens, pages (reads ``ids``: a sync)."""
+    return {
+        "lanes": [(ln.slot, ln.position, ln.sampling.temperature) for ln in runner.lanes],
+        "ids": runner.ids[: len(runner.lanes)].tolist(),
+        "tables": [list(t) for t in cache.tables],
+        "lengths": list(cache.lengths),
+        "free_slots": cache.free_slots,
+        "pages_used": cache.pages_used,
+    }
+
+
 class Leader:
     """Rank 0's end: the followers' pipes and the order of the calls."""
 
-    def __init__(self, conns: list[Connection], device: torch.device) -> None:
+    def __init__(
+        self,
+        conns: list[Connection],
+        device: torch.device,
+        runner: DecodeRunner,
+        cache: PagedKVCache,
+        check: bool = False,
+    ) -> None:
         self.conns = conns
         self.device = device
+        self.runner = runner
+        self.cache = cache
+        self.check = check
         self._lock = threading.Lock()
         self.closed = False
         self.commands = 0  # sent (for tests and benchmarks)
@@ -120,10 +149,25 @@ class Leader:
             self.commands += 1
             for t in tensors:
                 _broadcast(t.to(self.device).contiguous())
-            out = fn(*args, **kwargs)
-            if runner is not None:
-                _sync_sampled(runner, name)
+            try:
+                out = fn(*args, **kwargs)
+                if runner is not None:
+                    _sync_sampled(runner, name)
+            finally:
+                if self.check:
+                    self._compare(f"{target}.{name}")
             return out
+
+    def _compare(self, call: str) -> None:
+        mine = runner_state(self.runner, self.cache)
+        for rank, conn in enumerate(self.conns, 1):
+            theirs = conn.recv()
+            if theirs != mine:
+                diff = {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs.get(k)}
+                raise RanksDiverged(
+                    f"tensor parallel rank {rank} differs from rank 0 after {call}: "
+                    f"(rank 0, rank {rank}) {diff}"
+                )
 
     def stats(self) -> list[dict[str, Any]]:
         """Each follower's :func:`follower_stats`, asked after every command sent so far."""
@@ -223,23 +267,19 @@ class MirroredRunner:
 
 
 def follower_stats(runner: DecodeRunner, cache: PagedKVCache) -> dict[str, Any]:
-    """What a follower holds: compared with rank 0's by the tests, memory for benchmarks."""
-    out: dict[str, Any] = {
-        "lanes": [(ln.slot, ln.position, ln.sampling.temperature) for ln in runner.lanes],
-        "tables": [list(t) for t in cache.tables],
-        "lengths": list(cache.lengths),
-        "free_slots": cache.free_slots,
-        "pages_used": cache.pages_used,
-        "ids": runner.ids[: len(runner.lanes)].tolist(),
-    }
+    """What a follower holds (:func:`runner_state`) and, on a GPU, its memory."""
+    out = runner_state(runner, cache)
     if runner.is_cuda:
         out["max_memory_allocated"] = torch.cuda.max_memory_allocated(runner.device)
         out["memory_allocated"] = torch.cuda.memory_allocated(runner.device)
     return out
 
 
-def follow(conn: Connection, runner: DecodeRunner, cache: PagedKVCache) -> None:
-    """A follower's loop: repeat rank 0's calls until it says ``close`` or its pipe closes."""
+def follow(
+    conn: Connection, runner: DecodeRunner, cache: PagedKVCache, check: bool = False
+) -> None:
+    """A follower's loop: repeat rank 0's calls until it says ``close`` or its pipe closes
+    (``check``: send :func:`runner_state` back after each)."""
     targets = {"runner": runner, "cache": cache}
     with torch.inference_mode():
         while True:
@@ -260,11 +300,12 @@ def follow(conn: Connection, runner: DecodeRunner, cache: PagedKVCache) -> None:
             kwargs = {k: _receive(v, runner.device) for k, v in kwargs.items()}
             try:
                 getattr(targets[target], name)(*args, **kwargs)
+                if target == "runner":
+                    _sync_sampled(runner, name)
             except Exception as exc:  # noqa: BLE001 - rank 0's same call failed the same way
                 log.debug("tensor parallel: %s.%s failed as on rank 0: %s", target, name, exc)
-                continue
-            if target == "runner":
-                _sync_sampled(runner, name)
+            if check:
+                conn.send(runner_state(runner, cache))
 
 
 def _receive(v: Any, device: torch.device) -> Any:

@@ -42,6 +42,7 @@ class StepAudioOptions:
     # engine.tensor_parallel: the process group's collective timeout (a rank that stops
     # answering; one that dies is caught at once, ranks.py)
     tp_timeout_s: float = 300.0
+    tp_check: bool = False  # compare every rank's lanes and pages after each call (tests)
 
 
 GIB = 1024**3
@@ -195,7 +196,10 @@ class StepAudioCore:
             self.cache: PagedKVCache | MirroredCache = cache
             self.runner: DecodeRunner | MirroredRunner = runner
         else:  # every call that changes the runner or the pages is repeated on each rank
-            leader = followers.start_runners((plan.sequences, plan.pages, plan.page_size), ropts)
+            leader = followers.start_runners(
+                (plan.sequences, plan.pages, plan.page_size), ropts, runner, cache,
+                check=self.opts.tp_check,
+            )  # fmt: skip
             self.cache = MirroredCache(cache, leader)
             self.runner = MirroredRunner(runner, self.cache, leader)
         # decode steps and pre-fill chunks (a lane with no KV page counts as kv_pool_full)

@@ -218,13 +218,21 @@ class Followers:
         self.memory = [rank0, *self._receive("loaded", START_TIMEOUT_S)]
         _join_group(self._store, 0, self.world, self.devices[0], self.timeout_s)
 
-    def start_runners(self, plan: tuple[int, int, int], opts: RunnerOptions) -> Leader:
+    def start_runners(
+        self,
+        plan: tuple[int, int, int],
+        opts: RunnerOptions,
+        runner: DecodeRunner,
+        cache: PagedKVCache,
+        check: bool = False,
+    ) -> Leader:
         """Send the KV plan (sequences, pages, page size) and runner options; once every
-        follower has built its cache and runner, the :class:`Leader` that mirrors calls."""
+        follower has built its cache and runner, the :class:`Leader` that mirrors the calls
+        on rank 0's ``runner`` and ``cache`` (``check``: compare the ranks after each)."""
         for conn in self.conns:
-            conn.send(("plan", (plan, opts)))
+            conn.send(("plan", (plan, opts, check)))
         self._receive("ready", START_TIMEOUT_S)
-        self.leader = Leader(self.conns, self.devices[0])
+        self.leader = Leader(self.conns, self.devices[0], runner, cache, check)
         threading.Thread(target=self._watch, name="tp-watch", daemon=True).start()
         return self.leader
 
@@ -328,7 +336,7 @@ def follower_main(
             "127.0.0.1", port, world, False, timeout=dt.timedelta(seconds=timeout_s)
         )
         _join_group(store, rank, world, dev, timeout_s)
-        _, ((sequences, pages, page_size), opts) = conn.recv()
+        _, ((sequences, pages, page_size), opts, check) = conn.recv()
         cache = PagedKVCache(
             decoder.cfg, sequences, cfg.max_context, dev, dtype,
             page_size=page_size, num_pages=pages,
@@ -342,6 +350,6 @@ def follower_main(
             pass
         return
     try:
-        follow(conn, runner, cache)
+        follow(conn, runner, cache, check)
     finally:
         _leave_group()

@@ -65,24 +65,37 @@ def fill_random_shard(
     seed: int = 0,
     std: float = 0.02,
 ) -> None:
-    """Fill ``targets`` with their parts of the weights :func:`fill_random` gives the whole
-    model: every random tensor is drawn in full, in the whole model's order, from one
-    generator seeded with ``seed``, and the rank's part is kept (tensors the rank does not
-    hold are drawn too, to keep the generator in step)."""
+    """Fill ``targets`` (checkpoint name -> this rank's tensor) with their parts of the
+    weights :func:`fill_random` gives the whole model: every random parameter is drawn in
+    full, in the whole model's order, from one generator seeded with ``seed`` (those the rank
+    does not hold too, to keep the generator in step), and the rank's part of each checkpoint
+    tensor in it (a fused ``qkv_proj`` holds ``q_proj``, ``k_proj``, ``v_proj``) is kept."""
     with torch.device("meta"):
         full = StepAudioModel(cfg)
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in full.named_parameters():
-        ck = checkpoint_name(name)
-        target = targets.get(ck)
-        kind = random_init_kind(name)
-        if kind == "normal":
+        owner, leaf, kind = name.rsplit(".", 2)
+        fused = getattr(full.get_submodule(owner), "checkpoint_parts", {}).get(leaf)
+        base = checkpoint_name(f"{owner}.")
+        parts = (
+            [(f"{base}{part}.{kind}", rows) for part, rows in fused.items()]
+            if fused
+            else [(checkpoint_name(name), p.shape[0])]
+        )
+        init = random_init_kind(name)
+        t = None
+        if init == "normal":
             t = torch.empty(p.shape, device=device, dtype=dtype).normal_(0.0, std, generator=gen)
-            if target is not None:
-                target.copy_(t[shard_slice(ck, tuple(p.shape), rank, world)])
-            del t
-        elif target is not None:
-            target.fill_(1.0 if kind == "one" else 0.0)
+        row = 0
+        for ck, rows in parts:
+            target = targets.get(ck)
+            if target is not None and t is None:
+                target.fill_(1.0 if init == "one" else 0.0)
+            elif target is not None:
+                piece = t[row : row + rows] if fused else t
+                target.copy_(piece[shard_slice(ck, tuple(piece.shape), rank, world)])
+            row += rows
+        del t
 
 
 def load_shard(
