@@ -272,6 +272,7 @@ def follower_stats(runner: DecodeRunner, cache: PagedKVCache) -> dict[str, Any]:
     if runner.is_cuda:
         out["max_memory_allocated"] = torch.cuda.max_memory_allocated(runner.device)
         out["memory_allocated"] = torch.cuda.memory_allocated(runner.device)
+        out["max_memory_reserved"] = torch.cuda.max_memory_reserved(runner.device)
     return out
 
 
