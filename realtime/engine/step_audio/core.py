@@ -180,8 +180,9 @@ class StepAudioCore:
         self.device = model.device
         self.builder = PromptBuilder(tokenizer, special)
         if cfg.weights == "fp8":
-            saved = quantize_decoder_(model.decoder)
-            log.info("decoder layer weights quantised to FP8 e4m3: %.1f GiB saved", saved / GIB)
+            saved = quantize_decoder_(model.decoder)  # (done already: nothing saved)
+            if saved:
+                log.info("decoder layer weights quantised to FP8 e4m3: %.1f GiB saved", saved / GIB)
         plan = plan_pool(model, cfg, followers.memory if followers else None)
         cache = PagedKVCache(
             model.decoder_cfg, plan.sequences, cfg.max_context, model.device, model.dtype,
