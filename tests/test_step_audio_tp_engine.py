@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from step_audio_fixtures import (
 )
 
 from realtime.config import SamplingConfig
-from realtime.engine.base import CancelToken, TokenEvent, UserTurn
+from realtime.engine.base import CancelToken, EngineBusy, TokenEvent, UserTurn
 from realtime.engine.step_audio import StepAudioEngine, StepAudioOptions
 from realtime.models.tp_runner import runner_state
 
@@ -56,7 +57,7 @@ def _round_robin(*its: Iterator[TokenEvent | None]) -> None:
 
 def _conversation(engine: StepAudioEngine) -> dict[str, list[tuple[str, int]]]:
     """Every token each answer was fed (lane role, id), through the paths that touch the
-    runner and the pages: typed, spoken (listened in pieces, a thinking and a speaking lane),
+    runner and the pages: typed, one too long for the context, spoken (listened in pieces, a thinking and a speaking lane),
     a turn on the committed history, two answers sharing each step."""
     got: dict[str, list[tuple[str, int]]] = {}
 
@@ -68,6 +69,10 @@ def _conversation(engine: StepAudioEngine) -> dict[str, list[tuple[str, int]]]:
     a = session("typed", 0, 8)
     list(a.respond(UserTurn(text="hello"), CancelToken()))
     a.commit(UserTurn(text="hello"), "Hi you", interrupted=False)
+    long = session("too-long", 0, 8)  # fails on every rank alike; the others go on
+    with pytest.raises(EngineBusy, match="context full"):
+        list(long.respond(UserTurn(text="hello the you " * 200), CancelToken()))
+    long.close()
     b = session("spoken", 4, 10)
     audio = speechlike(1.2, seed=1)
     listen_in_pieces(b, audio, piece=0.16)  # pre-filled while listening
@@ -148,12 +153,18 @@ def _gpu_engine(ckpt: Path) -> StepAudioEngine:
     return build_step_audio_engine(cfg)
 
 
+# Rank 0 starts its follower, then leaves it waiting inside a collective (a pre-fill whose
+# embeddings are never broadcast), where only its parent watch can notice that rank 0 died.
 RANK0 = """
-import sys, time
+import pickle, sys, time
+import torch
 sys.path.insert(0, {tests!r})
 from step_audio_fixtures import cpu_engine
 from realtime.engine.step_audio import StepAudioOptions
+from realtime.models.tp_runner import TensorArg
 engine = cpu_engine({ckpt!r}, threads=1, tensor_parallel=2, opts=StepAudioOptions(tp_timeout_s=60))
+cmd = ("runner", "prefill", [TensorArg((4, 32), torch.float32), 0, 0], {{}})
+engine.runner.leader.conns[0].send_bytes(pickle.dumps(cmd))
 print(*engine.followers.pids, flush=True)
 time.sleep(120)
 """
@@ -169,6 +180,8 @@ def test_followers_exit_when_rank_0_dies(ckpt: Path) -> None:
         line = rank0.stdout.readline() if rank0.stdout else ""
         pids = [int(p) for p in line.split()]
         assert len(pids) == 1, line
+        assert _alive(pids[0])
+        time.sleep(0.5)  # the follower is in the broadcast
         assert _alive(pids[0])
         rank0.send_signal(signal.SIGKILL)  # no close, no atexit: the follower must notice
         rank0.wait(10)
@@ -188,3 +201,57 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[1][0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
+
+
+def test_rank_0_hears_of_a_dead_follower(ckpt: Path) -> None:
+    """A follower that dies while the engine runs is reported at once (by default the process
+    ends with a log line: rank 0 would otherwise wait for it in its next collective)."""
+    engine = _engine(ckpt, 2)
+    assert engine.followers is not None
+    lost = threading.Event()
+    seen: list[tuple[int, int | None]] = []
+    engine.followers.on_lost = lambda rank, code: (seen.append((rank, code)), lost.set())
+    try:
+        os.kill(engine.followers.pids[0], signal.SIGKILL)
+        assert lost.wait(15)
+        assert seen == [(1, -signal.SIGKILL)]
+    finally:
+        engine.followers.close()
+
+
+WATCHED = """
+import sys, time
+import multiprocessing as mp
+
+def follower():
+    from realtime.engine.step_audio.ranks import _exit_with_parent
+    _exit_with_parent()
+    time.sleep(120)  # deaf to its parent, as in a collective that NCCL never ends
+
+if __name__ == "__main__":
+    child = mp.get_context("spawn").Process(target=follower)
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_follower_busy_elsewhere_exits_with_its_parent(tmp_path: Path) -> None:
+    """The parent watch alone ends a follower that is not reading its pipe (on NCCL a dead
+    peer can leave it waiting in a collective for ever)."""
+    script = tmp_path / "rank0.py"
+    script.write_text(WATCHED)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(parent.stdout.readline()) if parent.stdout else 0
+        time.sleep(3)  # the child has imported the watch and started it
+        assert _alive(pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid)
+    finally:
+        if parent.poll() is None:
+            parent.kill()

@@ -242,7 +242,9 @@ class Followers:
         if self._closing:
             return
         rank = sentinels[ready[0]]  # type: ignore[index]
-        self.on_lost(rank, self.procs[rank - 1].exitcode)
+        proc = self.procs[rank - 1]
+        proc.join(1.0)  # reaped: its exit code
+        self.on_lost(rank, proc.exitcode)
 
     def stats(self) -> list[dict[str, Any]]:
         assert self.leader is not None
