@@ -14,7 +14,8 @@ ENGINE-ONLY figures: ms per decode step (first answer token to last / steps), th
 ``respond`` to the first answer token (the typed turn's pre-fill and one step; no ASR, no
 TTS), weights per card (rank 0 also holds the audio encoder), peak memory allocated per card
 (``torch.cuda.max_memory_allocated`` in each rank's process; the followers report theirs
-through the engine's pipe). Prints a table; writes ``tp-engine-gpu.json`` to ``$OUT`` (if
+through the engine's pipe; with ``kv_pages: 0`` the KV pool takes what the weights leave, so the
+KV pool per card is printed beside it). Prints a table; writes ``tp-engine-gpu.json`` to ``$OUT`` (if
 set) and ``bench/results/``.
 """
 
@@ -134,6 +135,10 @@ def child(world: int, args: argparse.Namespace) -> dict[str, Any]:
         "world": world,
         "build_s": round(built, 1),
         "warmup_s": round(warm, 1),
+        "kv_pool_gib_per_card": round(
+            sum(t.numel() * t.element_size() for t in (*engine.cache.k, *engine.cache.v)) / GIB,
+            2,
+        ),
         "kv_pages": engine.cache.num_pages,
         "kv_page_size": engine.cache.page_size,
         "sequences": engine.cache.max_batch,
@@ -149,19 +154,20 @@ def child(world: int, args: argparse.Namespace) -> dict[str, Any]:
 def table(res: dict[str, Any]) -> str:
     head = (
         "| GPUs | ms/step, 1 caller | ms/step, {n} callers | first token (1 caller) | "
-        "weights per card | peak allocated per card | build + warm-up |"
+        "weights per card | KV pool per card | peak allocated per card | build + warm-up |"
     ).format(n=res["callers"])
-    lines = [head, "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for w, r in sorted(res["worlds"].items(), key=lambda kv: int(kv[0])):
         if "error" in r:
-            lines.append(f"| {w} | failed: {r['error'][-120:]} | | | | | |")
+            lines.append(f"| {w} | failed: {r['error'][-120:]} | | | | | | |")
             continue
         weights = " / ".join(f"{c['weights_gib']:.1f}" for c in r["cards"])
         peak = " / ".join(f"{c['peak_allocated_gib']:.1f}" for c in r["cards"])
         lines.append(
             f"| {w} | {r['one_caller']['ms_per_step']:.2f} | "
             f"{r['callers_at_once']['ms_per_step']:.2f} | "
-            f"{r['one_caller']['first_token_ms'][0]:.0f} ms | {weights} GiB | {peak} GiB | "
+            f"{r['one_caller']['first_token_ms'][0]:.0f} ms | {weights} GiB | "
+            f"{r['kv_pool_gib_per_card']:.1f} GiB | {peak} GiB | "
             f"{r['build_s']:.0f} + {r['warmup_s']:.0f} s |"
         )
     return "\n".join(lines)
