@@ -7,6 +7,7 @@ the follower is gone after ``close`` (and when rank 0 dies)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -132,6 +133,33 @@ def test_two_ranks_answer_with_the_tokens_of_one(ckpt: Path) -> None:
         engine.close()
     for proc in followers.procs:
         assert not proc.is_alive() and proc.exitcode == 0  # left its loop when told
+
+
+def _think_first_forced(engine: StepAudioEngine) -> list[tuple[str, int]]:
+    """Think first (one lane: ``</think>`` injected at the budget) with a forced answer (each
+    next input forced): the runner's ``inject`` and ``force``, after a warm-up."""
+    engine.warmup()
+    got: list[tuple[str, int]] = []
+    s = engine.new_session("sys", SamplingConfig(think_budget=3, max_new_tokens=6))
+    s.on_token = lambda role, tok, t: got.append((role, tok))
+    list(s.respond(UserTurn(text="hello"), CancelToken()))
+    s.close()
+    return got
+
+
+def test_think_first_and_a_forced_answer_match_too(ckpt: Path) -> None:
+    kw = {"forced_answer": "Hi hello the you", "max_batch": 2, "threads": 1}
+    first = StepAudioOptions(speak_first=False)
+    one = cpu_engine(ckpt, opts=first, **kw)
+    expected = _think_first_forced(one)
+    assert [role for role, _ in expected][:3] == ["formulation"] * 3
+    assert "articulation" in {role for role, _ in expected}
+    tp = dataclasses.replace(TP_OPTS, speak_first=False)
+    engine = cpu_engine(ckpt, opts=tp, tensor_parallel=2, **kw)
+    try:
+        assert _think_first_forced(engine) == expected
+    finally:
+        engine.close()
 
 
 def test_bad_world_sizes_are_clear_errors(ckpt: Path) -> None:
