@@ -27,7 +27,8 @@ from step_audio_fixtures import (
     write_tiny_checkpoint,
 )
 
-from realtime.config import SamplingConfig
+from realtime.config import EngineConfig, SamplingConfig
+from realtime.engine import build_engine
 from realtime.engine.base import CancelToken, EngineBusy, TokenEvent, UserTurn
 from realtime.engine.step_audio import StepAudioEngine, StepAudioOptions
 from realtime.models.tp_runner import runner_state
@@ -167,12 +168,13 @@ def test_bad_world_sizes_are_clear_errors(ckpt: Path) -> None:
         _engine(ckpt, 3)  # 4 heads, 2 KV heads
     with pytest.raises(ValueError, match="tensor_parallel must be 1 or more"):
         _engine(ckpt, 0)
+    with pytest.raises(ValueError, match="Step-Audio engine only"):
+        build_engine(EngineConfig(backend="smollm2", tensor_parallel=2))
     with pytest.raises(ValueError, match="needs 2 GPUs from cuda:0"):
         _gpu_engine(ckpt)
 
 
 def _gpu_engine(ckpt: Path) -> StepAudioEngine:
-    from realtime.config import EngineConfig
     from realtime.engine.step_audio import build_step_audio_engine
 
     if torch.cuda.device_count() >= 2:
