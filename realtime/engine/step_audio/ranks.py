@@ -6,11 +6,12 @@ MLP width and that there are N devices (``cuda:i .. cuda:i+N-1`` from the config
 the CPU every rank uses the CPU), opens a ``TCPStore`` on a free loopback port and spawns the
 followers (``torch.multiprocessing``, spawn). Each builds its decoder shard on its device
 (from the checkpoint, or the same random weights as world 1:
-:mod:`realtime.models.step_audio.sharded`) while rank 0 builds its own, reports its weight
-bytes and free memory, and joins the process group (NCCL on CUDA, gloo on the CPU). Rank 0
-sizes the KV pool for the rank with the least free memory (every rank holds the same pages of
-its own KV heads), sends the plan, and each follower builds the same paged cache and
-:class:`DecodeRunner`, then repeats rank 0's calls (:mod:`realtime.models.tp_runner`).
+:mod:`realtime.models.step_audio.sharded`) while rank 0 builds its own; then all join the
+process group (NCCL on CUDA, gloo on the CPU) and each follower reports its weight bytes and
+free memory. Rank 0 sizes the KV pool for the rank with the least free memory (every rank
+holds the same pages of its own KV heads), sends the plan, and each follower builds the same
+paged cache and :class:`DecodeRunner`, then repeats rank 0's calls
+(:mod:`realtime.models.tp_runner`).
 
 Stop: :meth:`Followers.close` (the engine's ``close``) tells them to leave, waits, then kills
 what is left. A follower whose rank 0 dies (killed, crashed) exits at once: a thread waits on
@@ -215,8 +216,10 @@ class Followers:
     def join(self, rank0: RankMemory) -> None:
         """Wait for the followers' shards (rank 0 has built its own: ``rank0``), then join the
         process group with them."""
-        self.memory = [rank0, *self._receive("loaded", START_TIMEOUT_S)]
+        self._receive("loaded", START_TIMEOUT_S)
         _join_group(self._store, 0, self.world, self.devices[0], self.timeout_s)
+        # measured after joining: NCCL's buffers are allocated by then
+        self.memory = [rank0, *self._receive("joined", START_TIMEOUT_S)]
 
     def start_runners(
         self,
@@ -332,12 +335,13 @@ def follower_main(
         decoder = build_follower(mcfg, rank, world, dev, dtype, root)
         if cfg.weights == "fp8":
             quantize_decoder_(decoder)
-        free, total = torch.cuda.mem_get_info(dev) if dev.type == "cuda" else (0, 0)
-        conn.send(("loaded", RankMemory(rank, device, decoder.weight_bytes(), free, total)))
+        conn.send(("loaded", None))
         store = dist.TCPStore(
             "127.0.0.1", port, world, False, timeout=dt.timedelta(seconds=timeout_s)
         )
         _join_group(store, rank, world, dev, timeout_s)
+        free, total = torch.cuda.mem_get_info(dev) if dev.type == "cuda" else (0, 0)
+        conn.send(("joined", RankMemory(rank, device, decoder.weight_bytes(), free, total)))
         _, ((sequences, pages, page_size), opts, check) = conn.recv()
         cache = PagedKVCache(
             decoder.cfg, sequences, cfg.max_context, dev, dtype,
