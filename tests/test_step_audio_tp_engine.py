@@ -1,9 +1,11 @@
 """``engine.tensor_parallel: 2`` on the CPU (gloo): the Step-Audio engine over the tiny
 checkpoint, its decoder split over rank 0 (this process) and one follower process, answers
-with the tokens of the whole decoder in one process: a typed turn, a spoken turn pre-filled
-while listening (thinking and speaking lanes), two sessions answering at once, a turn on top
-of the history. The follower's lanes and pages stay rank 0's, sampled tokens are rank 0's, and
-the follower is gone after ``close`` (and when rank 0 dies)."""
+with the tokens of the whole decoder in one process: a typed turn, one too long for the
+context, a spoken turn pre-filled while listening (thinking and speaking lanes), two sessions
+answering at once, a turn on top of the history, think-first with a forced answer. The
+follower's lanes, tokens and pages stay rank 0's after every call, sampled tokens are rank
+0's, bad world sizes are clear errors, and the follower is gone after ``close`` and when rank
+0 dies; rank 0 hears at once of a follower that dies."""
 
 from __future__ import annotations
 
