@@ -54,6 +54,10 @@ from realtime.models.tp_runner import Leader, follow
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
+SPAWN_HINT = (
+    " (its error is above; a script that builds the engine at import needs "
+    "`if __name__ == '__main__':`, since each rank imports the main module again)"
+)
 START_TIMEOUT_S = 900.0  # a follower's load (a 33B checkpoint from a slow disk)
 
 
@@ -199,13 +203,16 @@ class Followers:
                 if not proc.is_alive():
                     raise RuntimeError(
                         f"tensor parallel rank {rank} exited (code {proc.exitcode}) during start"
+                        f"{SPAWN_HINT}"
                     )
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"tensor parallel rank {rank}: no {kind!r} in {timeout_s} s")
             try:
                 got, payload = conn.recv()
             except EOFError:
-                raise RuntimeError(f"tensor parallel rank {rank} exited during start") from None
+                raise RuntimeError(
+                    f"tensor parallel rank {rank} exited during start{SPAWN_HINT}"
+                ) from None
             if got == "error":
                 raise RuntimeError(f"tensor parallel rank {rank} failed to start:\n{payload}")
             if got != kind:
