@@ -116,6 +116,9 @@ def test_two_ranks_answer_with_the_tokens_of_one(ckpt: Path) -> None:
     assert followers is not None and followers.world == 2
     try:
         assert engine.runner.leader is not None
+        # rank 0 holds half the KV heads (2 -> 1): its pages, and the sizing, are per rank
+        assert engine.model.decoder_cfg.num_key_value_heads == 1
+        assert engine.cache.k[0].shape[-2] == 1 and followers.memory[1].weight_bytes > 0
         got = _conversation(engine)
         assert got == expected
         assert engine.runner.leader.commands > 50  # the calls went through the mirror
