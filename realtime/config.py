@@ -150,6 +150,10 @@ class EngineConfig:
     # Benchmarks with random weights only: the speaking lane is fed these words' token ids as
     # its next inputs instead of what it samples (same step cost, real words for the TTS).
     forced_answer: str = ""
+    # Step-Audio only: the decoder split over this many GPUs (tensor parallel, NCCL; gloo on
+    # the CPU); rank 0 is the engine, ranks 1.. worker processes it starts
+    # (realtime/engine/step_audio/ranks.py). Must divide the heads and KV heads (R1: 1, 2, 4, 8).
+    tensor_parallel: int = 1
     # openai-compatible only
     remote: RemoteLLMConfig = field(default_factory=RemoteLLMConfig)
 

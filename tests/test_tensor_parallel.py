@@ -110,3 +110,33 @@ def test_shard_sizes_and_divisibility(tiny_path):
     assert torch.equal(torch.cat([p[o] for p in parts], 1), full.state_dict()[o])
     with pytest.raises(ValueError, match="divide"):
         local_config(full.cfg, 3)
+
+
+def test_random_shards_are_the_parts_of_the_whole_random_model():
+    """``step-audio-random`` under tensor parallelism: each rank's shard of the random weights
+    (drawn in full from the same seed, its part kept) is its part of world 1's weights, so
+    world 2 computes what world 1 does; rank 0 also holds world 1's encoder."""
+    from step_audio_fixtures import tiny_config
+
+    from realtime.models.step_audio.model import build_empty, checkpoint_name, fill_random
+    from realtime.models.step_audio.sharded import build_follower, build_rank0
+
+    cfg, cpu = tiny_config(), torch.device("cpu")
+    whole = build_empty(cfg, cpu, torch.float32)
+    fill_random(whole, seed=4)
+    full = {checkpoint_name(k): v for k, v in whole.state_dict().items()}
+    rank0 = build_rank0(cfg, 2, cpu, torch.float32, None, seed=4)
+    rank1 = build_follower(cfg, 1, 2, cpu, torch.float32, None, seed=4)
+    assert rank0.decoder_cfg.num_attention_heads == 2 and rank1.cfg.num_key_value_heads == 1
+    parts = [
+        {checkpoint_name(k): v for k, v in rank0.state_dict().items()},
+        dict(rank1.state_dict()),
+    ]
+    assert set(parts[1]) < set(parts[0]) and not any(k.startswith("encoder") for k in parts[1])
+    for name, t in parts[0].items():
+        if not name.startswith(("model.", "lm_head")):
+            assert torch.equal(t, full[name]), name  # the encoder and adapter, whole
+    expected = [shard_state_dict({k: full[k] for k in parts[1]}, r, 2) for r in range(2)]
+    for rank in range(2):
+        for name in parts[1]:
+            assert torch.equal(parts[rank][name], expected[rank][name]), (rank, name)

@@ -8,6 +8,10 @@ from realtime.engine.base import Engine
 
 def build_engine(cfg: EngineConfig) -> Engine:
     """Load the configured backend (blocking: call it on the engine's worker thread)."""
+    if cfg.tensor_parallel != 1 and cfg.backend not in ("step-audio", "step-audio-random"):
+        raise ValueError(
+            f"engine.tensor_parallel applies to the Step-Audio engine only, not {cfg.backend!r}"
+        )
     if cfg.backend == "smollm2":
         from realtime.engine.smollm import SmolLMEngine
 

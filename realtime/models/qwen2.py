@@ -170,6 +170,8 @@ def _checkpoint_names(module: nn.Module, fused: str, parts: dict[str, int]) -> N
     (name -> rows); ``state_dict()`` shows it as the parts (``<part>.weight``/``.bias``, views
     of the fused tensor) and ``load_state_dict()`` takes the parts and concatenates them."""
     names, sizes = tuple(parts), tuple(parts.values())
+    # fused name -> its parts (name -> rows), for code that fills the parts of a fused tensor
+    module.checkpoint_parts = {**getattr(module, "checkpoint_parts", {}), fused: dict(parts)}
 
     def save(mod: nn.Module, state_dict: dict[str, Any], prefix: str, meta: Any) -> None:
         for kind in ("weight", "bias"):

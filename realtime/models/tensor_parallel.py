@@ -117,6 +117,31 @@ _COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output rows 
 _ROW = ("o_proj", "down_proj")  # input columns split
 
 
+def shard_dim(name: str) -> int | None:
+    """The dimension along which tensor ``name`` (a checkpoint name: ``q_proj``,
+    ``gate_proj``, ...) is split over the ranks; ``None``: replicated."""
+    parts = name.split(".")
+    proj = parts[-2] if len(parts) >= 2 else ""
+    if proj in _COLUMN:
+        return 0
+    if proj in _ROW and parts[-1] == "weight":
+        return 1
+    return None
+
+
+def shard_slice(name: str, shape: tuple[int, ...], rank: int, world: int) -> tuple[slice, ...]:
+    """The index of rank ``rank``'s part of the full tensor ``name`` of ``shape`` (whole
+    tensor when replicated): ``full[idx]`` is the shard, for a tensor or a safetensors slice."""
+    dim = shard_dim(name)
+    idx = [slice(None)] * len(shape)
+    if dim is not None and world > 1:
+        if shape[dim] % world:
+            raise ValueError(f"{name}: dimension {dim} ({shape[dim]}) does not divide by {world}")
+        n = shape[dim] // world
+        idx[dim] = slice(rank * n, (rank + 1) * n)
+    return tuple(idx)
+
+
 def shard_state_dict(
     state: dict[str, torch.Tensor], rank: int, world: int
 ) -> dict[str, torch.Tensor]:
@@ -125,12 +150,8 @@ def shard_state_dict(
     heads ``r * Hq/world ..`` and the KV heads they are grouped with."""
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
-        parts = name.split(".")
-        proj = parts[-2] if len(parts) >= 2 else ""
-        if proj in _COLUMN:
-            out[name] = t.chunk(world, dim=0)[rank].clone()
-        elif proj in _ROW and parts[-1] == "weight":
-            out[name] = t.chunk(world, dim=1)[rank].clone()
-        else:
+        if shard_dim(name) is None:
             out[name] = t
+        else:
+            out[name] = t[shard_slice(name, tuple(t.shape), rank, world)].clone()
     return out

@@ -13,6 +13,7 @@ import torch
 from realtime.config import EngineConfig
 from realtime.engine.base import EngineBusy
 from realtime.engine.scheduler import Scheduler
+from realtime.engine.step_audio.ranks import Followers, RankMemory
 from realtime.models.decode import DecodeRunner, RunnerOptions
 from realtime.models.fp8 import quantize_decoder_
 from realtime.models.kv_pages import KVPoolFull, PagedKVCache
@@ -21,6 +22,7 @@ from realtime.models.step_audio.lengths import SAMPLE_RATE
 from realtime.models.step_audio.model import StepAudioModel
 from realtime.models.step_audio.prompt import PromptBuilder
 from realtime.models.step_audio.tokens import SpecialTokens, TextTokenizer
+from realtime.models.tp_runner import MirroredCache, MirroredRunner
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,10 @@ class StepAudioOptions:
     speak_first: bool = True  # False: one lane, think up to the budget, then answer
     compile: bool = True  # torch.compile the decode step's element-wise work (CUDA only)
     split_reductions: bool = False  # inductor setting for the compiled step (measured)
+    # engine.tensor_parallel: the process group's collective timeout (a rank that stops
+    # answering; one that dies is caught at once, ranks.py)
+    tp_timeout_s: float = 300.0
+    tp_check: bool = False  # compare every rank's lanes and pages after each call (tests)
 
 
 GIB = 1024**3
@@ -77,11 +83,17 @@ class PoolPlan:
     page_size: int
 
 
-def plan_pool(model: StepAudioModel, cfg: EngineConfig) -> PoolPlan:
+def plan_pool(
+    model: StepAudioModel, cfg: EngineConfig, ranks: list[RankMemory] | None = None
+) -> PoolPlan:
     """``engine.kv_pages`` pages, or with 0 (auto) as many as the GPU's free memory holds
     after the reserve (CPU: ``max_batch`` sessions at ``max_context``). ``engine.max_batch``
     sequences, or with 0 (auto) one per page of the pool up to ``MAX_AUTO_SEQUENCES``. Prints the pool, and how
-    many sessions fit at ``max_context`` and at a 4k context."""
+    many sessions fit at ``max_context`` and at a 4k context.
+
+    Tensor parallel (``ranks``: every rank's memory after its weights): ``model`` is rank 0's
+    shard, so a page is one rank's KV heads; every rank holds the same pages, so the pool is
+    sized by the rank with the least free memory."""
     page = cfg.kv_page_size
     if page < 1:
         raise ValueError(f"engine.kv_page_size must be positive, not {page}")
@@ -93,7 +105,22 @@ def plan_pool(model: StepAudioModel, cfg: EngineConfig) -> PoolPlan:
         free = total = 0
     else:
         free, total = torch.cuda.mem_get_info(model.device)
+        if ranks:
+            free = min(free, *(r.free for r in ranks))
+            total = min(total, *(r.total for r in ranks))
         pages = cfg.kv_pages or max(per_seq, pool_bytes(free, total) // per_page - 1)
+    if ranks:
+        cards = ", ".join(
+            f"rank {r.rank} ({r.device}) {r.weight_bytes / GIB:.2f} GiB" for r in ranks
+        )
+        print(
+            f"engine: tensor parallel over {len(ranks)} ranks "
+            f"({'NCCL' if model.device.type == 'cuda' else 'gloo'}); weights per card: {cards} "
+            "(rank 0 also holds the audio encoder); the KV pool below is per card (its share of "
+            "the KV heads)",
+            file=sys.stderr,
+            flush=True,
+        )
     sequences = cfg.max_batch if cfg.max_batch > 0 else max(2, min(MAX_AUTO_SEQUENCES, pages))
     positions = pages * page
     fit = positions // (per_seq * page)
@@ -112,6 +139,20 @@ def plan_pool(model: StepAudioModel, cfg: EngineConfig) -> PoolPlan:
     return PoolPlan(sequences=sequences, pages=pages, page_size=page)
 
 
+def runner_options(
+    cfg: EngineConfig, device: torch.device, opts: StepAudioOptions
+) -> RunnerOptions:
+    """The decode runner's options (every tensor-parallel rank builds its runner with them)."""
+    graphs = cfg.cuda_graphs and device.type == "cuda"
+    return RunnerOptions(
+        cuda_graphs=graphs,
+        compile=graphs and opts.compile,
+        attention=cfg.attention,
+        batch_sizes=STEP_BATCH_SIZES,
+        split_reductions=opts.split_reductions,
+    )
+
+
 class StepAudioCore:
     """What every session of the engine uses: the model, its tokenizer, the KV cache and the
     decode runner whose batched step the sessions' lanes share."""
@@ -124,8 +165,12 @@ class StepAudioCore:
         cfg: EngineConfig,
         opts: StepAudioOptions | None = None,
         name: str = "step-audio",
+        followers: Followers | None = None,
     ) -> None:
+        """``followers``: the other ranks under ``engine.tensor_parallel`` (``ranks.py``),
+        their shards loaded and the process group joined; ``model`` is then rank 0's."""
         self.name = name
+        self.followers = followers
         self.model = model
         self.tok = tokenizer
         self.special = special
@@ -135,28 +180,29 @@ class StepAudioCore:
         self.device = model.device
         self.builder = PromptBuilder(tokenizer, special)
         if cfg.weights == "fp8":
-            saved = quantize_decoder_(model.decoder)
-            log.info("decoder layer weights quantised to FP8 e4m3: %.1f GiB saved", saved / GIB)
-        plan = plan_pool(model, cfg)
-        self.cache = PagedKVCache(
+            saved = quantize_decoder_(model.decoder)  # (done already: nothing saved)
+            if saved:
+                log.info("decoder layer weights quantised to FP8 e4m3: %.1f GiB saved", saved / GIB)
+        plan = plan_pool(model, cfg, followers.memory if followers else None)
+        cache = PagedKVCache(
             model.decoder_cfg, plan.sequences, cfg.max_context, model.device, model.dtype,
             page_size=plan.page_size, num_pages=plan.pages,
         )  # fmt: skip
         self.counters = {"sessions_refused": 0, "think_first_fallbacks": 0}  # for /metrics
         self.counters["kv_pool_full"] = 0  # a pre-fill or a step found no free page
         self.sessions = 0  # open sessions
-        graphs = cfg.cuda_graphs and self.device.type == "cuda"
-        self.runner = DecodeRunner(
-            model.decoder,
-            self.cache,
-            RunnerOptions(
-                cuda_graphs=graphs,
-                compile=graphs and self.opts.compile,
-                attention=cfg.attention,
-                batch_sizes=STEP_BATCH_SIZES,
-                split_reductions=self.opts.split_reductions,
-            ),
-        )
+        ropts = runner_options(cfg, self.device, self.opts)
+        runner = DecodeRunner(model.decoder, cache, ropts)
+        if followers is None:
+            self.cache: PagedKVCache | MirroredCache = cache
+            self.runner: DecodeRunner | MirroredRunner = runner
+        else:  # every call that changes the runner or the pages is repeated on each rank
+            leader = followers.start_runners(
+                (plan.sequences, plan.pages, plan.page_size), ropts, runner, cache,
+                check=self.opts.tp_check,
+            )  # fmt: skip
+            self.cache = MirroredCache(cache, leader)
+            self.runner = MirroredRunner(runner, self.cache, leader)
         # decode steps and pre-fill chunks (a lane with no KV page counts as kv_pool_full)
         self.steps = Scheduler(self.runner, cfg.prefill_chunk, self.counters)
         self.chunk_samples = max(1, cfg.listen_chunk_ms * SAMPLE_RATE // 1000)

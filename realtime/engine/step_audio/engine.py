@@ -4,6 +4,7 @@ backends."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Literal
 
 import numpy as np
@@ -12,7 +13,17 @@ import torch
 from realtime.config import EngineConfig, SamplingConfig
 from realtime.engine.step_audio.core import StepAudioCore, StepAudioOptions
 from realtime.engine.step_audio.encoding import encode_piece
+from realtime.engine.step_audio.ranks import (
+    Followers,
+    RankMemory,
+    check_world,
+    model_config,
+    model_dtype,
+)
 from realtime.engine.step_audio.session import StepAudioSession
+from realtime.models.fp8 import quantize_decoder_
+from realtime.models.step_audio.config import step_audio_r1_config
+from realtime.models.step_audio.sharded import build_rank0
 from realtime.models.step_audio.tokens import SpecialTokens
 
 __all__ = ["StepAudioEngine", "StepAudioOptions", "build_step_audio_engine"]
@@ -34,7 +45,14 @@ class StepAudioEngine(StepAudioCore):
         self.runner.sync()
 
     def close(self) -> None:
-        self.runner.clear()
+        """Take every lane off; under tensor parallelism, stop the other ranks (the engine
+        cannot run after that)."""
+        if self.followers is not None:
+            if self.followers.leader is not None and not self.followers.leader.closed:
+                self.runner.clear()
+            self.followers.close()
+        else:
+            self.runner.clear()
 
 
 def build_step_audio_engine(
@@ -42,24 +60,56 @@ def build_step_audio_engine(
 ) -> StepAudioEngine:
     """``step-audio``: the checkpoint at ``cfg.model``; ``step-audio-random``: full-size random
     bf16 weights on the GPU (benchmarks only: no meaningful words) with a byte-level tokenizer
-    (:mod:`realtime.models.step_audio.random_tokenizer`)."""
+    (:mod:`realtime.models.step_audio.random_tokenizer`). ``engine.tensor_parallel`` N > 1:
+    the decoder split over N ranks, ranks 1.. started here (``ranks.py``)."""
+    if cfg.backend not in ("step-audio", "step-audio-random"):
+        raise ValueError(f"not a Step-Audio backend: {cfg.backend!r}")
+    opts = opts or StepAudioOptions()
+    if cfg.tensor_parallel == 1:
+        return _build(cfg, opts, None)
+    devices = check_world(cfg, model_config(cfg))
+    followers = Followers(cfg, devices, timeout_s=opts.tp_timeout_s)
+    try:
+        engine = _build(cfg, opts, followers)
+    except BaseException:
+        followers.close(timeout_s=2.0)
+        raise
+    weakref.finalize(engine, followers.close)  # at the latest when the engine is collected
+    return engine
+
+
+def _build(
+    cfg: EngineConfig, opts: StepAudioOptions, followers: Followers | None
+) -> StepAudioEngine:
     from realtime.models.step_audio.checkpoint import load_step_audio, resolve_device
 
+    world = cfg.tensor_parallel
     if cfg.backend == "step-audio":
         dtype = None if cfg.dtype == "auto" else cfg.dtype
-        loaded = load_step_audio(cfg.model, cfg.device, dtype, cache_dir=cfg.cache_dir)
-        return StepAudioEngine(loaded.model, loaded.tokenizer, loaded.special, cfg, opts)
-    if cfg.backend == "step-audio-random":
+        loaded = load_step_audio(cfg.model, cfg.device, dtype, cache_dir=cfg.cache_dir, world=world)
+        model, tok, special, name = loaded.model, loaded.tokenizer, loaded.special, "step-audio"
+    else:
         from realtime.models.step_audio.model import random_step_audio
         from realtime.models.step_audio.random_tokenizer import PROMPT_WORDS, random_tokenizer
 
         dev = resolve_device(cfg.device)
-        dtype = torch.bfloat16 if cfg.dtype in ("auto", "bfloat16") else getattr(torch, cfg.dtype)
-        model = random_step_audio(device=dev, dtype=dtype)
+        dtype = model_dtype(cfg, dev)
+        if world == 1:
+            model = random_step_audio(device=dev, dtype=dtype)
+        else:  # shard 0 of the same random weights
+            model = build_rank0(step_audio_r1_config(), world, dev, dtype, None)
         # the forced answer's words are one token each, as in a real vocabulary
         words = cfg.forced_answer.split()
         tok = random_tokenizer((*PROMPT_WORDS, *words, *(" " + w for w in words)))
         special = SpecialTokens.from_tokenizer(tok, check_known=True)
         model.audio_patch_id = special.audio_patch
-        return StepAudioEngine(model, tok, special, cfg, opts, name="step-audio-random")
-    raise ValueError(f"not a Step-Audio backend: {cfg.backend!r}")
+        name = "step-audio-random"
+    if followers is not None:
+        if cfg.weights == "fp8":  # before the memory report (the core would do it after)
+            quantize_decoder_(model.decoder)
+        dev = model.device
+        free, total = torch.cuda.mem_get_info(dev) if dev.type == "cuda" else (0, 0)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights += sum(b.numel() * b.element_size() for b in model.decoder.buffers())
+        followers.join(RankMemory(0, str(dev), weights, free, total))
+    return StepAudioEngine(model, tok, special, cfg, opts, name=name, followers=followers)

@@ -24,8 +24,9 @@ from urllib.parse import urlparse
 import torch
 
 from realtime.models.step_audio.config import CheckpointError, StepAudioConfig
-from realtime.models.step_audio.model import StepAudioModel, build_empty
+from realtime.models.step_audio.model import StepAudioModel, build_empty, full_tensors
 from realtime.models.step_audio.tokens import SpecialTokens, TextTokenizer
+from realtime.models.tensor_parallel import local_config, shard_slice
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -297,14 +298,48 @@ def load_weights(model: StepAudioModel, files: CheckpointFiles) -> None:
                 del t
 
 
+@torch.no_grad()
+def load_shard_weights(
+    targets: dict[str, torch.Tensor],
+    files: CheckpointFiles,
+    full: dict[str, torch.Tensor],
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> None:
+    """Tensor parallel: fill ``targets`` (checkpoint name -> one rank's tensor) with rank
+    ``rank``'s part of each (``tensor_parallel.shard_slice``), read as a safetensors slice so
+    that no rank reads a whole split matrix. ``full``: the whole model's tensors (shapes, for
+    the header check; meta tensors do)."""
+    check_headers(files, full)
+    dev = "cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}"
+    for shard in files.shards:
+        with _safe_open(shard, dev) as f:  # type: ignore[attr-defined]
+            for key in f.keys():
+                if key not in targets:
+                    continue  # another rank's (the encoder), or ignored (checked above)
+                idx = shard_slice(key, tuple(full[key].shape), rank, world)
+                try:
+                    t = f.get_slice(key)[idx]
+                except Exception as exc:  # noqa: BLE001
+                    raise CheckpointError(
+                        f"tensor {key} in {shard.name} cannot be read (truncated?): {exc}"
+                    ) from None
+                targets[key].copy_(t)
+                del t
+
+
 def load_step_audio(
     name_or_path: str,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
     cache_dir: str | None = None,
     check_known_tokens: bool = True,
+    world: int = 1,
 ) -> LoadedStepAudio:
-    """Load config, tokenizer and weights of a Step-Audio-R1 / Step-Audio 2 checkpoint."""
+    """Load config, tokenizer and weights of a Step-Audio-R1 / Step-Audio 2 checkpoint; with
+    ``world`` > 1, rank 0's part of it (``sharded.py``: its decoder shard; ``config`` stays
+    the whole model's)."""
     t0 = time.perf_counter()
     root = resolve_model_path(name_or_path, cache_dir)
     files = find_checkpoint_files(root)
@@ -320,8 +355,13 @@ def load_step_audio(
                 f"{name} has id {i}, outside the model's vocab_size {cfg.text.vocab_size}"
             )
     dev = resolve_device(device)
-    model = build_empty(cfg, dev, resolve_dtype(dtype, dev))
-    load_weights(model, files)
+    if world > 1:  # decoder shard 0 of ``world`` (tensor parallel), the whole encoder
+        local = dataclasses.replace(cfg, text=local_config(cfg.text, world))
+        model = build_empty(local, dev, resolve_dtype(dtype, dev))
+        load_shard_weights(model.checkpoint_tensors(), files, full_tensors(cfg), 0, world, dev)
+    else:
+        model = build_empty(cfg, dev, resolve_dtype(dtype, dev))
+        load_weights(model, files)
     model.audio_patch_id = special.audio_patch
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

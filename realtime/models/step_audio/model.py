@@ -179,6 +179,12 @@ class StepAudioModel(nn.Module):
         return out
 
 
+def full_tensors(cfg: StepAudioConfig) -> dict[str, torch.Tensor]:
+    """Every tensor of the model of ``cfg`` by checkpoint name, on the meta device (shapes)."""
+    with torch.device("meta"):
+        return StepAudioModel(cfg).checkpoint_tensors()
+
+
 def build_empty(
     cfg: StepAudioConfig, device: torch.device | str, dtype: torch.dtype
 ) -> StepAudioModel:
@@ -194,15 +200,24 @@ def build_empty(
     return model.eval().requires_grad_(False)
 
 
+def random_init_kind(name: str) -> str:
+    """How :func:`fill_random` fills parameter ``name``: ``"one"`` (norm weights), ``"zero"``
+    (biases) or ``"normal"`` (the rest, drawn in parameter order from one generator)."""
+    is_norm = "norm" in name or name.endswith(("_ln.weight", "_ln.bias"))
+    if is_norm and name.endswith("weight"):
+        return "one"
+    return "zero" if name.endswith("bias") else "normal"
+
+
 @torch.no_grad()
 def fill_random(model: StepAudioModel, seed: int = 0, std: float = 0.02) -> None:
     """Random weights in place on the model's device: norms 1, biases 0, the rest N(0, std)."""
     gen = torch.Generator(device=model.device).manual_seed(seed)
     for name, p in model.named_parameters():
-        is_norm = "norm" in name or name.endswith(("_ln.weight", "_ln.bias"))
-        if is_norm and name.endswith("weight"):
+        kind = random_init_kind(name)
+        if kind == "one":
             p.fill_(1.0)
-        elif name.endswith("bias"):
+        elif kind == "zero":
             p.zero_()
         else:
             p.normal_(0.0, std, generator=gen)
