@@ -33,7 +33,7 @@ from openai import AsyncOpenAI
 from server_helpers import start_server
 from test_engine_openai_compat import FaultyServer, llama_process
 
-from realtime.config import load_config
+from realtime.config import ConfigError, load_config
 from realtime.engine.base import CancelToken, TokenEvent, UserTurn
 from realtime.engine.openai_compat import OpenAICompatEngine, RemoteEngineError
 from realtime.engine.smollm import bundled_gguf
@@ -334,6 +334,45 @@ def test_llama_cpp_direct_auto_required_and_named(function_calling_server: Recor
         engine.close()
 
 
+def test_chatml_function_calling_hears_results_only_as_user_text(
+    function_calling_server: RecordingProxy,
+) -> None:
+    """chatml-function-calling drops ``role: tool`` content from its prompt: the answer after
+    the output does not say it. With ``engine.remote.tool_results: as_user_text`` the output
+    goes as a user message, which it renders, and the answer says it (greedy decoding)."""
+    answers: dict[str, str] = {}
+    for mode in ("native", "as_user_text"):
+        sets = {
+            "engine.backend": "openai-compatible",
+            "engine.model": "smollm2",
+            "engine.remote": {
+                "base_url": function_calling_server.upstream,
+                "read_timeout_s": 30.0,
+                "tool_results": mode,
+            },
+            "engine.sampling.max_new_tokens": 40,
+        }
+        engine = OpenAICompatEngine(load_config("embedded", sets).engine)
+        session = engine.new_session(engine.cfg.system_prompt, engine.cfg.sampling)
+        try:
+            session.set_tools((WEATHER_SPEC,), "get_weather")
+            ask = UserTurn(text=QUESTION)
+            (call,) = [ev for ev in _events(session, ask) if ev.kind == "tool_call"]
+            assert parse_tool_calls(call.text)[0].name == "get_weather"
+            session.commit(ask, "", interrupted=False)
+            session.set_tools((WEATHER_SPEC,), "none")
+            back = UserTurn(
+                text="", tool_results=(ToolResult("c1", "get_weather", WEATHER_OUTPUT),)
+            )
+            answers[mode] = "".join(ev.text for ev in _events(session, back) if ev.kind == "answer")
+        finally:
+            session.close()
+            engine.close()
+    said = [v for v in ("31", "thunderstorm") if v in answers["as_user_text"].lower()]
+    assert said, answers
+    assert not any(v in answers["native"].lower() for v in ("31", "thunderstorm")), answers
+
+
 # -- a SCRIPTED OpenAI-format stream: the accumulation of delta.tool_calls -------------------
 def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
     event = {
@@ -489,6 +528,53 @@ def test_scripted_named_choice_json_answer_and_a_stream_without_finish(scripted:
     assert msgs[-2]["tool_calls"][0]["id"] == "call_x"
     assert msgs[-1] == {"role": "tool", "tool_call_id": "call_x", "content": "rain"}
     session.close()
+
+
+def test_scripted_tool_results_as_user_text(scripted: Any) -> None:
+    """``tool_results: as_user_text``: the outputs (and any words of the turn) are one user
+    message; the call stays in the assistant's message."""
+    _, server = scripted
+    server.mode = "stream"
+    sets = {
+        "engine.backend": "openai-compatible",
+        "engine.model": "scripted",
+        "engine.remote": {
+            "base_url": server.base_url,
+            "read_timeout_s": 5.0,
+            "tool_results": "as_user_text",
+        },
+    }
+    engine = OpenAICompatEngine(load_config("embedded", sets).engine)
+    session = engine.new_session("You are helpful.", engine.cfg.sampling)
+    session.set_tools((WEATHER_SPEC, TIME_SPEC), "auto")
+    try:
+        ask = UserTurn(text="Weather in Paris and time in Lima?")
+        _events(session, ask)
+        session.commit(ask, "Let me check.", interrupted=False)
+        results = (
+            ToolResult("c1", "get_weather", '{"sky": "sunny"}'),
+            ToolResult("c2", "get_time", "09:00"),
+        )
+        back = UserTurn(text="", tool_results=results)
+        _events(session, back)
+        msgs = server.requests[-1]["messages"]
+        assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+        assert [c["id"] for c in msgs[2]["tool_calls"]] == ["call_w", "call_t"]
+        assert msgs[3] == {
+            "role": "user",
+            "content": 'Result of get_weather: {"sky": "sunny"}\nResult of get_time: 09:00',
+        }
+        session.commit(back, "Sunny, and nine.", interrupted=False)
+        _events(session, UserTurn(text="And tomorrow?", tool_results=results[:1]))
+        assert server.requests[-1]["messages"][-1] == {
+            "role": "user",
+            "content": 'Result of get_weather: {"sky": "sunny"}\nAnd tomorrow?',
+        }
+    finally:
+        session.close()
+        engine.close()
+    with pytest.raises(ConfigError, match="tool_results"):
+        load_config("embedded", {"engine.remote": {"tool_results": "as_text"}})
 
 
 def test_scripted_history_window_never_starts_at_a_tool_output(scripted: Any) -> None:
