@@ -8,8 +8,9 @@
     schema by a grammar. The call, then the answer spoken from the tool's output: the output
     is in the prompt the template renders, and the words come from it;
   - the same server with ``--chat_format chatml-function-calling``, the one llama-cpp-python
-    format that lets the model choose (``auto``), which it cannot stream. (That format drops
-    ``role: tool`` content from its prompt: it is not used for the spoken result.)
+    format that lets the model choose (``auto``), which it cannot stream. That format drops
+    ``role: tool`` content from its prompt: its answer after an output says the output only
+    with ``engine.remote.tool_results: as_user_text`` (engine straight on the server).
 - The streamed ``tool_calls`` accumulation, against a SCRIPTED OpenAI-format stream: a small
   real aiohttp server that sends canned chunks the way OpenAI's API does (id and name in a
   call's first piece only, arguments in fragments, two calls interleaved by index).
