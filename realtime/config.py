@@ -111,6 +111,11 @@ class RemoteLLMConfig:
     # Added to every request body as they are (e.g. {"top_k": 20} or
     # {"chat_template_kwargs": {"enable_thinking": false}} for vLLM).
     extra_body: dict[str, Any] = field(default_factory=dict)
+    # How a tool's output goes back: "native" as a ``role: tool`` message answering the call by
+    # id (vLLM, SGLang, llama.cpp, hosted APIs); "as_user_text" as a user message "Result of
+    # NAME: OUTPUT", for servers whose chat template drops tool messages (llama-cpp-python's
+    # chatml-function-calling).
+    tool_results: Literal["native", "as_user_text"] = "native"
 
 
 @dataclass

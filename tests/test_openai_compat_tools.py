@@ -1,10 +1,16 @@
 """Tools through ``engine.backend: openai-compatible``.
 
-- Against a real LLM server: llama-cpp-python's server with ``--chat_format
-  chatml-function-calling`` on the SmolLM2 GGUF, which streams the call of a named
-  ``tool_choice`` (its arguments held to the tool's JSON schema by a grammar), driven over
-  ``/v1/realtime`` with the official ``openai`` SDK. A recording proxy in front of it shows what
-  the engine sent.
+- Against real LLM servers, driven over ``/v1/realtime`` with the official ``openai`` SDK, a
+  recording proxy in front of each showing what the engine sent:
+  - llama-cpp-python's server on the SmolLM2 GGUF with no ``--chat_format``: it renders the
+    GGUF's own Jinja chat template (ChatML, every role written out, ``tool`` included) and,
+    for a named ``tool_choice``, streams the call with its arguments held to the tool's JSON
+    schema by a grammar. The call, then the answer spoken from the tool's output: the output
+    is in the prompt the template renders, and the words come from it;
+  - the same server with ``--chat_format chatml-function-calling``, the one llama-cpp-python
+    format that lets the model choose (``auto``), which it cannot stream. That format drops
+    ``role: tool`` content from its prompt: its answer after an output says the output only
+    with ``engine.remote.tool_results: as_user_text`` (engine straight on the server).
 - The streamed ``tool_calls`` accumulation, against a SCRIPTED OpenAI-format stream: a small
   real aiohttp server that sends canned chunks the way OpenAI's API does (id and name in a
   call's first piece only, arguments in fragments, two calls interleaved by index).
@@ -15,19 +21,23 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from llama_cpp import Llama
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from openai import AsyncOpenAI
 from server_helpers import start_server
 from test_engine_openai_compat import FaultyServer, llama_process
 
-from realtime.config import load_config
+from realtime.config import ConfigError, load_config
 from realtime.engine.base import CancelToken, TokenEvent, UserTurn
 from realtime.engine.openai_compat import OpenAICompatEngine, RemoteEngineError
+from realtime.engine.smollm import bundled_gguf
 from realtime.engine.tools import ToolResult, ToolSpec, parse_tool_calls
 
 pytestmark = pytest.mark.slow
@@ -82,11 +92,27 @@ def function_calling_server(tmp_path_factory: pytest.TempPathFactory) -> Iterato
             proxy.close()
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def realtime_server(function_calling_server: RecordingProxy) -> Any:
+@pytest.fixture(scope="module")
+def template_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[RecordingProxy, Path]]:
+    """llama-cpp-python's server with no chat format named: it renders the GGUF's own chat
+    template. Behind a recording proxy; (proxy, the server's log)."""
+    log = tmp_path_factory.mktemp("llama-template") / "server.log"
+    with llama_process(log) as base:
+        proxy = RecordingProxy(base)
+        try:
+            yield proxy, log
+        finally:
+            proxy.close()
+
+
+async def _serve(proxy: RecordingProxy) -> Any:
+    """The realtime server on the engine ``engine.backend: openai-compatible`` through
+    ``proxy``: (its handle, the runtime)."""
     from realtime.runtime import Runtime
 
-    proxy = function_calling_server
+    proxy.mode = "reasoning"  # the runtime's warm-up gets the canned answer
     sets = {
         "engine.backend": "openai-compatible",
         "engine.model": "smollm2",
@@ -95,12 +121,36 @@ async def realtime_server(function_calling_server: RecordingProxy) -> Any:
         "asr.backend": "none",
         "tts.backend": "espeak",
     }
-    rt = await Runtime.create(load_config("embedded", sets))  # warm-up: the canned answer
+    rt = await Runtime.create(load_config("embedded", sets))
     proxy.mode = "proxy"
-    srv = await start_server(rt)
-    yield srv, proxy
+    return await start_server(rt), rt
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def realtime_server(function_calling_server: RecordingProxy) -> Any:
+    srv, rt = await _serve(function_calling_server)
+    yield srv, function_calling_server
     await srv.runner.cleanup()
     await rt.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def template_realtime(template_server: tuple[RecordingProxy, Path]) -> Any:
+    proxy, log = template_server
+    srv, rt = await _serve(proxy)
+    yield srv, proxy, log
+    await srv.runner.cleanup()
+    await rt.close()
+
+
+def gguf_prompt(messages: list[dict[str, Any]]) -> str:
+    """The prompt llama-cpp-python renders for ``messages`` with the GGUF's own chat template
+    (the formatter it builds from the file's ``tokenizer.chat_template``)."""
+    vocab = Llama(str(bundled_gguf()), vocab_only=True, verbose=False)
+    eos = vocab.detokenize([vocab.token_eos()], special=True).decode()
+    bos = vocab.detokenize([vocab.token_bos()], special=True).decode()
+    template = vocab.metadata["tokenizer.chat_template"]
+    return Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)(messages=messages).prompt
 
 
 async def _until_done(conn: Any, timeout: float = 300) -> tuple[list[Any], Any]:
@@ -120,9 +170,35 @@ async def _recv(conn: Any, kind: str) -> Any:
     return event
 
 
+async def _say(conn: Any, text: str) -> None:
+    await conn.conversation.item.create(
+        item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    )  # fmt: skip
+    await _recv(conn, "conversation.item.added")
+    await _recv(conn, "conversation.item.done")
+
+
+def _spoken(events: list[Any], done: Any) -> str:
+    """The transcript of the answer's spoken message (asserting it was spoken)."""
+    assert done.status == "completed", done
+    assert any(e.type == "response.output_audio.delta" for e in events)
+    message = next(o for o in done.output if o.type == "message")
+    return str(message.content[0].transcript)
+
+
+# the tool's output: values the model would not say about Paris on its own
+WEATHER_OUTPUT = '{"city": "Paris", "temp_c": 31, "sky": "thunderstorms"}'
+QUESTION = "What is the weather like in Paris?"
+SAID = ("31", "thunderstorm")  # what an answer from it says
+
+
 @pytest.mark.asyncio(loop_scope="module")
-async def test_a_named_tool_is_called_then_the_agent_speaks(realtime_server: Any) -> None:
-    srv, proxy = realtime_server
+async def test_a_named_tool_is_called_then_the_agent_speaks_from_its_output(
+    template_realtime: Any,
+) -> None:
+    srv, proxy, log = template_realtime
+    # the server renders the GGUF's chat template (not a built-in format that drops roles)
+    assert "Using gguf chat template" in log.read_text(errors="replace")
     client = AsyncOpenAI(api_key="x", websocket_base_url=f"{srv.ws}/v1")
     async with client.realtime.connect(model="local-agent") as conn:
         await _recv(conn, "session.created")
@@ -131,12 +207,7 @@ async def test_a_named_tool_is_called_then_the_agent_speaks(realtime_server: Any
             session={"type": "realtime", "tools": [WEATHER], "tool_choice": choice}
         )
         await _recv(conn, "session.updated")
-        text = "What is the weather like in Paris?"
-        await conn.conversation.item.create(
-            item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
-        )  # fmt: skip
-        await _recv(conn, "conversation.item.added")
-        await _recv(conn, "conversation.item.done")
+        await _say(conn, QUESTION)
         await conn.response.create()
         events, done = await _until_done(conn)
         # the request declared the tool and named it in tool_choice, in the Chat Completions form
@@ -153,20 +224,19 @@ async def test_a_named_tool_is_called_then_the_agent_speaks(realtime_server: Any
         assert json.loads("".join(deltas)) == args
         assert not any(e.type == "response.output_audio.delta" for e in events)
 
-        output = '{"city": "Paris", "sky": "sunny", "temp_c": 18}'
         await conn.conversation.item.create(
-            item={"type": "function_call_output", "call_id": calls[0].call_id, "output": output}
+            item={
+                "type": "function_call_output",
+                "call_id": calls[0].call_id,
+                "output": WEATHER_OUTPUT,
+            }
         )
         await _recv(conn, "conversation.item.added")
         await _recv(conn, "conversation.item.done")
         await conn.session.update(session={"type": "realtime", "tool_choice": "none"})
         await _recv(conn, "session.updated")
         await conn.response.create()
-        events, done2 = await _until_done(conn)
-        assert done2.status == "completed"
-        assert any(e.type == "response.output_audio.delta" for e in events)  # spoken
-        message = next(o for o in done2.output if o.type == "message")
-        assert message.content[0].transcript.strip()
+        answer = _spoken(*await _until_done(conn))
         # the history carried the call with the server's id, and the output answering it
         second = proxy.requests[-1]
         assert second["tool_choice"] == "none"
@@ -179,8 +249,24 @@ async def test_a_named_tool_is_called_then_the_agent_speaks(realtime_server: Any
         assert second["messages"][3] == {
             "role": "tool",
             "tool_call_id": call["id"],
-            "content": output,
+            "content": WEATHER_OUTPUT,
         }
+    # the output is in the prompt the server's template makes of that request, last before
+    # the answer
+    prompt = gguf_prompt(second["messages"])
+    assert prompt.endswith(f"<|im_start|>tool\n{WEATHER_OUTPUT}<|im_end|>\n<|im_start|>assistant\n")
+    # and the spoken words come from it (greedy decoding: SmolLM2-135M says "thunderstorms")
+    assert any(v in answer.lower() for v in SAID), answer
+
+    # the same question without the tool's output: neither value (the words were the output's)
+    async with client.realtime.connect(model="local-agent") as conn:
+        await _recv(conn, "session.created")
+        await _say(conn, QUESTION)
+        await conn.response.create()
+        plain = _spoken(*await _until_done(conn))
+    assert [m["role"] for m in proxy.requests[-1]["messages"]] == ["system", "user"]
+    assert "tools" not in proxy.requests[-1]
+    assert not any(v in plain.lower() for v in SAID), plain
 
 
 @pytest.mark.asyncio(loop_scope="module")
@@ -248,6 +334,44 @@ def test_llama_cpp_direct_auto_required_and_named(function_calling_server: Recor
     finally:
         session.close()
         engine.close()
+
+
+def test_chatml_function_calling_hears_results_only_as_user_text(
+    function_calling_server: RecordingProxy,
+) -> None:
+    """chatml-function-calling drops ``role: tool`` content from its prompt: the answer after
+    the output does not say it. With ``engine.remote.tool_results: as_user_text`` the output
+    goes as a user message, which it renders, and the answer says it (greedy decoding)."""
+    answers: dict[str, str] = {}
+    for mode in ("native", "as_user_text"):
+        sets = {
+            "engine.backend": "openai-compatible",
+            "engine.model": "smollm2",
+            "engine.remote": {
+                "base_url": function_calling_server.upstream,
+                "read_timeout_s": 30.0,
+                "tool_results": mode,
+            },
+            "engine.sampling.max_new_tokens": 40,
+        }
+        engine = OpenAICompatEngine(load_config("embedded", sets).engine)
+        session = engine.new_session(engine.cfg.system_prompt, engine.cfg.sampling)
+        try:
+            session.set_tools((WEATHER_SPEC,), "get_weather")
+            ask = UserTurn(text=QUESTION)
+            (call,) = [ev for ev in _events(session, ask) if ev.kind == "tool_call"]
+            assert parse_tool_calls(call.text)[0].name == "get_weather"
+            session.commit(ask, "", interrupted=False)
+            session.set_tools((WEATHER_SPEC,), "none")
+            back = UserTurn(
+                text="", tool_results=(ToolResult("c1", "get_weather", WEATHER_OUTPUT),)
+            )
+            answers[mode] = "".join(ev.text for ev in _events(session, back) if ev.kind == "answer")
+        finally:
+            session.close()
+            engine.close()
+    assert any(v in answers["as_user_text"].lower() for v in SAID), answers
+    assert not any(v in answers["native"].lower() for v in SAID), answers
 
 
 # -- a SCRIPTED OpenAI-format stream: the accumulation of delta.tool_calls -------------------
@@ -405,6 +529,53 @@ def test_scripted_named_choice_json_answer_and_a_stream_without_finish(scripted:
     assert msgs[-2]["tool_calls"][0]["id"] == "call_x"
     assert msgs[-1] == {"role": "tool", "tool_call_id": "call_x", "content": "rain"}
     session.close()
+
+
+def test_scripted_tool_results_as_user_text(scripted: Any) -> None:
+    """``tool_results: as_user_text``: the outputs (and any words of the turn) are one user
+    message; the call stays in the assistant's message."""
+    _, server = scripted
+    server.mode = "stream"
+    sets = {
+        "engine.backend": "openai-compatible",
+        "engine.model": "scripted",
+        "engine.remote": {
+            "base_url": server.base_url,
+            "read_timeout_s": 5.0,
+            "tool_results": "as_user_text",
+        },
+    }
+    engine = OpenAICompatEngine(load_config("embedded", sets).engine)
+    session = engine.new_session("You are helpful.", engine.cfg.sampling)
+    session.set_tools((WEATHER_SPEC, TIME_SPEC), "auto")
+    try:
+        ask = UserTurn(text="Weather in Paris and time in Lima?")
+        _events(session, ask)
+        session.commit(ask, "Let me check.", interrupted=False)
+        results = (
+            ToolResult("c1", "get_weather", '{"sky": "sunny"}'),
+            ToolResult("c2", "get_time", "09:00"),
+        )
+        back = UserTurn(text="", tool_results=results)
+        _events(session, back)
+        msgs = server.requests[-1]["messages"]
+        assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+        assert [c["id"] for c in msgs[2]["tool_calls"]] == ["call_w", "call_t"]
+        assert msgs[3] == {
+            "role": "user",
+            "content": 'Result of get_weather: {"sky": "sunny"}\nResult of get_time: 09:00',
+        }
+        session.commit(back, "Sunny, and nine.", interrupted=False)
+        _events(session, UserTurn(text="And tomorrow?", tool_results=results[:1]))
+        assert server.requests[-1]["messages"][-1] == {
+            "role": "user",
+            "content": 'Result of get_weather: {"sky": "sunny"}\nAnd tomorrow?',
+        }
+    finally:
+        session.close()
+        engine.close()
+    with pytest.raises(ConfigError, match="tool_results"):
+        load_config("embedded", {"engine.remote": {"tool_results": "as_text"}})
 
 
 def test_scripted_history_window_never_starts_at_a_tool_output(scripted: Any) -> None:

@@ -13,6 +13,9 @@ put together per index and, when the choice finishes or the stream ends, come ou
 checks and gives a call id of its own. The history keeps the assistant's ``tool_calls`` (with
 the server's ids), and the client's outputs go back as ``role: "tool"`` messages whose
 ``tool_call_id`` is the id of the call they answer (matched by tool name, in call order).
+For a server whose chat template drops tool messages (llama-cpp-python's
+chatml-function-calling), ``engine.remote.tool_results: as_user_text`` sends the outputs as
+one user message, ``Result of NAME: OUTPUT`` a line.
 A server that answers a request with tools with an empty stream (llama-cpp-python's
 chatml-function-calling cannot stream ``auto`` or ``required``) is asked again without
 streaming, and for that tool choice unstreamed from then on.
@@ -430,7 +433,13 @@ class OpenAICompatSession:
 
     def turn_messages(self, turn: UserTurn) -> list[dict[str, Any]]:
         """A turn's messages: the tool outputs it returns (``role: tool``, each with the id of
-        the call it answers), then the user's words."""
+        the call it answers), then the user's words. With ``tool_results: as_user_text`` the
+        outputs and the words are one user message instead."""
+        if self.engine.cfg.remote.tool_results == "as_user_text" and turn.tool_results:
+            lines = [f"Result of {r.name}: {r.output}" for r in turn.tool_results]
+            return [
+                {"role": "user", "content": "\n".join([*lines, turn.text] if turn.text else lines)}
+            ]
         msgs: list[dict[str, Any]] = []
         last = next((m for m in reversed(self._history.messages) if m["role"] == "assistant"), None)
         open_calls = list((last or {}).get("tool_calls") or ())
