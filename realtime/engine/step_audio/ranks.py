@@ -364,5 +364,11 @@ def follower_main(
         return
     try:
         follow(conn, runner, cache, check)
-    finally:
+    except BaseException:
         _leave_group()
+        raise
+    # Told to stop: exit now, without destroying the group. NCCL's teardown can wait for the
+    # peers' (on the H100s a follower that destroyed its communicator never exited while rank
+    # 0 waited for it to exit before leaving the group itself); the process's end releases it.
+    logging.shutdown()
+    os._exit(0)
