@@ -136,12 +136,26 @@ def _join_group(store: Any, rank: int, world: int, device: torch.device, timeout
     set_group(dist.group.WORLD)
 
 
-def _leave_group() -> None:
+def _leave_group(timeout_s: float | None = None) -> None:
+    """Destroy this process's group. Every rank must do it at about the same time: NCCL's
+    teardown waits for the peers' (on the H100s rank 0 waiting for a follower to exit before
+    destroying its own group hung both). With ``timeout_s`` it runs on a daemon thread and is
+    given up after that long (logged), so that closing never hangs."""
     import torch.distributed as dist
 
     set_group(None)
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    if timeout_s is None:
         dist.destroy_process_group()
+        return
+    t = threading.Thread(target=dist.destroy_process_group, name="tp-leave", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        log.warning(
+            "tensor parallel: the process group's teardown took over %.0f s; left", timeout_s
+        )
 
 
 class Followers:
@@ -272,6 +286,7 @@ class Followers:
             for conn in self.conns:
                 conn.close()  # a follower still starting sees EOF (or its parent's end)
         deadline = time.monotonic() + timeout_s
+        _leave_group(timeout_s)  # with the followers, which leave it as they stop
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))
         for proc in self.procs:
@@ -281,7 +296,6 @@ class Followers:
                 proc.join(5)
         for conn in self.conns:
             conn.close()
-        _leave_group()
         log.info("tensor parallel: followers stopped")
 
 
@@ -364,11 +378,5 @@ def follower_main(
         return
     try:
         follow(conn, runner, cache, check)
-    except BaseException:
-        _leave_group()
-        raise
-    # Told to stop: exit now, without destroying the group. NCCL's teardown can wait for the
-    # peers' (on the H100s a follower that destroyed its communicator never exited while rank
-    # 0 waited for it to exit before leaving the group itself); the process's end releases it.
-    logging.shutdown()
-    os._exit(0)
+    finally:
+        _leave_group(timeout_s=10.0)  # at the time rank 0 leaves it (see Followers.close)
