@@ -387,6 +387,7 @@ def report() -> None:
         "tp2_step_ratio_nccl": tp.get("tp2_step_ratio"),
         "tp2_step_ratio_symmetric_memory": symm.get("tp2_step_ratio"),
         "tp4_step_ratio": tp.get("tp4_step_ratio"),
+        "tp_run": {k: tp.get(k) for k in ("card", "gpus", "date", "command")},
         "per_batch_ms": {
             k[: -len("_ms_per_step")]: v for k, v in fp8.items() if k.endswith("_ms_per_step")
         },
@@ -397,6 +398,13 @@ def report() -> None:
     fe = d / "fp8-error.json"
     if fe.exists():
         res["fp8_error"] = json.loads(fe.read_text())
+    lg = d / "load-gpu.json"  # bench/load.py on the GPU (through the server; see benchmarks.md)
+    if lg.exists():
+        load = json.loads(lg.read_text())
+        keep = ("first_packet_s", "rejected", "errors", "starved_answers", "completed_answers",
+                "max_gap_s", "answer_tokens_per_s", "turns")  # fmt: skip
+        res["load"] = {n: {k: r.get(k) for k in keep} for n, r in load["load"].items()}
+        res["load_run"] = {k: load.get(k) for k in ("machine", "date", "command")}
     (d / "serving-gpu.json").write_text(json.dumps(res, indent=2) + "\n")
     print("| ms per step (context 100) | " + " | ".join(f"b{b}" for b in BATCHES) + " |")
     print("| --- |" + " --- |" * len(BATCHES))
