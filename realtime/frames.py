@@ -90,6 +90,8 @@ class Transcript(Frame):
     text: str
     final: bool
     candidate: bool = False  # the whole turn's text if the user stops now (decoded at a pause)
+    # the mean token log probability of the decode of the turn's last phrase (None: not scored)
+    avg_logprob: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

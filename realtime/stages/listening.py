@@ -77,15 +77,17 @@ class ListenerStage(Stage):
         return t0, pcm[max(0, k) :]
 
     async def _partial(self) -> None:
-        text = await self.listener.maybe_partial()
-        if text:
-            await self.push(Transcript(text, final=False))
+        heard = await self.listener.maybe_partial()
+        if heard is not None and heard.text:
+            await self.push(Transcript(heard.text, final=False, avg_logprob=heard.avg_logprob))
 
     async def _candidate(self) -> None:
-        text = await self.listener.candidate()
-        if text is not None:
-            await self.push(Transcript(text, final=False, candidate=True))
+        heard = await self.listener.candidate()
+        if heard is not None:
+            await self.push(
+                Transcript(heard.text, final=False, candidate=True, avg_logprob=heard.avg_logprob)
+            )
 
     async def _final(self) -> None:
-        text = await self.listener.finish()
-        await self.push(Transcript(text, final=True))
+        heard = await self.listener.finish()
+        await self.push(Transcript(heard.text, final=True, avg_logprob=heard.avg_logprob))
