@@ -35,10 +35,12 @@ class Heard:
     """One decode: its text and how sure Whisper was of it. ``avg_logprob`` is the mean log
     probability of the decoded tokens, as faster-whisper computes it (Whisper itself takes a
     decode below -1.0 as failed); None where no decoder scored it (a recogniser that gives text
-    only)."""
+    only). ``t_end``: the stream time the decoded audio ends at, where the caller knows it (the
+    listener)."""
 
     text: str
     avg_logprob: float | None = None
+    t_end: float | None = None
 
 
 def bundled_model_dir(name: str) -> Path:

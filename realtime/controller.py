@@ -108,6 +108,7 @@ class TurnController(Stage):
         self._committed = 0  # turns committed to the engine (CommitTurn)
         self.held = False  # the user speaks over an answer: judged before it is stopped
         self._t_speech = [0.0, 0.0]  # stream times: the user's speech started, last ended
+        self._speaking = False  # the user's speech goes on (not paused, not stopped)
         self._policy = BargeInPolicy(ctx.config.barge_in)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -123,6 +124,7 @@ class TurnController(Stage):
         await self.push(frame)
         if isinstance(frame, SpeechStarted):
             self._t_speech = [frame.t, frame.t]
+            self._speaking = True
             await self._on_speech()
         elif isinstance(frame, SpeechSustained):
             if self.held:
@@ -131,11 +133,12 @@ class TurnController(Stage):
                 )
                 await self.interrupt()
         elif isinstance(frame, SpeechPaused) and frame.resumed:
+            self._speaking = True
             await self._drop_speculation()
         elif isinstance(frame, SpeechPaused):
-            self._t_speech[1] = frame.t
+            self._t_speech[1], self._speaking = frame.t, False
         elif isinstance(frame, SpeechStopped):
-            self._t_speech[1] = frame.t_end
+            self._t_speech[1], self._speaking = frame.t_end, False
             self.clock.on_stopped(frame)
             if frame.noise:
                 self.held = False  # a cough, a click: the answer goes on
@@ -177,9 +180,10 @@ class TurnController(Stage):
         are not backchannels stop it (and the turn goes on as any other); a final one of
         backchannels only, of words Whisper was not sure of, or of more words than the speech
         could hold (Whisper hearing words in a cough), is dropped."""
-        # the speech's length is known at a pause or at its end, not in the middle of it
-        ended = frame.final or frame.candidate
-        speech_s = self._t_speech[1] - self._t_speech[0] if ended else None
+        # how long the speech is: up to its pause or end, or while it goes on, as far as the
+        # decoded audio (not known: the rate is not checked)
+        end = frame.t_end if self._speaking else self._t_speech[1]
+        speech_s = None if end is None else end - self._t_speech[0]
         if self._policy.stops(frame.text, frame.avg_logprob, speech_s):
             log.debug("barge-in: words that are not backchannels: %r", frame.text)
             await self.interrupt()

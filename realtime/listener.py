@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -106,12 +106,16 @@ class Listener:
             fut: asyncio.Future[Heard] = loop.create_future()
             fut.set_result(Heard(""))
             return fut
-        return loop.run_in_executor(self.executor, self.asr.hear, audio, prompt)
+        asr = self.asr
+        t_end = None if self._tail is None else self._tail.t0 + len(audio) / PIPELINE_RATE
+        return loop.run_in_executor(
+            self.executor, lambda: replace(asr.hear(audio, prompt), t_end=t_end)
+        )
 
     def _join(self, tail: Heard) -> Heard:
         """The turn's text so far: the committed phrases, then the tail (with its scores)."""
         text = " ".join(p for p in [*self._committed, tail.text.strip()] if p)
-        return Heard(text, tail.avg_logprob)
+        return replace(tail, text=text)
 
     async def maybe_partial(self) -> Heard | None:
         """A partial transcript if one is due and no decode is running, else None."""

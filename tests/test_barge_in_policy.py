@@ -18,7 +18,7 @@ from realtime.barge_in import BackchannelFilter, BargeInPolicy
 from realtime.config import BACKCHANNELS, AgentConfig, ASRConfig, BargeInConfig
 from realtime.controller import Phase
 from realtime.engine.worker import EngineWorker
-from realtime.frames import SpeechStarted, SpeechStopped, Transcript
+from realtime.frames import SpeechPaused, SpeechStarted, SpeechStopped, Transcript
 from realtime.listener import DecodeHint, Listener
 from realtime.session import SharedModels
 
@@ -81,6 +81,22 @@ async def test_a_partial_transcript_with_a_real_word_stops_the_answer_at_once(mo
     await session.close()
 
 
+async def test_a_partial_with_more_words_than_the_sound_holds_stops_nothing(models):
+    """A click of 80 ms (the agent's own voice leaking past the echo canceller) decoded as
+    words: its length is known once it pauses, partial or not."""
+    session = await speaking(models)
+    c = session.controller
+    await c.process(SpeechStarted(10.0))
+    await c.process(SpeechPaused(10.08))
+    await c.process(Transcript("Let's see.", final=False, avg_logprob=-0.5, t_end=10.55))
+    assert c.phase is Phase.SPEAKING and c.held
+    # while the speech goes on, as far as the decoded audio: 0.5 s holds two words
+    await c.process(SpeechPaused(10.3, resumed=True))
+    await c.process(Transcript("Wait, stop", final=False, avg_logprob=-0.5, t_end=10.5))
+    assert Phase.INTERRUPTED in c.phases
+    await session.close()
+
+
 async def test_a_final_of_unsure_words_is_dropped_and_the_answer_goes_on(models):
     session = await speaking(models)
     c = session.controller
@@ -120,6 +136,14 @@ async def test_the_listener_decodes_with_the_hint():
     lis.append(chunk(0.5))
     await lis.final()
     assert [p for _, p in asr.calls] == ["Mm-hm. Okay.", "Mm-hm. Okay.", "Mm-hm. Okay. <0.6s>"]
+
+
+async def test_a_decode_says_where_its_audio_ends():
+    lis = Listener(RecordingASR(), ASRConfig(partial_interval_ms=300), ThreadPoolExecutor(1))
+    lis.start(5.0, chunk(0.2))
+    lis.append(chunk(0.3))
+    heard = await lis.maybe_partial()
+    assert heard is not None and heard.t_end == pytest.approx(5.5)
 
 
 # ---- Whisper's scores and the prompt -------------------------------------------------------------

@@ -79,15 +79,13 @@ class ListenerStage(Stage):
     async def _partial(self) -> None:
         heard = await self.listener.maybe_partial()
         if heard is not None and heard.text:
-            await self.push(Transcript(heard.text, final=False, avg_logprob=heard.avg_logprob))
+            await self.push(Transcript(heard.text, False, False, heard.avg_logprob, heard.t_end))
 
     async def _candidate(self) -> None:
         heard = await self.listener.candidate()
         if heard is not None:
-            await self.push(
-                Transcript(heard.text, final=False, candidate=True, avg_logprob=heard.avg_logprob)
-            )
+            await self.push(Transcript(heard.text, False, True, heard.avg_logprob, heard.t_end))
 
     async def _final(self) -> None:
         heard = await self.listener.finish()
-        await self.push(Transcript(heard.text, final=True, avg_logprob=heard.avg_logprob))
+        await self.push(Transcript(heard.text, True, False, heard.avg_logprob, heard.t_end))
