@@ -17,8 +17,9 @@ Counted, for ``barge_in.mode`` immediate (any 60 ms of voice stops the answer: t
 and hold (the new one): false interruptions (a backchannel or a cough stopped the answer),
 missed interruptions, and for the real ones the delay from the start of the user's speech to
 the stop, and from the moment the speech was recognised as an interruption (the frame that
-decided it: speech sustained for ``min_speech_ms``, or a transcript with a non-backchannel
-word) to the ``Interruption`` frame (after which no audio of the answer goes out).
+decided it: speech sustained for ``min_speech_ms``, or a transcript, partial or not, with a
+non-backchannel word) to the ``Interruption`` frame (after which no audio of the answer goes
+out). Each trial's ``heard`` lists every transcript with its decode's ``avg_logprob``.
 
 The user's channel holds the user's voice only (a client with headphones or echo
 cancellation); the agent's own voice leaking into the microphone is issue 13's point 4.
