@@ -112,9 +112,10 @@ class Listener:
             self.executor, lambda: replace(asr.hear(audio, prompt), t_end=t_end)
         )
 
-    def _join(self, tail: Heard) -> Heard:
+    def _join(self, tail: Heard, committed: list[str] | None = None) -> Heard:
         """The turn's text so far: the committed phrases, then the tail (with its scores)."""
-        text = " ".join(p for p in [*self._committed, tail.text.strip()] if p)
+        phrases = self._committed if committed is None else committed
+        text = " ".join(p for p in [*phrases, tail.text.strip()] if p)
         return replace(tail, text=text)
 
     async def maybe_partial(self) -> Heard | None:
@@ -163,12 +164,14 @@ class Listener:
         """The turn's transcript at the endpoint; re-uses the pause decode when it is current."""
         if self._tail is None:
             return Heard("")
-        pause = self._pause
+        pause, generation, committed = self._pause, self._generation, list(self._committed)
         if pause is not None:
             heard = await pause.task
-            if self._pause is pause:
-                return self._join(heard)
-        return self._join(await self._decode(self._tail.audio()))
+            # current; or the next turn began while it was decoded: this one ended at that
+            # pause (its tail is gone, and the new tail is the next turn's audio)
+            if self._pause is pause or self._generation != generation:
+                return self._join(heard, committed)
+        return self._join(await self._decode(self._tail.audio()), committed)
 
     async def finish(self) -> Heard:
         """The final transcript, then the turn is over. A turn that started while it was being

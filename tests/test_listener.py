@@ -124,3 +124,27 @@ async def test_a_turn_that_starts_during_the_final_decode_is_kept():
     assert lis.active  # the new turn survived
     lis.on_pause(2.0)
     assert (await lis.candidate()).text == "<0.5s>"  # and still holds its own audio
+
+
+async def test_the_final_of_a_turn_is_its_own_pause_decode_when_the_next_turn_starts_first():
+    """The user stopped at a pause whose decode is slow; they speak again before it is done:
+    the first turn's final transcript is that decode, not a decode of the new turn's audio."""
+    gate = threading.Event()
+
+    class SlowASR(RecordingASR):
+        def transcribe(self, audio: np.ndarray, prompt: str = "") -> str:
+            gate.wait(5)
+            return super().transcribe(audio, prompt)
+
+    asr = SlowASR()
+    lis = Listener(asr, ASRConfig(partial_interval_ms=10_000), ThreadPoolExecutor(1))
+    lis.start(0.0, np.zeros(0, np.float32))
+    lis.append(chunk(1.0))
+    lis.on_pause(1.0)
+    final = asyncio.ensure_future(lis.finish())
+    await asyncio.sleep(0.05)  # waiting on the pause decode
+    lis.start(1.5, chunk(0.3))  # the next turn begins
+    gate.set()
+    assert (await final).text == "<1.0s>"
+    assert [s for s, _ in asr.calls] == [1.0]  # the new turn's audio was not decoded for it
+    assert lis.active and (await lis.final()).text == "<0.3s>"
