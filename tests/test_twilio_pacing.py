@@ -1,39 +1,30 @@
 """/twilio paces the answer in real time, a little ahead (``telephony.playout_lead_ms``), so
 that a backchannel spoken over it cuts nothing and an interruption has only the lead to clear.
 
-The client plays Twilio's part as Twilio does it: it streams the caller's audio in real time
-(silence between utterances), plays the agent's ``media`` in real time from a play-out
-buffer, echoes each ``mark`` once the audio before it has played, and on ``clear`` empties the
-buffer and echoes the marks still pending. The session behind it is the real one."""
+The client plays Twilio's part as Twilio does it (bench/twilio_caller.py): it streams the
+caller's audio in real time, plays the agent's ``media`` in real time from a play-out buffer,
+echoes each ``mark`` once the audio before it has played, and on ``clear`` empties the buffer.
+The session behind it is the real one."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import json
 import time
-from collections import deque
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pytest
 import pytest_asyncio
-import websockets
 from server_helpers import RunningServer, speech, start_server
-from test_server_twilio import SID, start_message
 from test_telephony import _engine_prompt, _the_session
 
+from bench.twilio_caller import FRAME_S, Twilio, ahead_s, audio_s, call, spy
 from realtime.config import ServerConfig
-from realtime.frames import Frame, SpeechStarted, SpeechStopped, Transcript
-from realtime.server.codecs import ulaw_encode
+from realtime.frames import SpeechStarted, SpeechStopped, Transcript
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 ASK = "Tell me about the city of Paris."
-FRAME_S = 0.02
 WATCH_S = 4.0  # seconds of an answer watched for its pace
 
 
@@ -44,158 +35,6 @@ async def server(server_runtime: Any) -> Any:
     srv = await start_server(server_runtime, ServerConfig())
     yield srv
     await srv.runner.cleanup()
-
-
-@dataclass
-class Received:
-    t: float  # monotonic time it arrived
-    msg: dict[str, Any]
-
-
-@dataclass
-class Twilio:
-    """The Twilio end of one call (see the module's docstring)."""
-
-    ws: Any
-    received: list[Received] = field(default_factory=list)
-    echoed: list[tuple[float, str]] = field(default_factory=list)  # (when, mark) played
-    pending: list[tuple[float, str]] = field(default_factory=list)  # (plays at, mark)
-    drained_at: float = 0.0  # when the play-out buffer runs dry
-    played_at_clear: float | None = None  # seconds of the answer played when it was cleared
-    _first_media: float | None = None
-    _media_s: float = 0.0
-    _frames: deque[np.ndarray] = field(default_factory=deque)  # the caller's audio to send
-    _said: asyncio.Event = field(default_factory=asyncio.Event)
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-    async def _start(self) -> None:
-        await self._send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
-        await self._send(json.loads(start_message()))
-        loop = asyncio.get_running_loop()
-        for coro in (self._stream(), self._receive(), self._play_marks()):
-            self._tasks.append(loop.create_task(coro))
-
-    async def _hang_up(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, websockets.ConnectionClosed):
-                await task
-
-    async def stop(self) -> None:
-        """The call ends: Twilio's ``stop`` (the session finishes the turn in flight)."""
-        await self._hang_up()
-        await self._send({"event": "stop", "streamSid": SID, "stop": {"callSid": "CA1"}})
-
-    async def _send(self, msg: dict[str, Any]) -> None:
-        async with self._lock:
-            await self.ws.send(json.dumps(msg))
-
-    async def say(self, pcm: np.ndarray) -> float:
-        """The caller says ``pcm`` (8 kHz int16); returns when the last of it was sent."""
-        data = np.asarray(pcm, np.int16)
-        data = np.concatenate([data, np.zeros(-len(data) % 160, np.int16)])
-        self._said.clear()
-        self._frames.extend(data.reshape(-1, 160))
-        await self._said.wait()
-        return time.monotonic()
-
-    async def _stream(self) -> None:
-        """The caller's line in real time: queued speech, else silence (as Twilio sends)."""
-        t0, n = time.monotonic(), 0
-        silence = np.zeros(160, np.int16)
-        while True:
-            frame = self._frames.popleft() if self._frames else silence
-            payload = base64.b64encode(ulaw_encode(frame)).decode()
-            n += 1
-            await self._send(
-                {
-                    "event": "media",
-                    "sequenceNumber": str(n + 1),
-                    "streamSid": SID,
-                    "media": {"track": "inbound", "chunk": str(n), "payload": payload},
-                }
-            )
-            if not self._frames:
-                self._said.set()
-            await asyncio.sleep(max(0.0, t0 + n * FRAME_S - time.monotonic()))
-
-    async def _receive(self) -> None:
-        while True:
-            msg = json.loads(await self.ws.recv())
-            now = time.monotonic()
-            self.received.append(Received(now, msg))
-            event = msg["event"]
-            if event == "media":
-                seconds = len(base64.b64decode(msg["media"]["payload"])) / 8000
-                if self._first_media is None:
-                    self._first_media = now
-                self.drained_at = max(self.drained_at, now) + seconds
-                self._media_s += seconds
-            elif event == "mark":
-                self.pending.append((self.drained_at, msg["mark"]["name"]))
-            elif event == "clear":
-                self.played_at_clear = self.played_s(now)
-                self.drained_at = now
-                cleared, self.pending = self.pending, []
-                for _, name in cleared:  # Twilio sends the cleared marks back
-                    await self._send({"event": "mark", "streamSid": SID, "mark": {"name": name}})
-
-    def played_s(self, now: float) -> float:
-        """Seconds of agent audio played so far (all answers)."""
-        return self._media_s - max(0.0, self.drained_at - now)
-
-    async def _play_marks(self) -> None:
-        while True:
-            now = time.monotonic()
-            while self.pending and self.pending[0][0] <= now:
-                _, name = self.pending.pop(0)
-                self.echoed.append((now, name))
-                await self._send({"event": "mark", "streamSid": SID, "mark": {"name": name}})
-            await asyncio.sleep(0.005)
-
-    def events(self, name: str) -> list[Received]:
-        return [r for r in self.received if r.msg["event"] == name]
-
-    async def wait_for(self, check: Any, timeout: float) -> None:
-        async with asyncio.timeout(timeout):
-            while not check():
-                await asyncio.sleep(0.01)
-
-    def end_mark(self) -> str | None:
-        names = [r.msg["mark"]["name"] for r in self.events("mark")]
-        return next((n for n in names if n.endswith("-end")), None)
-
-
-@contextlib.asynccontextmanager
-async def call(server: RunningServer) -> AsyncIterator[Twilio]:
-    """A call to /twilio; leaving it without ``stop()`` hangs up (the socket just closes)."""
-    async with websockets.connect(f"{server.ws}/twilio") as ws:
-        twilio = Twilio(ws)
-        await twilio._start()
-        try:
-            yield twilio
-        finally:
-            await twilio._hang_up()
-
-
-def spy(session: Any) -> list[tuple[float, Frame | str]]:
-    """The frames the turn controller gets and its interruptions ("interrupt"), timed."""
-    seen: list[tuple[float, Frame | str]] = []
-    c = session.controller
-    process, interrupt = c.process, c.interrupt
-
-    async def on_frame(frame: Frame) -> None:
-        seen.append((time.monotonic(), frame))
-        await process(frame)
-
-    async def on_interrupt() -> None:
-        if c.response is not None:
-            seen.append((time.monotonic(), "interrupt"))
-        await interrupt()
-
-    c.process, c.interrupt = on_frame, on_interrupt
-    return seen
 
 
 async def ask(twilio: Twilio) -> None:
@@ -210,37 +49,30 @@ async def closed(runtime: Any) -> None:
             await asyncio.sleep(0.05)
 
 
-def audio_s(records: list[Received]) -> float:
-    return sum(len(base64.b64decode(r.msg["media"]["payload"])) for r in records) / 8000
-
-
 async def test_media_runs_at_most_the_lead_ahead_of_real_time(
     server: RunningServer, server_runtime: Any
 ) -> None:
     lead = server_runtime.config.telephony.playout_lead_ms / 1000
-    async with call(server) as twilio:
+    async with call(server.ws) as twilio:
         await _the_session(server_runtime)
         await ask(twilio)
         await asyncio.sleep(WATCH_S)  # then hang up: the rest of the answer goes the same way
         end = twilio.end_mark()
     await closed(server_runtime)
     media = twilio.events("media")
-    t0 = media[0].t
-    sent, ahead = 0.0, []
-    for r in media:
-        sent += len(base64.b64decode(r.msg["media"]["payload"])) / 8000
-        ahead.append(sent - (r.t - t0))  # audio received beyond the time it takes to play
+    sent, ahead = audio_s(media), ahead_s(media)
     assert end is None and sent > WATCH_S - 0.5, f"{sent:.2f} s of answer tell little"
-    # never more than the lead (and the frame just sent) ahead; scheduling slack 80 ms
-    assert max(ahead) <= lead + FRAME_S + 0.08, f"{max(ahead):.3f} s ahead, lead {lead} s"
-    # the lead fills at once: the first packet is not held back, and the buffer is used
+    # never more than the lead (and the frame just sent) ahead; slack for a loaded machine
+    # (unpaced, the answer's audio comes as fast as it is synthesised: seconds ahead)
+    assert max(ahead) <= lead + FRAME_S + 0.15, f"{max(ahead):.3f} s ahead, lead {lead} s"
+    # the lead fills at once: its frames come together with the first one
     assert max(ahead[: int(lead / FRAME_S) + 1]) >= lead - 0.05, ahead[:20]
 
 
 async def test_a_backchannel_over_the_answer_cuts_nothing(
     server: RunningServer, server_runtime: Any
 ) -> None:
-    async with call(server) as twilio:
+    async with call(server.ws) as twilio:
         session = await _the_session(server_runtime)
         seen = spy(session)
         await ask(twilio)
@@ -273,7 +105,7 @@ async def test_a_backchannel_over_the_answer_cuts_nothing(
 async def test_an_interruption_clears_and_truncates_at_the_heard_word(
     server: RunningServer, server_runtime: Any
 ) -> None:
-    async with call(server) as twilio:
+    async with call(server.ws) as twilio:
         session = await _the_session(server_runtime)
         seen = spy(session)
         await ask(twilio)
