@@ -61,7 +61,8 @@ async def test_media_runs_at_most_the_lead_ahead_of_real_time(
     await closed(server_runtime)
     media = twilio.events("media")
     sent, ahead = audio_s(media), ahead_s(media)
-    assert end is None and sent > WATCH_S - 0.5, f"{sent:.2f} s of answer tell little"
+    # (a loaded machine may synthesise slower than real time: the answer then comes in bursts)
+    assert end is None and sent > 5 * lead, f"{sent:.2f} s of answer tell little"
     # never more than the lead (and the frame just sent) ahead; slack for a loaded machine
     # (unpaced, the answer's audio comes as fast as it is synthesised: seconds ahead)
     assert max(ahead) <= lead + FRAME_S + 0.15, f"{max(ahead):.3f} s ahead, lead {lead} s"
@@ -113,14 +114,16 @@ async def test_an_interruption_clears_and_truncates_at_the_heard_word(
         # the caller listens until the first piece boundary has played, then talks over it
         await twilio.wait_for(lambda: twilio.echoed, 60)
         assert twilio.end_mark() is None, "the answer ended before the interruption"
-        said_at = await twilio.say(speech("Wait, stop. Tell me about Rome instead.", 8000, 0.0))
+        await twilio.say(speech("Wait, stop. Tell me about Rome instead.", 8000, 0.0))
         await twilio.wait_for(lambda: twilio.events("clear"), 30)
         (clear,) = twilio.events("clear")
         rid = int(twilio.echoed[0][1].split(":")[0])
-        # the interrupting words are a turn: once they have ended, it is answered
-        await twilio.wait_for(
-            lambda: any(isinstance(f, SpeechStopped) and t > said_at - 1 for t, f in seen), 30
-        )
+
+        def turn_ended() -> bool:  # the interrupting words are a turn, and are answered
+            cuts = [t for t, f in seen if f == "interrupt"]
+            return bool(cuts) and any(isinstance(f, SpeechStopped) and t > cuts[0] for t, f in seen)
+
+        await twilio.wait_for(turn_ended, 30)
         await session.wait_idle()
         prompt = await _engine_prompt(session)
         await twilio.stop()
@@ -130,9 +133,11 @@ async def test_an_interruption_clears_and_truncates_at_the_heard_word(
     # cleared once judged an interruption (not at the first speech), and at once (slack for a
     # loaded machine)
     assert started + 0.3 < cut <= clear.t < cut + 0.5
-    # nothing more of that answer: no media from the clear until the caller had finished
-    # speaking and a new answer could start
-    late = [r for r in twilio.events("media") if clear.t < r.t <= said_at + 0.4]
+    # nothing more of that answer: no media from the clear until the caller's turn ended
+    # (then the interrupting words are answered, at once if a speculative answer is ready)
+    ended = next(t for t, f in seen if isinstance(f, SpeechStopped) and t > cut)
+    assert ended > clear.t + 1  # a window long enough to tell
+    late = [r for r in twilio.events("media") if clear.t < r.t <= ended]
     assert not late, f"{len(late)} media messages after the clear"
     # what the caller heard: the marks Twilio played before the clear
     played = [name for t, name in twilio.echoed if t < clear.t and name.startswith(f"{rid}:")]
