@@ -410,7 +410,12 @@ def report() -> None:
     print("| --- |" + " --- |" * len(BATCHES))
     for name, row in res["per_batch_ms"].items():
         print(f"| {name} | " + " | ".join(str(row[f"b{b}"]) for b in BATCHES) + " |")
-    for w, run in ((1, tp.get("tp1")), (2, tp.get("tp2")), (4, tp.get("tp4")), (2, symm.get("tp2_symm"))):
+    for w, run in (
+        (1, tp.get("tp1")),
+        (2, tp.get("tp2")),
+        (4, tp.get("tp4")),
+        (2, symm.get("tp2_symm")),
+    ):
         row = (run or {}).get("ms_per_step")
         if row:
             print(

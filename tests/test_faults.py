@@ -363,9 +363,7 @@ async def test_a_full_cache_is_a_clear_error_and_a_closed_session_frees_its_slot
             event = json.loads(await asyncio.wait_for(second.recv(), 30))
             assert event["type"] == "error", event
             assert event["error"]["code"] == "server_busy"
-            assert (
-                "busy" in event["error"]["message"] and "cache" in event["error"]["message"]
-            )
+            assert "busy" in event["error"]["message"] and "cache" in event["error"]["message"]
         # the first session noticed nothing: it still answers its client
         await first.send(json.dumps({"type": "session.update", "session": {"instructions": "Hi"}}))
         await events_until(first, "session.updated", 10)

@@ -53,7 +53,9 @@ class Qwen2Config:
     max_position_embeddings: int = 32768
     attention_bias: bool = True
     tie_word_embeddings: bool = False
-    fixed_head_dim: int = 0  # 0: hidden_size // num_attention_heads (a tensor-parallel shard sets it)
+    fixed_head_dim: int = (
+        0  # 0: hidden_size // num_attention_heads (a tensor-parallel shard sets it)
+    )
 
     @property
     def head_dim(self) -> int:
