@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 from typing import Any
 
 from realtime.config import VADConfig
 from realtime.endpoint import end_of_turn_for
+from realtime.server import json_depth
 from realtime.server import realtime_protocol as rp
 from realtime.server.codecs import AudioDecodeError, b64decode_strict
 from realtime.server.realtime_connection import (
@@ -366,11 +366,11 @@ def parse_message(data: str, limit: int) -> dict[str, Any]:
             code="message_too_large",
         )
     try:
-        event = json.loads(data)
+        event = json_depth.loads(data)
+    except json_depth.TooDeep:
+        raise ClientError("message is nested too deeply", code="invalid_json") from None
     except ValueError as exc:  # JSONDecodeError, or a number too long to convert
         raise ClientError(f"message is not valid JSON: {exc}", code="invalid_json") from None
-    except RecursionError:  # arrays or objects nested thousands deep
-        raise ClientError("message is nested too deeply", code="invalid_json") from None
     if not isinstance(event, dict):
         raise ClientError("an event must be a JSON object", code="invalid_event")
     return event

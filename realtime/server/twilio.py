@@ -41,6 +41,7 @@ from aiohttp import WSMsgType, web
 from realtime.audio import StreamResampler
 from realtime.config import TelephonyConfig
 from realtime.frames import EndFrame, Interruption, OutputAudio, TurnMetrics
+from realtime.server import json_depth
 from realtime.server.bridge import (
     WRITE_BUFFER_BYTES,
     AgentSession,
@@ -207,11 +208,11 @@ def _parse(data: str, limit: int) -> dict[str, Any]:
     if len(data) > limit:
         raise TwilioError("message_too_large", f"message of {len(data)} bytes exceeds {limit}")
     try:
-        msg = json.loads(data)
+        msg = json_depth.loads(data)
+    except json_depth.TooDeep:
+        raise TwilioError("invalid_json", "message is nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, or a number too long to convert
         raise TwilioError("invalid_json", f"message is not valid JSON: {exc}") from None
-    except RecursionError:  # arrays or objects nested thousands deep
-        raise TwilioError("invalid_json", "message is nested too deeply") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
         raise TwilioError("invalid_message", 'a message must be a JSON object with an "event"')
     return msg

@@ -33,6 +33,7 @@ from realtime.frames import (
     TurnMetrics,
     frame_to_event,
 )
+from realtime.server import json_depth
 from realtime.server import realtime_protocol as rp
 from realtime.server.auth import principal
 from realtime.server.bridge import (
@@ -223,7 +224,7 @@ async def _on_message(state: PeerState, message: object) -> None:
     try:
         if not isinstance(message, str):
             raise ValueError("data channel messages must be JSON text")
-        cmd = json.loads(message)
+        cmd = json_depth.loads(message)
         if not isinstance(cmd, dict):
             raise ValueError("a command must be a JSON object")
         kind = cmd.get("type")
