@@ -12,8 +12,10 @@ import re
 from typing import Any
 
 MAX_DEPTH = 64
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
-_BRACKETS = re.compile(r"[\[\]{}]")
+# a string (closed, or running to the end of the text: an unclosed quote matches once, never
+# again from each later quote, which made the scan quadratic on text full of stray quotes) or a
+# bracket; one pass, linear in the text
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.S)
 
 
 class TooDeep(ValueError):
@@ -25,9 +27,13 @@ def nesting(text: str) -> int:
     if text.count("[") + text.count("{") <= MAX_DEPTH:  # no string search for the usual event
         return min(MAX_DEPTH, text.count("[") + text.count("{"))
     depth = deepest = 0
-    for m in _BRACKETS.finditer(_STRING.sub("", text)):
-        depth += 1 if m.group() in "[{" else -1
-        deepest = max(deepest, depth)
+    for m in _TOKEN.finditer(text):
+        token = m.group()
+        if token in ("[", "{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in ("]", "}"):
+            depth -= 1
     return deepest
 
 
