@@ -268,8 +268,8 @@ async def _parse_offer(request: web.Request, limit: int) -> RTCSessionDescriptio
     if len(body) > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
     try:
-        offer = json.loads(body)
-    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, too deep
+        offer = json_depth.loads(body.decode())
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, too deep (json_depth.TooDeep)
         raise ValueError('the body must be JSON: {"sdp": "...", "type": "offer"}') from None
     if not isinstance(offer, dict) or not isinstance(offer.get("sdp"), str):
         raise ValueError('the body must be a JSON object {"sdp": "...", "type": "offer"}')
