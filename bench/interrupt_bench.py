@@ -1,6 +1,7 @@
 """Barge-in: does the user's speech over a spoken answer stop it when it should, and only then?
 
-    python bench/interrupt_bench.py [--voices tune|report] [--min-speech-ms 700]
+    python bench/interrupt_bench.py [--voices tune|report] [--min-speech-ms 1500]
+                                    [--modes immediate,hold]
                                     [--out bench/results/interrupt-cpu.json]
 
 A real session (realtime.session.Session: WebRTC VAD endpointer, the listener with Whisper
@@ -16,8 +17,9 @@ Counted, for ``barge_in.mode`` immediate (any 60 ms of voice stops the answer: t
 and hold (the new one): false interruptions (a backchannel or a cough stopped the answer),
 missed interruptions, and for the real ones the delay from the start of the user's speech to
 the stop, and from the moment the speech was recognised as an interruption (the frame that
-decided it: speech sustained for ``min_speech_ms``, or a transcript with a non-backchannel
-word) to the ``Interruption`` frame (after which no audio of the answer goes out).
+decided it: speech sustained for ``min_speech_ms``, or a transcript, partial or not, with a
+non-backchannel word) to the ``Interruption`` frame (after which no audio of the answer goes
+out). Each trial's ``heard`` lists every transcript with its decode's ``avg_logprob``.
 
 The user's channel holds the user's voice only (a client with headphones or echo
 cancellation); the agent's own voice leaking into the microphone is issue 13's point 4.
@@ -201,6 +203,12 @@ async def trial(models: SharedModels, event: Event) -> dict:
         ]
         row["audio_after_stop"] = len(late)
     row["transcripts"] = [f.text for _, f in seen if isinstance(f, Transcript) and f.final]
+    row["heard"] = [  # every transcript: partial / pause / final, and its decode's score
+        f"{'final' if f.final else 'pause' if f.candidate else 'partial'}: {f.text!r}"
+        + ("" if f.avg_logprob is None else f" ({f.avg_logprob:.2f})")
+        for _, f in seen
+        if isinstance(f, Transcript)
+    ]
     return row
 
 
@@ -230,6 +238,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--voices", choices=("tune", "report"), default="report")
     ap.add_argument("--min-speech-ms", type=int, default=None)
+    ap.add_argument("--modes", default="immediate,hold", help="barge_in.mode values to run")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     voices = TUNE_VOICES if args.voices == "tune" else REPORT_VOICES
@@ -240,7 +249,7 @@ async def main() -> None:
     asr = WhisperRecognizer(base.asr)
     tts = load_tts(TTSConfig(backend="espeak", voice="en-us"))
     results = {}
-    for mode in ("immediate", "hold"):
+    for mode in args.modes.split(","):
         cfg = dataclasses.replace(base, barge_in=dataclasses.replace(base.barge_in, mode=mode))
         worker = EngineWorker()
         models = SharedModels(cfg, asr, ThreadPoolExecutor(1), Talker(), worker, tts)  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jiwer  # noqa: E402
 
 from bench.questions import QUESTIONS  # noqa: E402
-from realtime.asr import WhisperRecognizer  # noqa: E402
+from realtime.asr import Heard, WhisperRecognizer  # noqa: E402
 from realtime.audio import PIPELINE_RATE, resample, to_float32  # noqa: E402
 from realtime.config import ASRConfig, load_config  # noqa: E402
 from realtime.listener import Listener  # noqa: E402
@@ -66,6 +66,10 @@ class CountingASR:
         self.seconds += len(audio) / PIPELINE_RATE
         return self.asr.transcribe(audio, prompt)
 
+    def hear(self, audio: np.ndarray, prompt: str = "") -> Heard:
+        self.seconds += len(audio) / PIPELINE_RATE
+        return self.asr.hear(audio, prompt)
+
 
 async def listen(pcm: np.ndarray, cfg: ASRConfig, asr: CountingASR, vad_cfg) -> str:
     executor = ThreadPoolExecutor(1)
@@ -85,7 +89,7 @@ async def listen(pcm: np.ndarray, cfg: ASRConfig, asr: CountingASR, vad_cfg) -> 
             elif ev.kind == "resume":
                 listener.on_resume(ev.t)
             elif ev.kind == "stop":
-                text = await listener.final()
+                text = (await listener.final()).text
         if listener.active:
             listener.append(pcm[i : i + step])
     executor.shutdown()

@@ -14,6 +14,7 @@ import difflib
 import importlib.util
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,19 @@ MAX_WINDOW_S = 30.0
 
 class ASRError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class Heard:
+    """One decode: its text and how sure Whisper was of it. ``avg_logprob`` is the mean log
+    probability of the decoded tokens, as faster-whisper computes it (Whisper itself takes a
+    decode below -1.0 as failed); None where no decoder scored it (a recogniser that gives text
+    only). ``t_end``: the stream time the decoded audio ends at, where the caller knows it (the
+    listener)."""
+
+    text: str
+    avg_logprob: float | None = None
+    t_end: float | None = None
 
 
 def bundled_model_dir(name: str) -> Path:
@@ -74,8 +88,12 @@ class WhisperRecognizer:
 
     def transcribe(self, audio: np.ndarray, prompt: str = "") -> str:
         """Words in ``audio`` (16 kHz mono float32). ``prompt``: text said just before."""
+        return self.hear(audio, prompt).text
+
+    def hear(self, audio: np.ndarray, prompt: str = "") -> Heard:
+        """``transcribe``, with the decode's scores."""
         if audio.size < PIPELINE_RATE // 10:
-            return ""
+            return Heard("")
         audio = audio[-int(MAX_WINDOW_S * PIPELINE_RATE - self.pad_s * PIPELINE_RATE) :]
         padded = np.concatenate([audio, np.zeros(int(self.pad_s * PIPELINE_RATE), np.float32)])
         features = self._model.feature_extractor(padded)
@@ -93,8 +111,14 @@ class WhisperRecognizer:
                 suppress_blank=True,
                 repetition_penalty=1.1,
                 no_repeat_ngram_size=4,
+                return_scores=True,
             )
-        return drop_repeated_tail(self._tokenizer.decode(result[0].sequences_ids[0]).strip())
+        best = result[0]
+        n = len(best.sequences_ids[0])
+        text = drop_repeated_tail(self._tokenizer.decode(best.sequences_ids[0]).strip())
+        # CTranslate2's score is the log probability over the length (length_penalty 1);
+        # faster-whisper's avg_logprob divides by one more (the end-of-text token)
+        return Heard(text, best.scores[0] * n / (n + 1))
 
 
 def _words(text: str) -> list[str]:

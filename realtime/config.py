@@ -54,19 +54,31 @@ BACKCHANNELS = [
 
 @dataclass
 class BargeInConfig:
-    """What the user's speech does to an answer being spoken (realtime/controller.py).
-    ``immediate``: any speech stops it. ``hold``: it goes on while the speech is judged; it
-    stops when the speech lasts ``min_speech_ms`` or its transcript (at a pause, or at its
-    end) has ``min_words`` words that are not backchannels. A backchannel-only or noise burst is neither answered nor
-    put in the engine's history."""
+    """What the user's speech does to an answer being spoken (realtime/controller.py,
+    realtime/barge_in.py). ``immediate``: any speech stops it. ``hold``: it goes on while the
+    speech is judged; it stops as soon as a transcript of it (partial, at a pause, or at its
+    end) has ``min_words`` words that are not backchannels from a decode Whisper was sure of
+    (``min_avg_logprob``), or when the speech lasts ``min_speech_ms`` whatever its words. A
+    backchannel-only or noise burst is neither answered nor put in the engine's history."""
 
     mode: Literal["immediate", "hold"] = "hold"
-    min_speech_ms: int = 700  # speech this long (from its start) stops the answer
+    # speech this long (from its start) stops the answer without words: longer than a
+    # backchannel ("mm-hm" hummed lasts up to ~1.2 s); words stop it sooner
+    min_speech_ms: int = 1500
     min_words: int = 1  # recognised words that are not backchannels, to stop the answer
     # A transcript with more words a second of speech than this is Whisper hearing words in a
     # cough or a hum (it does): it stops nothing.
     max_words_per_s: float = 6.0
     backchannels: list[str] = field(default_factory=lambda: list(BACKCHANNELS))
+    # Words from a decode whose mean token log probability is below this are not words (a hum
+    # or a cough decoded as "And I'm at camp..."); -1.0 is Whisper's own failed-decode threshold.
+    min_avg_logprob: float = -1.0
+    # Put before Whisper's prompt while the user speaks over an answer: what a listener says
+    # then, so that a hum is written "Mm-hm." rather than as words ("" = no prompt).
+    asr_prompt: str = "Mm-hm. Uh-huh. Okay. Right. Yeah."
+    # how often the speech over an answer is decoded while it goes on (asr.partial_interval_ms
+    # otherwise; counted from the start of the turn's audio, prefix_padding_ms before the speech)
+    partial_interval_ms: int = 550
 
 
 @dataclass

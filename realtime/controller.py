@@ -17,10 +17,14 @@ Phases of the current turn::
 
 Barge-in (``barge_in`` in the config): ``immediate`` stops the answer at the user's first
 voiced 60 ms. ``hold`` (the default) lets it go on while the speech is judged: it stops as soon
-as the speech has lasted ``min_speech_ms`` (``SpeechSustained``) or a transcript of it has
-``min_words`` words that are not backchannels; a burst that ends first with only backchannels
-("uh-huh", "okay", a cough) is dropped: the answer goes on, nothing is answered and the engine
-forgets its audio (the Realtime API client still sees its speech events and transcript).
+as a transcript of it (a partial one while the user speaks, or at a pause, or at its end) has
+``min_words`` words that are not backchannels, from a decode Whisper was sure of
+(realtime/barge_in.py), or when the speech has lasted ``min_speech_ms`` (``SpeechSustained``);
+a burst that ends first with only backchannels ("uh-huh", "okay", a cough) is dropped: the
+answer goes on, nothing is answered and the engine forgets its audio (the Realtime API client
+still sees its speech events and transcript). While it is judged, Whisper decodes it with
+``barge_in.asr_prompt`` (backchannels) before its prompt, and partial transcripts come every
+``barge_in.partial_interval_ms`` (``asr_hint``).
 
 A speculative answer is generated and synthesised while the endpointer is still waiting out
 its silence, but nothing of it is heard until it is released.
@@ -35,7 +39,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from realtime.barge_in import BackchannelFilter
+from realtime.barge_in import BargeInPolicy
 from realtime.context import SessionContext
 from realtime.engine.base import UserTurn
 from realtime.engine.tools import ToolResult
@@ -61,6 +65,7 @@ from realtime.frames import (
     TurnMetrics,
     answer_id,
 )
+from realtime.listener import DecodeHint
 from realtime.stages import Stage
 from realtime.turn import Response, TurnClock
 
@@ -103,7 +108,8 @@ class TurnController(Stage):
         self._committed = 0  # turns committed to the engine (CommitTurn)
         self.held = False  # the user speaks over an answer: judged before it is stopped
         self._t_speech = [0.0, 0.0]  # stream times: the user's speech started, last ended
-        self._backchannels = BackchannelFilter(ctx.config.barge_in.backchannels)
+        self._speaking = False  # the user's speech goes on (not paused, not stopped)
+        self._policy = BargeInPolicy(ctx.config.barge_in)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -118,6 +124,7 @@ class TurnController(Stage):
         await self.push(frame)
         if isinstance(frame, SpeechStarted):
             self._t_speech = [frame.t, frame.t]
+            self._speaking = True
             await self._on_speech()
         elif isinstance(frame, SpeechSustained):
             if self.held:
@@ -126,11 +133,12 @@ class TurnController(Stage):
                 )
                 await self.interrupt()
         elif isinstance(frame, SpeechPaused) and frame.resumed:
+            self._speaking = True
             await self._drop_speculation()
         elif isinstance(frame, SpeechPaused):
-            self._t_speech[1] = frame.t
+            self._t_speech[1], self._speaking = frame.t, False
         elif isinstance(frame, SpeechStopped):
-            self._t_speech[1] = frame.t_end
+            self._t_speech[1], self._speaking = frame.t_end, False
             self.clock.on_stopped(frame)
             if frame.noise:
                 self.held = False  # a cough, a click: the answer goes on
@@ -158,19 +166,26 @@ class TurnController(Stage):
             else:
                 await self.interrupt()
 
-    async def _judge(self, frame: Transcript) -> None:
-        """A transcript of speech over the answer, at a pause or at its end: words that are not
-        backchannels stop it (and the turn goes on as any other); a final one of backchannels
-        only, or of more words than the speech could hold (Whisper hearing words in a cough),
-        is dropped."""
-        if not (frame.final or frame.candidate):
-            return  # a partial is of audio still coming: the pause or the end judges it
+    def asr_hint(self) -> DecodeHint:
+        """How the listener decodes now: while the user's speech over the answer is judged,
+        with backchannels in Whisper's prompt and partials every
+        ``barge_in.partial_interval_ms``."""
+        if not self.held:
+            return DecodeHint()
         policy = self.ctx.config.barge_in
-        words = self._backchannels.real_words(frame.text)
-        speech_s = max(0.1, self._t_speech[1] - self._t_speech[0])
-        plausible = self._backchannels.count(frame.text) <= policy.max_words_per_s * speech_s
-        if len(words) >= max(1, policy.min_words) and plausible:
-            log.debug("barge-in: %d words that are not backchannels", len(words))
+        return DecodeHint(policy.asr_prompt, policy.partial_interval_ms)
+
+    async def _judge(self, frame: Transcript) -> None:
+        """A transcript of speech over the answer, partial, at a pause or at its end: words that
+        are not backchannels stop it (and the turn goes on as any other); a final one of
+        backchannels only, of words Whisper was not sure of, or of more words than the speech
+        could hold (Whisper hearing words in a cough), is dropped."""
+        # how long the speech is: up to its pause or end, or while it goes on, as far as the
+        # decoded audio (not known: the rate is not checked)
+        end = frame.t_end if self._speaking else self._t_speech[1]
+        speech_s = None if end is None else end - self._t_speech[0]
+        if self._policy.stops(frame.text, frame.avg_logprob, speech_s):
+            log.debug("barge-in: words that are not backchannels: %r", frame.text)
             await self.interrupt()
             self.held = False
             await self._on_transcript(frame)

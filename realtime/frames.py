@@ -90,6 +90,9 @@ class Transcript(Frame):
     text: str
     final: bool
     candidate: bool = False  # the whole turn's text if the user stops now (decoded at a pause)
+    # the mean token log probability of the decode of the turn's last phrase (None: not scored)
+    avg_logprob: float | None = None
+    t_end: float | None = None  # stream time the decoded audio ends at (None: not known)
 
 
 @dataclass(frozen=True, slots=True)

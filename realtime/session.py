@@ -140,6 +140,7 @@ class Session:
         self.speaker = Speaker(self.ctx, models.tts)
         self.output = Output(self.ctx)
         self.output.observer = self.controller
+        self.listener.hint = self.controller.asr_hint  # backchannels while judging a barge-in
         stages: list[Stage] = [
             self.detector,
             self.listener_stage,

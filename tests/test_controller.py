@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from realtime.asr import Heard
 from realtime.config import AgentConfig, SamplingConfig
 from realtime.controller import Phase
 from realtime.engine.base import CancelToken, TokenEvent, TurnStats, UserTurn
@@ -143,6 +144,9 @@ class FixedASR:
 
     def transcribe(self, audio: np.ndarray, prompt: str = "") -> str:
         return self.text
+
+    def hear(self, audio: np.ndarray, prompt: str = "") -> Heard:
+        return Heard(self.text)
 
 
 @pytest.fixture

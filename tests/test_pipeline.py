@@ -111,14 +111,18 @@ async def test_barge_in_stops_audio_and_cancels_the_answer(runtime, say):
 
     t_interrupt = next(t for t, f in seen if isinstance(f, Interruption))
     barge = [t for t, f in seen if isinstance(f, SpeechStarted) and t <= t_interrupt][-1]
-    # recognised as an interruption, not a backchannel: the speech lasted barge_in.min_speech_ms,
-    # or a transcript of it at a pause had a real word
+    # recognised as an interruption, not a backchannel: a transcript of it (partial, at a pause
+    # or at its end) had a real word, or the speech lasted barge_in.min_speech_ms. Usually the
+    # first partial, ~0.3 s after the onset; how soon depends on the recogniser keeping up with
+    # a CPU that also generates and speaks the answer (1.0 s was seen on a loaded machine), so
+    # the bound is the duration rule's, with room for the 1.4 s of speech's final transcript
     recognised = [
         t
         for t, f in seen
         if isinstance(f, (SpeechSustained, Transcript)) and barge <= t <= t_interrupt
     ][-1]
-    assert recognised - barge < 1.0, recognised - barge
+    bound = runtime.config.barge_in.min_speech_ms / 1000 + 0.5
+    assert recognised - barge < bound, recognised - barge
     first_resp_audio = [t for t, f in seen if isinstance(f, OutputAudio) and t <= t_interrupt + 1.0]
     last_audio = max(t for t in first_resp_audio if t < t_interrupt + 0.5)
     assert last_audio - recognised < 0.1, last_audio - recognised  # stopped within 100 ms

@@ -77,15 +77,15 @@ class ListenerStage(Stage):
         return t0, pcm[max(0, k) :]
 
     async def _partial(self) -> None:
-        text = await self.listener.maybe_partial()
-        if text:
-            await self.push(Transcript(text, final=False))
+        heard = await self.listener.maybe_partial()
+        if heard is not None and heard.text:
+            await self.push(Transcript(heard.text, False, False, heard.avg_logprob, heard.t_end))
 
     async def _candidate(self) -> None:
-        text = await self.listener.candidate()
-        if text is not None:
-            await self.push(Transcript(text, final=False, candidate=True))
+        heard = await self.listener.candidate()
+        if heard is not None:
+            await self.push(Transcript(heard.text, False, True, heard.avg_logprob, heard.t_end))
 
     async def _final(self) -> None:
-        text = await self.listener.finish()
-        await self.push(Transcript(text, final=True))
+        heard = await self.listener.finish()
+        await self.push(Transcript(heard.text, True, False, heard.avg_logprob, heard.t_end))
