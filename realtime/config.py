@@ -233,6 +233,19 @@ class TelephonyConfig:
     # keys pressed and then nothing said for this long: the agent answers the keys alone
     # (0 = keys wait for the caller's next words)
     dtmf_respond_after_s: float = 2.0
+    # the answer goes to Twilio in real time, at most this far ahead of what the caller hears
+    # (Twilio's play-out buffer, against network jitter): a backchannel then cuts nothing, and
+    # an interruption clears at most this much at Twilio; what the server still holds is never
+    # sent. 0..1000 ms; the first audio is never delayed
+    playout_lead_ms: int = 300
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.playout_lead_ms <= 1000:
+            raise ConfigError(
+                f"telephony.playout_lead_ms: {self.playout_lead_ms} is not within 0..1000 "
+                "(a small play-out buffer at Twilio: an interruption judged once the answer "
+                "has all gone out cannot take it back)"
+            )
 
 
 @dataclass

@@ -26,6 +26,9 @@ class SessionOptions:
     interrupt_response: bool = True  # the user's speech cancels the answer (barge-in)
     output_sample_rate: int | None = None  # None = the TTS head's own rate
     speak: bool = True  # False: answers are text only (no TTS, no audio frames)
+    # paced output may run this far ahead of real time: a listener that buffers a little (a
+    # phone call: telephony.playout_lead_ms); what it holds is what a barge-in must clear
+    output_lead_s: float = 0.0
     think_budget: int | None = None  # reasoning tokens before speaking; None = the config's
     tools: tuple[ToolSpec, ...] = ()  # functions the model may call (session.update tools)
     tool_choice: ToolChoice = "auto"  # auto | none | required | one tool's name

@@ -398,7 +398,8 @@ class TurnController(Stage):
         """What reached the user: the whole answer, unless speech was cut off (then the pieces
         they began to hear). A text-only answer was delivered as far as it was written."""
         if interrupted and self.ctx.options.speak:
-            return resp.heard_text(resp.heard_s(self.ctx.pace_output))
+            lead = self.ctx.options.output_lead_s
+            return resp.heard_text(resp.heard_s(self.ctx.pace_output, lead))
         return resp.answer.strip()
 
     def _metrics(self, resp: Response, interrupted: bool, spoken: str) -> TurnMetrics:

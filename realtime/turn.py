@@ -80,12 +80,13 @@ class Response:
             self.pieces.append(_Piece(frame.text, self.audio_s))
         self.audio_s += len(frame.pcm) / frame.sample_rate
 
-    def heard_s(self, paced: bool) -> float:
+    def heard_s(self, paced: bool, lead_s: float = 0.0) -> float:
         """How much of the answer's audio the user has heard by now. Paced output: all that
-        was handed out (it was handed out in real time). Unpaced output (the client buffers
-        and plays it): the wall time since the first packet, at most what was handed out."""
+        was handed out but the ``lead_s`` it runs ahead of real time (the listener's buffer).
+        Unpaced output (the client buffers and plays it): the wall time since the first
+        packet, at most what was handed out."""
         if paced:
-            return self.audio_s
+            return max(0.0, self.audio_s - lead_s)
         first = self.clock.wall_first_audio
         return 0.0 if first is None else min(self.audio_s, time.monotonic() - first)
 

@@ -110,6 +110,7 @@ class FakeOptions:
     interrupt_response: bool = True
     output_sample_rate: int | None = None
     speak: bool = True
+    output_lead_s: float = 0.0
 
 
 class FakeSession:

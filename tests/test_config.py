@@ -56,3 +56,13 @@ def test_overrides_and_missing_file():
     assert cfg.vad.silence_duration_ms == 250 and cfg.engine.model == "/x"
     with pytest.raises(ConfigError, match="not found"):
         load_config("no-such-config")
+
+
+def test_the_phone_playout_lead_is_small_and_checked():
+    assert load_config("embedded").telephony.playout_lead_ms == 300
+    assert load_config("embedded", {"telephony.playout_lead_ms": 0}).telephony.playout_lead_ms == 0
+    for bad in (-20, 5000):
+        with pytest.raises(
+            ConfigError, match=r"telephony\.playout_lead_ms: .* not within 0\.\.1000"
+        ):
+            load_config("embedded", {"telephony.playout_lead_ms": bad})

@@ -1,5 +1,6 @@
 """Twilio Media Streams at /twilio: a client speaking Twilio's message format streams 8 kHz
-mu-law, gets mu-law media and marks back, and a barge-in produces ``clear``."""
+mu-law, gets mu-law media and marks back, and a barge-in produces ``clear`` (pacing and
+backchannels: test_twilio_pacing.py)."""
 
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ async def test_call_answer_marks_and_barge_in(server: RunningServer) -> None:
         pcm = ulaw_decode(bytes(audio))
         assert len(pcm) > 8000 * 0.3 and rms(pcm) > 300
 
-        # Second question; while its answer is queued at Twilio (marks not echoed), talk over it.
+        # Second question; while its answer is being sent (in real time), talk over it: the
+        # turn controller judges "Wait, stop." an interruption, and Twilio's queue is cleared.
         await stream_audio(ws, question, seq)
         async with asyncio.timeout(120):
             while json.loads(await ws.recv())["event"] != "media":

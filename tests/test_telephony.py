@@ -1,6 +1,6 @@
 """/twilio details on the real Session: keypad keys (``dtmf``) reach the session as events and
-the engine as text; echoed ``mark``s say what the caller heard, so a barge-in truncates the
-answer in the history (the engine's too) at the last mark Twilio played."""
+the engine as text. (That echoed ``mark``s truncate an interrupted answer at the last mark
+Twilio played is tested, with the pacing, in test_twilio_pacing.py.)"""
 
 from __future__ import annotations
 
@@ -9,19 +9,16 @@ import dataclasses
 import json
 from typing import Any
 
-import numpy as np
 import pytest
 import pytest_asyncio
 import websockets
-from server_helpers import RunningServer, speech, start_server
-from test_server_twilio import SID, start_message, stream_audio
+from server_helpers import RunningServer, start_server
+from test_server_twilio import SID, start_message
 
 from realtime.config import ServerConfig, TelephonyConfig
 from realtime.frames import Dtmf, frame_to_event
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-ASK = "Tell me about the city of Paris."
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -90,50 +87,4 @@ async def test_keys_alone_are_answered(server: RunningServer, server_runtime: An
         await session.wait_idle()
         assert session.history[-1].user == "[keypad: 1] [keypad: 2]"
         assert "[keypad: 1] [keypad: 2]" in await _engine_prompt(session)
-        await ws.send(json.dumps({"event": "stop", "streamSid": SID}))
-
-
-async def test_barge_in_truncates_at_the_last_played_mark(
-    server: RunningServer, server_runtime: Any
-) -> None:
-    """Twilio plays the first piece of the answer and echoes its mark, then the caller talks
-    over the rest (whose marks never come back): the history keeps the first piece only."""
-    seq = [1]
-    async with websockets.connect(f"{server.ws}/twilio") as ws:
-        await ws.send(start_message())
-        session = await _the_session(server_runtime)
-        sender = asyncio.ensure_future(
-            stream_audio(ws, np.concatenate([speech(ASK, 8000), np.zeros(8000, np.int16)]), seq)
-        )
-        marks: list[str] = []
-        async with asyncio.timeout(180):
-            while not any(m.endswith("-end") for m in marks):
-                msg = json.loads(await ws.recv())
-                if msg["event"] == "mark":
-                    marks.append(msg["mark"]["name"])
-                    if len(marks) == 1:  # only the first one has played
-                        await ws.send(
-                            json.dumps(
-                                {"event": "mark", "streamSid": SID, "mark": {"name": marks[0]}}
-                            )
-                        )
-        await sender
-        assert len(marks) >= 2, marks
-        rid, _, ms = marks[0].partition(":")
-        assert int(ms) > 0
-        barge = asyncio.ensure_future(
-            stream_audio(ws, speech("Wait, stop. Tell me about Rome instead.", 8000), seq)
-        )
-        async with asyncio.timeout(60):
-            while json.loads(await ws.recv())["event"] != "clear":
-                pass
-        await barge
-        entry = next(e for e in session.history if e.response and e.response.id == int(rid))
-        pieces = entry.response.pieces
-        heard = [p.text.strip() for p in pieces if p.offset_s * 1000 < int(ms)]
-        assert heard and len(heard) < len(pieces)  # the mark sits between two pieces
-        assert entry.spoken == " ".join(heard) and entry.interrupted
-        prompt = await _engine_prompt(session)
-        assert json.dumps(entry.spoken + " ...")[1:-1] in prompt, prompt
-        assert json.dumps(entry.answer.strip())[1:-1] not in prompt
         await ws.send(json.dumps({"event": "stop", "streamSid": SID}))

@@ -1,14 +1,21 @@
 """``/twilio``: Twilio Media Streams, so a call center points ``<Connect><Stream>`` at the agent.
 
 Inbound ``media`` is 8 kHz mu-law, 20 ms a message. The answer goes back as 20 ms mu-law
-``media`` messages as fast as it is synthesised (Twilio buffers and plays it), with a
-``mark`` at every piece boundary and at the end of the answer, named
-``"<response id>:<ms>"``: the answer's audio before the mark, on the session's own clock of
-the answer (``-end`` added to the last). Twilio echoes a mark when the audio before it has
-played, so the echoed marks say how much the caller really heard. When the caller speaks
-over audio that has not played yet, the handler sends ``clear`` (Twilio drops its queue) and
-truncates the answer in the session's history, the engine's too, at the last echoed mark:
-the words before it stay, those after it go.
+``media`` messages in real time: the session paces its output (``Output``) at most
+``telephony.playout_lead_ms`` ahead of what the caller hears, so Twilio's play-out buffer
+holds that lead and no more (the first audio goes at once). A ``mark`` follows every piece
+boundary and the end of the answer, named ``"<response id>:<ms>"``: the answer's audio before
+the mark, on the session's own clock of the answer (``-end`` added to the last). Twilio echoes
+a mark when the audio before it has played, so the echoed marks say how much the caller really
+heard.
+
+Speech of the caller over the answer is judged by the turn controller (``barge_in``): a
+backchannel ("uh-huh") changes nothing here, the answer plays on. An ``Interruption`` stops the
+answer: the session drops the audio it still held (never sent), the handler sends ``clear``
+(Twilio drops the lead it holds) and truncates the answer in the session's history, the
+engine's too, at the last echoed mark: the words before it stay, those after it go. An answer
+handed out whole before the speech was judged an interruption is not interrupted: its last
+lead plays.
 
 A ``dtmf`` message (a key the caller pressed) goes to the session (``press_key``).
 
@@ -32,7 +39,8 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from realtime.audio import StreamResampler
-from realtime.frames import EndFrame, Interruption, OutputAudio, SpeechStarted, TurnMetrics
+from realtime.config import TelephonyConfig
+from realtime.frames import EndFrame, Interruption, OutputAudio, TurnMetrics
 from realtime.server import json_depth
 from realtime.server.bridge import (
     WRITE_BUFFER_BYTES,
@@ -81,6 +89,7 @@ class TwilioCall:
     acked: deque[str] = field(default_factory=lambda: deque(maxlen=64))  # echoed, in order
     pending: bytearray = field(default_factory=bytearray)  # mu-law not yet a whole frame
     resample: StreamResampler = field(default_factory=lambda: StreamResampler(RATE, dtype=np.int16))
+    cut: tuple[int, float] | None = None  # an interrupted answer and the ms of it heard
     media_in: int = 0
     dtmf: int = 0  # keys pressed (which ones is the caller's business: never logged)
 
@@ -138,16 +147,24 @@ class TwilioCall:
             self.played_ms = max(self.played_ms, float(ms))
 
     async def barge_in(self) -> None:
-        """Drop what Twilio still has queued; the answer's history keeps what was heard."""
+        """The answer was interrupted: Twilio drops what it still holds of it (the lead), and
+        the answer's history is cut at what was heard (``truncate``)."""
         sent_ms = self.audio_s * 1000
         if self.answer is None or (sent_ms <= self.played_ms and not self.pending):
             return  # everything sent has played: nothing to cut
         self.pending.clear()
-        self.outstanding.clear()
-        heard, self.played_ms = self.played_ms, sent_ms
+        self.outstanding.clear()  # Twilio echoes the cleared marks: they count for nothing
+        self.cut, self.played_ms = (self.answer, self.played_ms), sent_ms
         await self.send({"event": "clear", "streamSid": self.stream_sid})
+
+    def truncate(self) -> None:
+        """Cut the interrupted answer in the history at the last mark Twilio echoed (called
+        once the answer is in the history: at its ``TurnMetrics``)."""
+        if self.cut is None:
+            return
+        (answer, heard), self.cut = self.cut, None
         try:
-            self.session.truncate(int(heard), self.answer)
+            self.session.truncate(int(heard), answer)
         except KeyError:  # the answer never reached the history (nothing of it was kept)
             pass
 
@@ -170,14 +187,15 @@ async def _pump(call: TwilioCall) -> None:
                 await call.mark()  # a piece boundary
             call.audio_s += len(frame.pcm) / frame.sample_rate
             await call.send_audio(ulaw_encode(call.resample(frame.pcm, frame.sample_rate)))
-        elif isinstance(frame, (SpeechStarted, Interruption)):
-            # Twilio holds the answer's audio (it is sent unpaced), so what the caller has not
-            # heard yet is cut at the first speech, before the controller has judged it: a
-            # backchannel also cuts it here (docs/telephony.md)
-            await call.barge_in()
+        elif isinstance(frame, Interruption):
+            # judged by the turn controller: a backchannel is none, and cuts nothing. The
+            # session has dropped what it held of the answer; Twilio holds only the lead
+            if in_answer:
+                await call.barge_in()
             in_answer = False
         elif isinstance(frame, TurnMetrics):
             call.ctx.metrics.observe_turn(TRANSPORT, frame)
+            call.truncate()  # after an Interruption: the answer is in the history now
             if in_answer:
                 await call.flush()
                 await call.mark("-end")
@@ -273,6 +291,8 @@ async def _handle(call: TwilioCall, msg: dict[str, Any]) -> bool:
 
 def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     limit = ctx.config.max_message_bytes
+    agent = getattr(ctx.runtime, "config", None)  # a stand-in runtime may have none
+    telephony = agent.telephony if agent is not None else TelephonyConfig()
 
     async def handler(request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(
@@ -281,7 +301,12 @@ def make_handler(ctx: ServerContext) -> Callable[[web.Request], Awaitable[web.St
         await ws.prepare(request)
         bound_write_buffer(request)
         try:
-            live = await ctx.open_session(TRANSPORT, pace_output=False, output_sample_rate=RATE)
+            live = await ctx.open_session(
+                TRANSPORT,
+                pace_output=True,  # real time, so that a barge-in has little to clear
+                output_sample_rate=RATE,
+                output_lead_s=telephony.playout_lead_ms / 1000,
+            )
         except CapacityError as exc:
             # a hang-up: Twilio ends the <Stream> (and the call goes on to the next TwiML verb)
             log.warning("twilio call refused (%s): hanging up", exc.code)

@@ -102,16 +102,19 @@ class Output(Stage):
             self._observe(frame, played=True)
 
     async def _play_loop(self) -> None:
-        """Emit audio frames at real-time pace (a barge-in then stops within one frame)."""
-        next_at: float | None = None
+        """Emit audio frames at real-time pace, up to the session's ``output_lead_s`` ahead of
+        it (a listener's play-out buffer: a phone call): the first frame goes at once and the
+        lead fills right away; then a frame goes when the listener is within the lead of
+        needing it. A barge-in then drops all but the lead (and one frame)."""
+        next_at: float | None = None  # when the listener has played all handed out so far
         while True:
             frame = await self._play.get()
             if isinstance(frame, OutputAudio):
                 now = time.monotonic()
                 if next_at is None or now > next_at + 0.1:
                     next_at = now  # first frame, or the producer starved us: restart the clock
-                elif next_at > now:
-                    await asyncio.sleep(next_at - now)
+                elif (wait := next_at - self.ctx.options.output_lead_s - now) > 0:
+                    await asyncio.sleep(wait)
                 next_at += len(frame.pcm) / frame.sample_rate
             await self._emit(frame)
 
