@@ -130,9 +130,9 @@ async def test_an_interruption_clears_and_truncates_at_the_heard_word(
     await closed(server_runtime)
     started = next(t for t, f in seen if isinstance(f, SpeechStarted) and t > answered_at)
     cut = next(t for t, f in seen if f == "interrupt")
-    # cleared once judged an interruption (not at the first speech), and at once (slack for a
-    # loaded machine)
-    assert started + 0.3 < cut <= clear.t < cut + 0.5
+    # cleared once judged an interruption (not at the first speech: the earliest judgement is a
+    # partial transcript, about 250 ms into the speech), and at once (slack for a loaded machine)
+    assert started + 0.15 < cut <= clear.t < cut + 0.5
     # nothing more of that answer: no media from the clear until the caller's turn ended
     # (then the interrupting words are answered, at once if a speculative answer is ready)
     ended = next(t for t, f in seen if isinstance(f, SpeechStopped) and t > cut)
