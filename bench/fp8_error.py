@@ -68,7 +68,7 @@ def ours(hf_model: Any, weights: str) -> Qwen2ForCausalLM:
 def run(model: Qwen2ForCausalLM, ids: list[int], steps: int, force: list[int] | None = None):
     """Logits of the prompt ``[T, V]`` and of each decode step ``[steps, V]`` (float32), and the
     greedy tokens; ``force``: feed these tokens instead of the sampled ones (teacher forcing)."""
-    dtype = model.lm_head.weight.dtype
+    dtype = model.model.embed_tokens.weight.dtype
     cache = KVCache(model.cfg, 1, len(ids) + steps + 1, "cpu", dtype)
     slots = torch.tensor(cache.allocate(1))
     x = torch.tensor(ids)

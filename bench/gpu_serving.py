@@ -11,8 +11,10 @@ GPU sampling), lanes at context 100, timed over ``--steps`` steps after warm-up.
 
 * ``fp8``: the bf16 step at batch 1/8/32; then the same model with its layer weights
   quantised in place to FP8 (``realtime/models/fp8.py``: e4m3, per-output-channel weight
-  scales, per-token activation scales, ``torch._scaled_mm`` row-wise; and the per-tensor
-  activation variant), same batches. Then ``max_sessions_4k_context``: how many 4096-position
+  scales, ``torch._scaled_mm``), same batches, once per variant of ``--variants``
+  (``FP8_VARIANTS``: dynamic activation scales per tensor at one row and per token above
+  (``auto``, the default), the same with inductor's split reductions, static scales
+  calibrated on a random pre-fill, and each with ``lm_head`` in FP8 too). Then ``max_sessions_4k_context``: how many 4096-position
   KV slots fit in the memory left after the FP8 weights (``realtime.engine.step_audio.core``'s
   sizing), verified by allocating that cache and stepping that many lanes at context 4000.
 * ``tp``: processes spawned one per GPU (NCCL), the decoder split as in
@@ -25,6 +27,7 @@ Writes ``$OUT``/``bench/results/serving-gpu-<part>.json``; ``report`` merges the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -43,7 +46,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from realtime.models.decode import DecodeRunner, LaneSampling, RunnerOptions  # noqa: E402
-from realtime.models.fp8 import quantize_decoder_, set_activation_mode  # noqa: E402
+from realtime.models.fp8 import (  # noqa: E402
+    Fp8Linear,
+    calibrate_activations_,
+    quantize_decoder_,
+    quantize_lm_head_,
+    set_activation_mode,
+)
 from realtime.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from realtime.models.step_audio.config import step_audio_r1_config  # noqa: E402
 
@@ -128,6 +137,7 @@ def fp8_kernel_check(dev: torch.device) -> dict[str, float]:
 def part_fp8(args: argparse.Namespace) -> dict[str, Any]:
     from realtime.engine.step_audio.core import sessions_that_fit
 
+    variants = parse_variants(args.variants)
     dev = torch.device("cuda", 0)
     res: dict[str, Any] = {"card": torch.cuda.get_device_name(dev), "torch": torch.__version__}
     res["fp8_kernel_check"] = fp8_kernel_check(dev)
@@ -156,22 +166,10 @@ def part_fp8(args: argparse.Namespace) -> dict[str, Any]:
     res["quantize_s"] = round(time.perf_counter() - t0, 2)
     res["fp8_weight_gib"] = round(model.weight_bytes() / GIB, 2)
     log(f"fp8: {saved / GIB:.1f} GiB saved in {res['quantize_s']} s -> {res['fp8_weight_gib']} GiB")
-    for name, act in (("fp8_auto", "auto"), ("fp8_token", "token")):
-        set_activation_mode(model, act)
-        try:
-            res[f"{name}_ms_per_step"] = batch_table(model, cache, slots, args.steps, opts)
-        except Exception as exc:  # noqa: BLE001 - report the variant as failed, go on
-            traceback.print_exc()
-            res[f"{name}_error"] = repr(exc)[:500]
-        log(f"{name}: {res.get(f'{name}_ms_per_step') or res.get(f'{name}_error')}")
-    best = min(
-        (n for n in ("fp8_auto", "fp8_token") if f"{n}_ms_per_step" in res),
-        key=lambda n: res[f"{n}_ms_per_step"]["b1"],
-    )
-    res["fp8_variant"] = best
-    res["fp8_ms_per_token_b1"] = res[f"{best}_ms_per_step"]["b1"]
+    res.update(fp8_variant_tables(model, cache, slots, args.steps, opts, variants))
     res["bf16_ms_per_token_b1"] = res["bf16_ms_per_step"]["b1"]
-    set_activation_mode(model, best[len("fp8_") :])
+    if args.skip_sessions:
+        return res
 
     # sessions at 4k context: the engine's sizing, then proven by allocating and stepping them
     del cache
@@ -200,6 +198,81 @@ def part_fp8(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+# FP8 variants of the step: (activation mode, lm_head weights, RunnerOptions changes)
+FP8_VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "fp8_auto": ("auto", "bf16", {}),  # the default: dynamic scales, per-tensor at one row
+    "fp8_token": ("token", "bf16", {}),  # dynamic row-wise scales at every batch size
+    "fp8_auto_split": ("auto", "bf16", {"split_reductions": True}),  # amax split over blocks
+    "fp8_static": ("static", "bf16", {}),  # calibrated static scales: no amax in the step
+    "fp8_auto_head": ("auto", "fp8", {}),  # + FP8 lm_head
+    "fp8_static_head": ("static", "fp8", {}),
+    "fp8_static_head_autotune": ("static", "fp8", {"autotune_gemm": True}),
+}
+DEFAULT_VARIANTS = "fp8_auto,fp8_auto_split,fp8_static,fp8_auto_head,fp8_static_head"
+
+
+def parse_variants(text: str) -> list[str]:
+    variants = [v for v in text.split(",") if v]
+    unknown = [v for v in variants if v not in FP8_VARIANTS]
+    if unknown or not variants:
+        raise SystemExit(f"FP8 variants {unknown or text!r}: of {', '.join(FP8_VARIANTS)}")
+    return variants
+
+
+def fp8_variant_tables(
+    model: Qwen2ForCausalLM,
+    cache: KVCache,
+    slots: list[int],
+    steps: int,
+    opts: RunnerOptions,
+    variants: list[str],
+) -> dict[str, Any]:
+    """The step at each batch size for each FP8 variant of a model whose decoder is FP8
+    already; static scales calibrated first. Leaves the model as the fastest variant at
+    batch 1 (its ``lm_head``; the other one freed) and returns the figures."""
+    res: dict[str, Any] = {}
+    heads = {"bf16": model.lm_head, "fp8": Fp8Linear(model.lm_head)}
+    # static activation scales, calibrated once (decoder and FP8 lm_head) on a random pre-fill
+    model.lm_head = heads["fp8"]
+    t0 = time.perf_counter()
+    calibrate_random(model)
+    res["calibrate_s"] = round(time.perf_counter() - t0, 2)
+    for name in variants:
+        act, head, extra = FP8_VARIANTS[name]
+        model.lm_head = heads[head]
+        set_activation_mode(model, act)
+        try:
+            vopts = dataclasses.replace(opts, **extra)
+            res[f"{name}_ms_per_step"] = batch_table(model, cache, slots, steps, vopts)
+        except Exception as exc:  # noqa: BLE001 - report the variant as failed, go on
+            traceback.print_exc()
+            res[f"{name}_error"] = repr(exc)[:500]
+        log(f"{name}: {res.get(f'{name}_ms_per_step') or res.get(f'{name}_error')}")
+    res["fp8_variants"] = {n: list(FP8_VARIANTS[n]) for n in variants}
+    done = [n for n in variants if f"{n}_ms_per_step" in res]
+    if not done:
+        raise RuntimeError("no FP8 variant ran")
+    best = min(done, key=lambda n: res[f"{n}_ms_per_step"]["b1"])
+    res["fp8_variant"] = best
+    res["fp8_ms_per_token_b1"] = res[f"{best}_ms_per_step"]["b1"]
+    act, head, _ = FP8_VARIANTS[best]
+    set_activation_mode(model, act)
+    model.lm_head = heads.pop(head)
+    return res
+
+
+def calibrate_random(model: Qwen2ForCausalLM) -> None:
+    """Static activation scales from one eager pre-fill of 64 random tokens (random weights:
+    the scales matter for speed only here; on a trained model calibrate on real text)."""
+    cfg, emb = model.cfg, model.model.embed_tokens.weight
+    dev = emb.device
+    cal = KVCache(cfg, 1, 128, dev, emb.dtype)
+    slots = torch.tensor(cal.allocate(1), device=dev)
+    ids = torch.randint(0, cfg.vocab_size, (1, 64), device=dev)
+    pos = torch.arange(64, device=dev)[None]
+    calibrate_activations_(model, lambda: model(model.embed(ids), pos, cal, slots))
+
+
 def part_profile(args: argparse.Namespace) -> dict[str, Any]:
     """Where the FP8 step's time goes: the matrix products alone in one graph (with and
     without the activation quantisation), and the top kernels of the compiled step."""
@@ -212,6 +285,13 @@ def part_profile(args: argparse.Namespace) -> dict[str, Any]:
     cfg = step_audio_r1_config().text
     model = random_decoder(cfg, dev)
     quantize_decoder_(model)
+    if args.fp8_lm_head:
+        quantize_lm_head_(model)
+    if args.act == "static":
+        calibrate_random(model)
+    else:
+        set_activation_mode(model, args.act)
+    res.update(act=args.act, fp8_lm_head=args.fp8_lm_head)
     lws = model.layer_weights()
     h, inter = cfg.hidden_size, cfg.intermediate_size
     for bs in (1, 8, 32):
@@ -435,6 +515,12 @@ def main() -> None:
     ap.add_argument("--symm", action="store_true", help="tp: also the symmetric-memory all-reduce")
     ap.add_argument("--skip-nccl", action="store_true", help="tp: world > 1 only with --symm")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help=f"fp8: comma-separated, of {', '.join(FP8_VARIANTS)}")  # fmt: skip
+    ap.add_argument("--suffix", default="", help="output serving-gpu-<part><suffix>.json")
+    ap.add_argument("--skip-sessions", action="store_true", help="fp8: no 4k-context sizing")
+    ap.add_argument("--act", default="auto", help="profile: FP8 mode (static: calibrated)")
+    ap.add_argument("--fp8-lm-head", action="store_true", help="profile: lm_head in FP8 too")
     args = ap.parse_args()
     if args.part == "report":
         report()
@@ -443,7 +529,7 @@ def main() -> None:
         sys.exit("needs a CUDA GPU")
     parts = {"fp8": part_fp8, "profile": part_profile, "tp": part_tp}
     res = parts[args.part](args)
-    write(f"serving-gpu-{args.part}.json", res)
+    write(f"serving-gpu-{args.part}{args.suffix}.json", res)
     print(json.dumps(res, indent=2))
 
 
