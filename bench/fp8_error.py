@@ -6,8 +6,11 @@ The network is SmolLM2-135M-Instruct (the default stack's GGUF, Llama-shaped, se
 project's Qwen2 decoder with ``attention_bias=False``). Three copies of it: float32 (the
 reference), bfloat16, and FP8 weights (e4m3, one scale per output channel, activations
 quantised per token; on the CPU the same FP8 values are multiplied in float32), and FP8
-weights with float32 activations (weight-only, to tell the two errors apart). For each of
-several chat prompts it compares with the reference:
+weights with float32 activations (weight-only, to tell the two errors apart); with
+``--variants``, also the faster variants of ``bench/gpu_serving.py``: ``fp8_static`` (static
+activation scales calibrated on ``CALIBRATION``, a text unlike the prompts), ``fp8_head``
+(``lm_head`` in FP8 too) and ``fp8_static_head`` (both). For each of several chat prompts
+it compares with the reference:
 
 * the logits of every position of the prompt (one pre-fill): cosine similarity, max abs
   difference over the max abs reference logit, top-1 agreement;
@@ -31,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from realtime.models.fp8 import quantize_decoder_
+from realtime.models.fp8 import calibrate_activations_, quantize_decoder_, quantize_lm_head_
 from realtime.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +44,19 @@ PROMPTS = (
     "Give me three tips for sleeping better.",
     "How many legs does a spider have?",
 )
+# static activation scales are calibrated on this (a chat turn unlike the prompts above)
+CALIBRATION = (
+    "I'd like to book a table for four people tomorrow evening at seven, somewhere quiet "
+    "near the station. Can you also remind me to call my sister about the train tickets?"
+)
+VARIANTS = ("fp8_static", "fp8_head", "fp8_static_head")
+
+
+def chat_ids(tokenizer: Any, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+    )
+    return list(ids["input_ids"] if hasattr(ids, "input_ids") else ids)
 
 
 def load_smollm2() -> tuple[Any, Any]:
@@ -51,9 +67,11 @@ def load_smollm2() -> tuple[Any, Any]:
     return _load_converted(bundled_gguf(), Path(EngineConfig().cache_dir).expanduser())
 
 
-def ours(hf_model: Any, weights: str) -> Qwen2ForCausalLM:
+def ours(hf_model: Any, weights: str, calibration: list[int] | None = None) -> Qwen2ForCausalLM:
     """The project's decoder with the HF weights: ``fp32``, ``bf16``, ``fp8`` (as served:
-    activations quantised per token) or ``fp8_weight_only`` (activations left in float32)."""
+    activations quantised per token), ``fp8_weight_only`` (activations left in float32), or
+    one of ``VARIANTS`` (static scales need ``calibration``: token ids run through the model
+    once)."""
     cfg = Qwen2Config.from_text_config({**hf_model.config.to_dict(), "attention_bias": False})
     model = Qwen2ForCausalLM(cfg)
     missing, unexpected = model.load_state_dict(hf_model.state_dict(), strict=False)
@@ -61,6 +79,12 @@ def ours(hf_model: Any, weights: str) -> Qwen2ForCausalLM:
     model = model.to(torch.bfloat16 if weights == "bf16" else torch.float32).eval()
     if weights.startswith("fp8"):
         quantize_decoder_(model, act="none" if weights == "fp8_weight_only" else "auto")
+    if weights.endswith("_head"):
+        quantize_lm_head_(model)
+    if weights.startswith("fp8_static"):
+        if calibration is None:
+            raise ValueError(f"{weights}: static scales need calibration token ids")
+        calibrate_activations_(model, lambda: run(model, calibration, 2))
     return model
 
 
@@ -84,18 +108,23 @@ def run(model: Qwen2ForCausalLM, ids: list[int], steps: int, force: list[int] | 
 
 
 def compare(
-    hf_model: Any, tokenizer: Any, steps: int = 16, prompts=PROMPTS, weight_only: bool = False
+    hf_model: Any,
+    tokenizer: Any,
+    steps: int = 16,
+    prompts=PROMPTS,
+    weight_only: bool = False,
+    variants: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Per weights kind (bf16, fp8): the agreement figures with float32 (see the header)."""
+    """Per weights kind (bf16, fp8, and ``variants``): the agreement figures with float32
+    (see the header)."""
     kinds = ("bf16", "fp8", "fp8_weight_only") if weight_only else ("bf16", "fp8")
-    models = {w: ours(hf_model, w) for w in ("fp32", *kinds)}
+    kinds += tuple(variants)
+    calibration = chat_ids(tokenizer, CALIBRATION)
+    models = {w: ours(hf_model, w, calibration) for w in ("fp32", *kinds)}
     out: dict[str, Any] = {}
     per: dict[str, list[dict[str, float]]] = {w: [] for w in kinds}
     for text in prompts:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        ids = list(ids["input_ids"] if hasattr(ids, "input_ids") else ids)
+        ids = chat_ids(tokenizer, text)
         ref_prompt, _, ref_toks = run(models["fp32"], ids, steps)
         _, ref_forced, _ = run(models["fp32"], ids, steps, force=ref_toks[1:])
         for w in per:
@@ -135,10 +164,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "fp8-error.json"))
+    ap.add_argument("--variants", action="store_true", help=f"also {', '.join(VARIANTS)}")
     args = ap.parse_args()
     torch.set_num_threads(2)
     hf_model, tokenizer = load_smollm2()
-    res = compare(hf_model, tokenizer, args.steps, weight_only=True)
+    variants = VARIANTS if args.variants else ()
+    res = compare(hf_model, tokenizer, args.steps, weight_only=True, variants=variants)
     res["network"] = "SmolLM2-135M-Instruct (trained), reference float32"
     res["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     res["command"] = "python -m bench.fp8_error " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -149,7 +180,7 @@ def main() -> None:
             "greedy_prefix_mean", "greedy_equal_prompts")  # fmt: skip
     print("\n| vs float32 | " + " | ".join(keys) + " |")
     print("| --- |" + " --- |" * len(keys))
-    for w in ("bf16", "fp8", "fp8_weight_only"):
+    for w in ("bf16", "fp8", "fp8_weight_only", *variants):
         cells = [f"{res[w][k]:.4g}" for k in keys]
         print(f"| {w} weights | " + " | ".join(cells) + " |")
     print(f"(greedy over {args.steps} steps, {len(PROMPTS)} prompts)")

@@ -184,9 +184,17 @@ class Fp8Linear(nn.Module):
     stays a parameter in the original dtype). ``input_scale`` is the static activation scale
     (0 until :func:`calibrate_activations_` sets it), ``input_amax`` what calibration saw."""
 
-    def __init__(self, lin: nn.Linear, act: str = "auto") -> None:
+    def __init__(self, lin: nn.Linear, act: str = "auto", pad_rows: bool = False) -> None:
+        """``pad_rows``: an output count that does not divide by 16 (``_scaled_mm`` needs it)
+        is padded with zero rows, and the output cut back to ``out_features`` (no bias)."""
         super().__init__()
-        packed = quantize_weight(lin.weight.detach(), act)
+        w = lin.weight.detach()
+        pad = -w.shape[0] % 16 if pad_rows else 0
+        if pad and lin.bias is not None:
+            raise ValueError("Fp8Linear: padded rows need a projection without bias")
+        if pad:
+            w = torch.cat([w, w.new_zeros(pad, w.shape[1])])
+        packed = quantize_weight(w, act)
         self.register_buffer("weight_fp8", packed.q)
         self.register_buffer("weight_scale", packed.scale)
         dev = packed.q.device
@@ -203,7 +211,11 @@ class Fp8Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.packed, self.bias)
+        y = fp8_linear(x, self.packed, self.bias)
+        return y if self.weight_fp8.shape[0] == self.out_features else y[..., : self.out_features]
+
+    def buffer_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
 DECODER_PROJECTIONS = (
@@ -229,7 +241,7 @@ def quantize_decoder_(model: nn.Module, act: str = "auto") -> int:
             before = lin.weight.numel() * lin.weight.element_size()
             q = Fp8Linear(lin, act)
             setattr(parent, name, q)
-            saved += before - q.weight_fp8.numel() - 4 * q.weight_scale.numel()
+            saved += before - q.buffer_bytes()
             del lin
     if next(model.parameters()).is_cuda:
         torch.cuda.empty_cache()
@@ -256,16 +268,17 @@ def set_activation_mode(model: nn.Module, act: str) -> None:
 @torch.no_grad()
 def quantize_lm_head_(model: nn.Module, act: str = "auto") -> int:
     """Replace ``model.lm_head`` by :class:`Fp8Linear` (the vocabulary's rows scaled one by
-    one, as the layers' weights). Tied to the embeddings, the embeddings keep their dtype and
-    ``lm_head`` gets its own FP8 copy. Returns the bytes saved (negative when tied)."""
+    one, as the layers' weights; a vocabulary that does not divide by 16 padded with zero
+    rows). Tied to the embeddings, the embeddings keep their dtype and ``lm_head`` gets its
+    own FP8 copy. Returns the bytes saved (negative when tied)."""
     lin = model.lm_head
     if isinstance(lin, Fp8Linear):
         return 0
     tied = lin.weight is model.model.embed_tokens.weight  # type: ignore[union-attr]
     before = 0 if tied else lin.weight.numel() * lin.weight.element_size()
-    q = Fp8Linear(lin, act)
+    q = Fp8Linear(lin, act, pad_rows=True)
     model.lm_head = q
-    return before - q.weight_fp8.numel() - 4 * q.weight_scale.numel()
+    return before - q.buffer_bytes()
 
 
 @torch.no_grad()
