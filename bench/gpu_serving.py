@@ -37,6 +37,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,10 +106,12 @@ def step_ms(runner: DecodeRunner, slots: list[int], bs: int, context: int, steps
     return sorted(runs)[1]
 
 
-def batch_table(model, cache, slots, steps, opts: RunnerOptions) -> dict[str, float]:
+def batch_table(
+    model, cache, slots, steps, opts: RunnerOptions, batches: tuple[int, ...] = BATCHES
+) -> dict[str, float]:
     torch._dynamo.reset()
     runner = DecodeRunner(model, cache, opts)
-    row = {f"b{bs}": round(step_ms(runner, slots, bs, CONTEXT, steps), 3) for bs in BATCHES}
+    row = {f"b{bs}": round(step_ms(runner, slots, bs, CONTEXT, steps), 3) for bs in batches}
     del runner
     gc.collect()
     torch.cuda.empty_cache()
@@ -138,6 +141,9 @@ def part_fp8(args: argparse.Namespace) -> dict[str, Any]:
     from realtime.engine.step_audio.core import sessions_that_fit
 
     variants = parse_variants(args.variants)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    if 1 not in batches or not set(batches) <= set(BATCHES):
+        raise SystemExit(f"--batches {args.batches}: 1 and any of {BATCHES}")
     dev = torch.device("cuda", 0)
     res: dict[str, Any] = {"card": torch.cuda.get_device_name(dev), "torch": torch.__version__}
     res["fp8_kernel_check"] = fp8_kernel_check(dev)
@@ -153,8 +159,9 @@ def part_fp8(args: argparse.Namespace) -> dict[str, Any]:
     opts = RunnerOptions(cuda_graphs=True, compile=True, batch_sizes=BATCHES, len_buckets=(512,))
     cache = KVCache(cfg, max(BATCHES), 512, dev, torch.bfloat16)
     slots = cache.allocate(max(BATCHES))
-    res["bf16_ms_per_step"] = batch_table(model, cache, slots, args.steps, opts)
+    res["bf16_ms_per_step"] = batch_table(model, cache, slots, args.steps, opts, batches)
     log(f"bf16: {res['bf16_ms_per_step']}")
+    write(f"serving-gpu-fp8{args.suffix}.json", {**res, "partial": True})
     free, total = torch.cuda.mem_get_info(dev)
     res["bf16_max_sessions_4k_context"] = sessions_that_fit(
         cfg, torch.bfloat16, free + cache_bytes(cache), total, 4096
@@ -166,7 +173,11 @@ def part_fp8(args: argparse.Namespace) -> dict[str, Any]:
     res["quantize_s"] = round(time.perf_counter() - t0, 2)
     res["fp8_weight_gib"] = round(model.weight_bytes() / GIB, 2)
     log(f"fp8: {saved / GIB:.1f} GiB saved in {res['quantize_s']} s -> {res['fp8_weight_gib']} GiB")
-    res.update(fp8_variant_tables(model, cache, slots, args.steps, opts, variants))
+
+    def save(rows: dict[str, Any]) -> None:
+        write(f"serving-gpu-fp8{args.suffix}.json", {**res, **rows, "partial": True})
+
+    res.update(fp8_variant_tables(model, cache, slots, args.steps, opts, variants, save, batches))
     res["bf16_ms_per_token_b1"] = res["bf16_ms_per_step"]["b1"]
     if args.skip_sessions:
         return res
@@ -208,7 +219,8 @@ FP8_VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "fp8_static_head": ("static", "fp8", {}),
     "fp8_static_head_autotune": ("static", "fp8", {"autotune_gemm": True}),
 }
-DEFAULT_VARIANTS = "fp8_auto,fp8_auto_split,fp8_static,fp8_auto_head,fp8_static_head"
+# the baseline and the likeliest best first (a run cut short at its time limit keeps them)
+DEFAULT_VARIANTS = "fp8_auto,fp8_static_head,fp8_static,fp8_auto_head,fp8_auto_split"
 
 
 def parse_variants(text: str) -> list[str]:
@@ -226,10 +238,13 @@ def fp8_variant_tables(
     steps: int,
     opts: RunnerOptions,
     variants: list[str],
+    on_row: Callable[[dict[str, Any]], None] = lambda res: None,
+    batches: tuple[int, ...] = BATCHES,
 ) -> dict[str, Any]:
     """The step at each batch size for each FP8 variant of a model whose decoder is FP8
     already; static scales calibrated first. Leaves the model as the fastest variant at
-    batch 1 (its ``lm_head``; the other one freed) and returns the figures."""
+    batch 1 (its ``lm_head``; the other one freed) and returns the figures; ``on_row`` sees
+    them after each variant (the caller saves them: a run cut short keeps what it measured)."""
     res: dict[str, Any] = {}
     heads = {"bf16": model.lm_head, "fp8": Fp8Linear(model.lm_head)}
     # static activation scales, calibrated once (decoder and FP8 lm_head) on a random pre-fill
@@ -243,11 +258,12 @@ def fp8_variant_tables(
         set_activation_mode(model, act)
         try:
             vopts = dataclasses.replace(opts, **extra)
-            res[f"{name}_ms_per_step"] = batch_table(model, cache, slots, steps, vopts)
+            res[f"{name}_ms_per_step"] = batch_table(model, cache, slots, steps, vopts, batches)
         except Exception as exc:  # noqa: BLE001 - report the variant as failed, go on
             traceback.print_exc()
             res[f"{name}_error"] = repr(exc)[:500]
         log(f"{name}: {res.get(f'{name}_ms_per_step') or res.get(f'{name}_error')}")
+        on_row(res)
     res["fp8_variants"] = {n: list(FP8_VARIANTS[n]) for n in variants}
     done = [n for n in variants if f"{n}_ms_per_step" in res]
     if not done:
@@ -517,6 +533,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help=f"fp8: comma-separated, of {', '.join(FP8_VARIANTS)}")  # fmt: skip
+    ap.add_argument("--batches", default="1,8,32", help="fp8: batch sizes (of 1, 8, 32)")
     ap.add_argument("--suffix", default="", help="output serving-gpu-<part><suffix>.json")
     ap.add_argument("--skip-sessions", action="store_true", help="fp8: no 4k-context sizing")
     ap.add_argument("--act", default="auto", help="profile: FP8 mode (static: calibrated)")

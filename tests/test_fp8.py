@@ -290,3 +290,29 @@ def test_engine_fp8_lm_head_and_static_scales(tmp_path):
     for _ in s.respond(UserTurn(), CancelToken()):
         pass
     assert s.stats.thinking_tokens == 4 and s.stats.generated_tokens > 4
+
+
+@torch.inference_mode()
+def test_gpu_serving_fp8_variants_run_through_the_runner():
+    """``bench/gpu_serving.py --part fp8``'s variant loop (calibration, lm_head swaps, runner
+    options) on a tiny model on the CPU, so that a device run does not fail on it: every
+    variant gives a row, the model ends as the fastest one with the other head freed."""
+    from bench import gpu_serving as gs
+
+    model = _tiny_model(vocab_size=320)
+    quantize_decoder_(model)
+    cache = KVCache(model.cfg, 2, 128, "cpu", torch.float32)
+    slots = cache.allocate(2)
+    opts = RunnerOptions(cuda_graphs=False, compile=False, batch_sizes=(1,), len_buckets=(128,))
+    seen: list[int] = []
+    variants = gs.parse_variants(",".join(gs.FP8_VARIANTS))
+    res = gs.fp8_variant_tables(
+        model, cache, slots, 1, opts, variants, lambda r: seen.append(len(r)), (1,)
+    )
+    assert not [k for k in res if k.endswith("_error")], res
+    assert all(res[f"{v}_ms_per_step"]["b1"] > 0 for v in variants)
+    assert len(seen) == len(variants)
+    act, head, _ = gs.FP8_VARIANTS[res["fp8_variant"]]
+    assert isinstance(model.lm_head, Fp8Linear) == (head == "fp8")
+    with pytest.raises(SystemExit, match="fp8_nope"):
+        gs.parse_variants("fp8_auto,fp8_nope")
