@@ -39,9 +39,10 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,7 +52,6 @@ from realtime.models.fp8 import (  # noqa: E402
     Fp8Linear,
     calibrate_activations_,
     quantize_decoder_,
-    quantize_lm_head_,
     set_activation_mode,
 )
 from realtime.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
@@ -209,18 +209,40 @@ def part_fp8(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-# FP8 variants of the step: (activation mode, lm_head weights, RunnerOptions changes)
-FP8_VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "fp8_auto": ("auto", "bf16", {}),  # the default: dynamic scales, per-tensor at one row
-    "fp8_token": ("token", "bf16", {}),  # dynamic row-wise scales at every batch size
-    "fp8_auto_split": ("auto", "bf16", {"split_reductions": True}),  # amax split over blocks
-    "fp8_static": ("static", "bf16", {}),  # calibrated static scales: no amax in the step
-    "fp8_auto_head": ("auto", "fp8", {}),  # + FP8 lm_head
-    "fp8_static_head": ("static", "fp8", {}),
-    "fp8_static_head_autotune": ("static", "fp8", {"autotune_gemm": True}),
+class Fp8Variant(NamedTuple):
+    act: str  # every FP8 projection's activation mode (fp8.ACTIVATIONS)
+    head: str  # lm_head weights: bf16 or fp8
+    opts: dict[str, Any] = {}  # RunnerOptions changes
+    small: str = ""  # another mode for the two small products (q/k/v, o), if set
+
+
+# FP8 variants of the step
+FP8_VARIANTS: dict[str, Fp8Variant] = {
+    "fp8_auto": Fp8Variant("auto", "bf16"),  # the default: dynamic, per tensor at one row
+    "fp8_token": Fp8Variant("token", "bf16"),  # dynamic row-wise scales at every batch size
+    "fp8_auto_split": Fp8Variant("auto", "bf16", {"split_reductions": True}),  # split amax
+    "fp8_static": Fp8Variant("static", "bf16"),  # calibrated static scales: no amax per step
+    "fp8_auto_head": Fp8Variant("auto", "fp8"),  # + FP8 lm_head
+    "fp8_static_head": Fp8Variant("static", "fp8"),
+    # q/k/v and o (5120 / 7168 outputs: 40 / 56 of cuBLAS's 128-wide tiles on 132 SMs) as
+    # weight-only GEMVs that inductor tunes; gate/up and down as above
+    "fp8_static_head_small_gemv": Fp8Variant("static", "fp8", small="none"),
+    # inductor times cuBLAS against its Triton FP8 GEMM templates for each product
+    "fp8_static_head_autotune": Fp8Variant("static", "fp8", {"autotune_gemm": True}),
 }
 # the baseline and the likeliest best first (a run cut short at its time limit keeps them)
-DEFAULT_VARIANTS = "fp8_auto,fp8_static_head,fp8_static,fp8_auto_head,fp8_auto_split"
+DEFAULT_VARIANTS = ",".join(
+    ("fp8_auto", "fp8_static_head", "fp8_static", "fp8_auto_head", "fp8_auto_split",
+     "fp8_static_head_small_gemv", "fp8_static_head_autotune")
+)  # fmt: skip
+
+
+def set_variant(model: Qwen2ForCausalLM, v: Fp8Variant, heads: dict[str, nn.Module]) -> None:
+    model.lm_head = heads[v.head]
+    set_activation_mode(model, v.act)
+    if v.small:
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.act = layer.self_attn.o_proj.act = v.small
 
 
 def parse_variants(text: str) -> list[str]:
@@ -246,34 +268,32 @@ def fp8_variant_tables(
     batch 1 (its ``lm_head``; the other one freed) and returns the figures; ``on_row`` sees
     them after each variant (the caller saves them: a run cut short keeps what it measured)."""
     res: dict[str, Any] = {}
-    heads = {"bf16": model.lm_head, "fp8": Fp8Linear(model.lm_head)}
+    heads: dict[str, nn.Module] = {"bf16": model.lm_head, "fp8": Fp8Linear(model.lm_head)}
     # static activation scales, calibrated once (decoder and FP8 lm_head) on a random pre-fill
     model.lm_head = heads["fp8"]
     t0 = time.perf_counter()
     calibrate_random(model)
     res["calibrate_s"] = round(time.perf_counter() - t0, 2)
     for name in variants:
-        act, head, extra = FP8_VARIANTS[name]
-        model.lm_head = heads[head]
-        set_activation_mode(model, act)
+        v = FP8_VARIANTS[name]
+        set_variant(model, v, heads)
         try:
-            vopts = dataclasses.replace(opts, **extra)
+            vopts = dataclasses.replace(opts, **v.opts)
             res[f"{name}_ms_per_step"] = batch_table(model, cache, slots, steps, vopts, batches)
         except Exception as exc:  # noqa: BLE001 - report the variant as failed, go on
             traceback.print_exc()
             res[f"{name}_error"] = repr(exc)[:500]
         log(f"{name}: {res.get(f'{name}_ms_per_step') or res.get(f'{name}_error')}")
         on_row(res)
-    res["fp8_variants"] = {n: list(FP8_VARIANTS[n]) for n in variants}
+    res["fp8_variants"] = {n: FP8_VARIANTS[n]._asdict() for n in variants}
     done = [n for n in variants if f"{n}_ms_per_step" in res]
     if not done:
         raise RuntimeError("no FP8 variant ran")
     best = min(done, key=lambda n: res[f"{n}_ms_per_step"]["b1"])
     res["fp8_variant"] = best
     res["fp8_ms_per_token_b1"] = res[f"{best}_ms_per_step"]["b1"]
-    act, head, _ = FP8_VARIANTS[best]
-    set_activation_mode(model, act)
-    model.lm_head = heads.pop(head)
+    set_variant(model, FP8_VARIANTS[best], heads)
+    heads.clear()  # the other head is freed with it
     return res
 
 
@@ -289,6 +309,25 @@ def calibrate_random(model: Qwen2ForCausalLM) -> None:
     calibrate_activations_(model, lambda: model(model.embed(ids), pos, cal, slots))
 
 
+def graph_ms(fn: Callable[[], None], reps: int = 20) -> float:
+    """ms per replay of ``fn`` captured in one CUDA graph (warmed up on a side stream)."""
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        g.replay()
+    torch.cuda.synchronize()
+    return round(1e3 * (time.perf_counter() - t0) / reps, 3)
+
+
 def part_profile(args: argparse.Namespace) -> dict[str, Any]:
     """Where the FP8 step's time goes: the matrix products alone in one graph (with and
     without the activation quantisation), and the top kernels of the compiled step."""
@@ -301,15 +340,19 @@ def part_profile(args: argparse.Namespace) -> dict[str, Any]:
     cfg = step_audio_r1_config().text
     model = random_decoder(cfg, dev)
     quantize_decoder_(model)
-    if args.fp8_lm_head:
-        quantize_lm_head_(model)
-    if args.act == "static":
+    variant = FP8_VARIANTS[parse_variants(args.variant)[0]]
+    heads: dict[str, nn.Module] = {"bf16": model.lm_head}
+    if variant.head == "fp8":
+        heads["fp8"] = Fp8Linear(model.lm_head)
+        model.lm_head = heads["fp8"]
+    if "static" in (variant.act, variant.small):
         calibrate_random(model)
-    else:
-        set_activation_mode(model, args.act)
-    res.update(act=args.act, fp8_lm_head=args.fp8_lm_head)
+    set_variant(model, variant, heads)
+    heads.clear()
+    res.update(variant=args.variant, **variant._asdict())
     lws = model.layer_weights()
     h, inter = cfg.hidden_size, cfg.intermediate_size
+    kinds = ("qkv", "o", "gu", "down")
     for bs in (1, 8, 32):
         x = torch.randn(bs, h, device=dev, dtype=torch.bfloat16)
         xi = torch.randn(bs, inter, device=dev, dtype=torch.bfloat16)
@@ -317,10 +360,12 @@ def part_profile(args: argparse.Namespace) -> dict[str, Any]:
         xiq, sxi = quantize_activation(xi, True)
         one = torch.ones((), device=dev)
 
-        def mm_only(rowwise: bool, xq=xq, sx=sx, xiq=xiq, sxi=sxi, one=one) -> None:
+        def mm_only(rowwise: bool, only=kinds, xq=xq, sx=sx, xiq=xiq, sxi=sxi, one=one) -> None:
             for lw in lws:
-                for w, a, sa in ((lw.qkv_w, xq, sx), (lw.o_w, xq, sx), (lw.gu_w, xq, sx),
-                                 (lw.down_w, xiq, sxi)):  # fmt: skip
+                for kind, w, a, sa in (("qkv", lw.qkv_w, xq, sx), ("o", lw.o_w, xq, sx),
+                                       ("gu", lw.gu_w, xq, sx), ("down", lw.down_w, xiq, sxi)):  # fmt: skip
+                    if kind not in only:
+                        continue
                     if rowwise:
                         torch._scaled_mm(a, w.q.t(), scale_a=sa, scale_b=w.scale[None, :],
                                          out_dtype=torch.bfloat16, use_fast_accum=FAST_ACCUM)  # fmt: skip
@@ -329,23 +374,16 @@ def part_profile(args: argparse.Namespace) -> dict[str, Any]:
                                          out_dtype=torch.bfloat16, use_fast_accum=FAST_ACCUM)  # fmt: skip
 
         for name, fn in (("mm_rowwise", lambda: mm_only(True)), ("mm_tensor", lambda: mm_only(False))):  # fmt: skip
-            g = torch.cuda.CUDAGraph()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn()
-            torch.cuda.current_stream().wait_stream(s)
-            with torch.cuda.graph(g):
-                fn()
-            g.replay()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(20):
-                g.replay()
-            torch.cuda.synchronize()
-            res[f"{name}_b{bs}_ms"] = round(1e3 * (time.perf_counter() - t0) / 20, 3)
-            del g
-        log({k: v for k, v in res.items() if k.endswith(f"b{bs}_ms")})
+            res[f"{name}_b{bs}_ms"] = graph_ms(fn)
+        if bs == 1:  # each product kind alone (64 layers): its share, and the bytes per second
+            for kind in kinds:
+                w = getattr(lws[0], f"{kind}_w")
+                gbytes = len(lws) * w.q.numel() / 1e9
+                for name, rw in (("rowwise", True), ("tensor", False)):
+                    ms = graph_ms(lambda rw=rw, kind=kind: mm_only(rw, (kind,)))
+                    res[f"mm_{name}_{kind}_b1_ms"] = ms
+                    res[f"mm_{name}_{kind}_b1_tb_per_s"] = round(gbytes / ms, 3)
+        log({k: v for k, v in res.items() if f"b{bs}_" in k})
     cache = KVCache(cfg, 1, 512, dev, torch.bfloat16)
     runner = DecodeRunner(model, cache, RunnerOptions(batch_sizes=(1,), len_buckets=(512,)))
     slot = cache.allocate(1)[0]
@@ -536,8 +574,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32", help="fp8: batch sizes (of 1, 8, 32)")
     ap.add_argument("--suffix", default="", help="output serving-gpu-<part><suffix>.json")
     ap.add_argument("--skip-sessions", action="store_true", help="fp8: no 4k-context sizing")
-    ap.add_argument("--act", default="auto", help="profile: FP8 mode (static: calibrated)")
-    ap.add_argument("--fp8-lm-head", action="store_true", help="profile: lm_head in FP8 too")
+    ap.add_argument("--variant", default="fp8_auto", help="profile: one of the FP8 variants")
     args = ap.parse_args()
     if args.part == "report":
         report()

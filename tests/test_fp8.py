@@ -312,7 +312,10 @@ def test_gpu_serving_fp8_variants_run_through_the_runner():
     assert not [k for k in res if k.endswith("_error")], res
     assert all(res[f"{v}_ms_per_step"]["b1"] > 0 for v in variants)
     assert len(seen) == len(variants)
-    act, head, _ = gs.FP8_VARIANTS[res["fp8_variant"]]
-    assert isinstance(model.lm_head, Fp8Linear) == (head == "fp8")
+    best = gs.FP8_VARIANTS[res["fp8_variant"]]
+    assert isinstance(model.lm_head, Fp8Linear) == (best.head == "fp8")
+    gs.set_variant(model, gs.FP8_VARIANTS["fp8_static_head_small_gemv"], {"fp8": model.lm_head})
+    layer = model.model.layers[0]
+    assert (layer.self_attn.o_proj.act, layer.mlp.down_proj.act) == ("none", "static")
     with pytest.raises(SystemExit, match="fp8_nope"):
         gs.parse_variants("fp8_auto,fp8_nope")
