@@ -34,7 +34,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from realtime.models.fp8 import calibrate_activations_, quantize_decoder_, quantize_lm_head_
+from realtime.models.fp8 import (
+    FP8_MAX,
+    Fp8Linear,
+    calibrate_activations_,
+    quantize_activation,
+    quantize_activation_static,
+    quantize_decoder_,
+    quantize_lm_head_,
+)
 from realtime.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,6 +168,47 @@ def compare(
     return out
 
 
+@torch.inference_mode()
+def activation_error(model: Qwen2ForCausalLM, ids: list[int]) -> dict[str, dict[str, float]]:
+    """How well each projection's input is quantised on one prompt (pre-fill), per kind of
+    projection (q/k/v, o, gate/up, down): mean relative error of the quantised rows with a
+    dynamic per-token scale and with the model's static scale, and the fraction of inputs
+    the static scale clips. ``model``: FP8 with calibrated static scales."""
+    from realtime.models import fp8
+
+    names = {id(m.weight_fp8): n for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    inputs: dict[str, torch.Tensor] = {}
+    plain = fp8.fp8_linear
+
+    def spy(x: torch.Tensor, w: fp8.Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        name = names.get(id(w.q))
+        if name is not None and name not in inputs:
+            inputs[name] = x.detach().reshape(-1, x.shape[-1]).float().clone()
+        return plain(x, w, bias)
+
+    fp8.fp8_linear = spy  # the Fp8Linear modules look it up at each call
+    try:
+        run(model, ids, 2)
+    finally:
+        fp8.fp8_linear = plain
+    rows: dict[str, list[tuple[float, float, float]]] = {}
+    for name, x in inputs.items():
+        s = model.get_submodule(name).input_scale
+        xq, sx = quantize_activation(x, True)
+        token = ((xq.float() * sx - x).norm(dim=1) / x.norm(dim=1)).mean()
+        xs = quantize_activation_static(x, s).float() * s
+        static = ((xs - x).norm(dim=1) / x.norm(dim=1)).mean()
+        clipped = (x.abs() > s * FP8_MAX).float().mean()
+        rows.setdefault(name.split(".")[-1], []).append(
+            (float(token), float(static), float(clipped))
+        )
+    return {
+        kind: dict(zip(("token_rel_error", "static_rel_error", "static_clipped_fraction"),
+                       (round(float(v), 5) for v in torch.tensor(r).mean(0)), strict=True))
+        for kind, r in rows.items()
+    }  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=24)
@@ -170,6 +219,11 @@ def main() -> None:
     hf_model, tokenizer = load_smollm2()
     variants = VARIANTS if args.variants else ()
     res = compare(hf_model, tokenizer, args.steps, weight_only=True, variants=variants)
+    if variants:
+        static = ours(hf_model, "fp8_static", chat_ids(tokenizer, CALIBRATION))
+        res["activation_error_first_prompt"] = activation_error(
+            static, chat_ids(tokenizer, PROMPTS[0])
+        )
     res["network"] = "SmolLM2-135M-Instruct (trained), reference float32"
     res["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     res["command"] = "python -m bench.fp8_error " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -184,6 +238,8 @@ def main() -> None:
         cells = [f"{res[w][k]:.4g}" for k in keys]
         print(f"| {w} weights | " + " | ".join(cells) + " |")
     print(f"(greedy over {args.steps} steps, {len(PROMPTS)} prompts)")
+    for kind, row in res.get("activation_error_first_prompt", {}).items():
+        print(f"activations of {kind} (first prompt): {row}")
 
 
 if __name__ == "__main__":
