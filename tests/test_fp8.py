@@ -112,14 +112,20 @@ def test_fp8_error_on_a_trained_network(smollm):
     0.79 against float32, where bf16 gives 0.999 and 0.97). The bounds below hold those
     figures with a margin; a wrong scale, layout or cast falls far outside them."""
     hf_model, tokenizer = smollm
-    res = compare(hf_model, tokenizer, steps=8, prompts=("Why is the sky blue?",))
+    res = compare(
+        hf_model, tokenizer, steps=8, prompts=("Why is the sky blue?",),
+        variants=("fp8_static_head",),
+    )  # fmt: skip
     fp8, bf16 = res["fp8"], res["bf16"]
-    # logits of the prompt and of 7 teacher-forced steps, against float32
-    assert fp8["cosine_mean"] > 0.95, fp8
-    assert fp8["cosine_min"] > 0.6, fp8
-    assert fp8["top1_agreement"] >= 0.6, fp8
-    assert fp8["greedy_prefix_mean"] >= 1, fp8  # the first answer token is the same
-    assert fp8["max_abs_diff_rel"] < 0.6, fp8
+    # logits of the prompt and of 7 teacher-forced steps, against float32; the faster
+    # variant (static activation scales calibrated on another text, FP8 lm_head) within the
+    # same bounds (bench/results/fp8-error-variants.json: no worse on the logits)
+    for r in (fp8, res["fp8_static_head"]):
+        assert r["cosine_mean"] > 0.95, r
+        assert r["cosine_min"] > 0.6, r
+        assert r["top1_agreement"] >= 0.6, r
+        assert r["greedy_prefix_mean"] >= 1, r  # the first answer token is the same
+        assert r["max_abs_diff_rel"] < 0.6, r
     # bf16 is closer than FP8 on every figure
     assert bf16["cosine_mean"] > fp8["cosine_mean"] and bf16["top1_agreement"] > 0.9, bf16
     assert res["weight_bytes"]["fp8"] < res["weight_bytes"]["bf16"]  # tied embeddings stay
