@@ -302,16 +302,14 @@ def calibrate_activations_(
         m.act = "observe"
     try:
         run()
+        seen = {n: float(m.input_amax) for n, m in mods.items()}
+        missing = [n for n, a in seen.items() if not a > 0]
+        if missing:
+            raise ValueError(f"calibration ran no input through {missing[:3]} ({len(missing)})")
     except BaseException:
-        for n, m in mods.items():
+        for n, m in mods.items():  # as they were
             m.act = saved[n]
         raise
-    seen = {n: float(m.input_amax) for n, m in mods.items()}
-    missing = [n for n, a in seen.items() if not a > 0]
-    if missing:
-        for n, m in mods.items():
-            m.act = saved[n]
-        raise ValueError(f"calibration ran no input through {missing[:3]} ({len(missing)} in all)")
     for m in mods.values():
         m.input_scale.copy_(m.input_amax * margin / FP8_MAX)
         m.act = "static"
