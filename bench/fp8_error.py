@@ -9,8 +9,10 @@ quantised per token; on the CPU the same FP8 values are multiplied in float32), 
 weights with float32 activations (weight-only, to tell the two errors apart); with
 ``--variants``, also the faster variants of ``bench/gpu_serving.py``: ``fp8_static`` (static
 activation scales calibrated on ``CALIBRATION``, a text unlike the prompts), ``fp8_head``
-(``lm_head`` in FP8 too) and ``fp8_static_head`` (both). For each of several chat prompts
-it compares with the reference:
+(``lm_head`` in FP8 too) and ``fp8_static_head`` (both); or those named after it, e.g.
+``--variants fp8_tensor,fp8_static_m1,fp8_static_m8`` (``_tensor``: dynamic scales per tensor
+rather than per token; ``_mX``: calibration margin X, default 2). For each of several chat
+prompts it compares with the reference:
 
 * the logits of every position of the prompt (one pre-fill): cosine similarity, max abs
   difference over the max abs reference logit, top-1 agreement;
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -58,6 +61,9 @@ CALIBRATION = (
     "near the station. Can you also remind me to call my sister about the train tickets?"
 )
 VARIANTS = ("fp8_static", "fp8_head", "fp8_static_head")
+_VARIANT = re.compile(
+    r"fp8(?:_(?P<tensor>tensor)|_static(?:_m(?P<margin>[0-9.]+))?)?(?P<head>_head)?"
+)
 
 
 def chat_ids(tokenizer: Any, text: str) -> list[int]:
@@ -85,14 +91,21 @@ def ours(hf_model: Any, weights: str, calibration: list[int] | None = None) -> Q
     missing, unexpected = model.load_state_dict(hf_model.state_dict(), strict=False)
     assert not unexpected and all("inv_freq" in m for m in missing), (missing, unexpected)
     model = model.to(torch.bfloat16 if weights == "bf16" else torch.float32).eval()
-    if weights.startswith("fp8"):
-        quantize_decoder_(model, act="none" if weights == "fp8_weight_only" else "auto")
-    if weights.endswith("_head"):
+    if weights in ("fp32", "bf16", "fp8_weight_only"):
+        if weights == "fp8_weight_only":
+            quantize_decoder_(model, act="none")
+        return model
+    v = _VARIANT.fullmatch(weights)
+    if v is None:
+        raise ValueError(f"unknown weights kind {weights!r}")
+    quantize_decoder_(model, act="tensor" if v["tensor"] else "auto")
+    if v["head"]:
         quantize_lm_head_(model)
     if weights.startswith("fp8_static"):
         if calibration is None:
             raise ValueError(f"{weights}: static scales need calibration token ids")
-        calibrate_activations_(model, lambda: run(model, calibration, 2))
+        margin = float(v["margin"] or 2.0)
+        calibrate_activations_(model, lambda: run(model, calibration, 2), margin=margin)
     return model
 
 
@@ -213,13 +226,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "fp8-error.json"))
-    ap.add_argument("--variants", action="store_true", help=f"also {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", nargs="?", const=",".join(VARIANTS), default="",
+                    help=f"also these (alone: {', '.join(VARIANTS)})")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(2)
     hf_model, tokenizer = load_smollm2()
-    variants = VARIANTS if args.variants else ()
+    variants = tuple(v for v in args.variants.split(",") if v)
     res = compare(hf_model, tokenizer, args.steps, weight_only=True, variants=variants)
-    if variants:
+    if "fp8_static" in variants:
         static = ours(hf_model, "fp8_static", chat_ids(tokenizer, CALIBRATION))
         res["activation_error_first_prompt"] = activation_error(
             static, chat_ids(tokenizer, PROMPTS[0])
