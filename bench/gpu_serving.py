@@ -11,8 +11,10 @@ GPU sampling), lanes at context 100, timed over ``--steps`` steps after warm-up.
 
 * ``fp8``: the bf16 step at batch 1/8/32; then the same model with its layer weights
   quantised in place to FP8 (``realtime/models/fp8.py``: e4m3, per-output-channel weight
-  scales, per-token activation scales, ``torch._scaled_mm`` row-wise; and the per-tensor
-  activation variant), same batches. Then ``max_sessions_4k_context``: how many 4096-position
+  scales, ``torch._scaled_mm``), same batches, once per variant of ``--variants``
+  (``FP8_VARIANTS``: dynamic activation scales per tensor at one row and per token above
+  (``auto``, the default), the same with inductor's split reductions, static scales
+  calibrated on a random pre-fill, and each with ``lm_head`` in FP8 too). Then ``max_sessions_4k_context``: how many 4096-position
   KV slots fit in the memory left after the FP8 weights (``realtime.engine.step_audio.core``'s
   sizing), verified by allocating that cache and stepping that many lanes at context 4000.
 * ``tp``: processes spawned one per GPU (NCCL), the decoder split as in
@@ -25,6 +27,7 @@ Writes ``$OUT``/``bench/results/serving-gpu-<part>.json``; ``report`` merges the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -34,16 +37,23 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from realtime.models.decode import DecodeRunner, LaneSampling, RunnerOptions  # noqa: E402
-from realtime.models.fp8 import quantize_decoder_, set_activation_mode  # noqa: E402
+from realtime.models.fp8 import (  # noqa: E402
+    Fp8Linear,
+    calibrate_activations_,
+    quantize_decoder_,
+    set_activation_mode,
+)
 from realtime.models.qwen2 import KVCache, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from realtime.models.step_audio.config import step_audio_r1_config  # noqa: E402
 
@@ -96,10 +106,12 @@ def step_ms(runner: DecodeRunner, slots: list[int], bs: int, context: int, steps
     return sorted(runs)[1]
 
 
-def batch_table(model, cache, slots, steps, opts: RunnerOptions) -> dict[str, float]:
+def batch_table(
+    model, cache, slots, steps, opts: RunnerOptions, batches: tuple[int, ...] = BATCHES
+) -> dict[str, float]:
     torch._dynamo.reset()
     runner = DecodeRunner(model, cache, opts)
-    row = {f"b{bs}": round(step_ms(runner, slots, bs, CONTEXT, steps), 3) for bs in BATCHES}
+    row = {f"b{bs}": round(step_ms(runner, slots, bs, CONTEXT, steps), 3) for bs in batches}
     del runner
     gc.collect()
     torch.cuda.empty_cache()
@@ -128,6 +140,10 @@ def fp8_kernel_check(dev: torch.device) -> dict[str, float]:
 def part_fp8(args: argparse.Namespace) -> dict[str, Any]:
     from realtime.engine.step_audio.core import sessions_that_fit
 
+    variants = parse_variants(args.variants)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    if 1 not in batches or not set(batches) <= set(BATCHES):
+        raise SystemExit(f"--batches {args.batches}: 1 and any of {BATCHES}")
     dev = torch.device("cuda", 0)
     res: dict[str, Any] = {"card": torch.cuda.get_device_name(dev), "torch": torch.__version__}
     res["fp8_kernel_check"] = fp8_kernel_check(dev)
@@ -143,8 +159,9 @@ def part_fp8(args: argparse.Namespace) -> dict[str, Any]:
     opts = RunnerOptions(cuda_graphs=True, compile=True, batch_sizes=BATCHES, len_buckets=(512,))
     cache = KVCache(cfg, max(BATCHES), 512, dev, torch.bfloat16)
     slots = cache.allocate(max(BATCHES))
-    res["bf16_ms_per_step"] = batch_table(model, cache, slots, args.steps, opts)
+    res["bf16_ms_per_step"] = batch_table(model, cache, slots, args.steps, opts, batches)
     log(f"bf16: {res['bf16_ms_per_step']}")
+    write(f"serving-gpu-fp8{args.suffix}.json", {**res, "partial": True})
     free, total = torch.cuda.mem_get_info(dev)
     res["bf16_max_sessions_4k_context"] = sessions_that_fit(
         cfg, torch.bfloat16, free + cache_bytes(cache), total, 4096
@@ -156,22 +173,14 @@ def part_fp8(args: argparse.Namespace) -> dict[str, Any]:
     res["quantize_s"] = round(time.perf_counter() - t0, 2)
     res["fp8_weight_gib"] = round(model.weight_bytes() / GIB, 2)
     log(f"fp8: {saved / GIB:.1f} GiB saved in {res['quantize_s']} s -> {res['fp8_weight_gib']} GiB")
-    for name, act in (("fp8_auto", "auto"), ("fp8_token", "token")):
-        set_activation_mode(model, act)
-        try:
-            res[f"{name}_ms_per_step"] = batch_table(model, cache, slots, args.steps, opts)
-        except Exception as exc:  # noqa: BLE001 - report the variant as failed, go on
-            traceback.print_exc()
-            res[f"{name}_error"] = repr(exc)[:500]
-        log(f"{name}: {res.get(f'{name}_ms_per_step') or res.get(f'{name}_error')}")
-    best = min(
-        (n for n in ("fp8_auto", "fp8_token") if f"{n}_ms_per_step" in res),
-        key=lambda n: res[f"{n}_ms_per_step"]["b1"],
-    )
-    res["fp8_variant"] = best
-    res["fp8_ms_per_token_b1"] = res[f"{best}_ms_per_step"]["b1"]
+
+    def save(rows: dict[str, Any]) -> None:
+        write(f"serving-gpu-fp8{args.suffix}.json", {**res, **rows, "partial": True})
+
+    res.update(fp8_variant_tables(model, cache, slots, args.steps, opts, variants, save, batches))
     res["bf16_ms_per_token_b1"] = res["bf16_ms_per_step"]["b1"]
-    set_activation_mode(model, best[len("fp8_") :])
+    if args.skip_sessions:
+        return res
 
     # sessions at 4k context: the engine's sizing, then proven by allocating and stepping them
     del cache
@@ -200,6 +209,125 @@ def part_fp8(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+class Fp8Variant(NamedTuple):
+    act: str  # every FP8 projection's activation mode (fp8.ACTIVATIONS)
+    head: str  # lm_head weights: bf16 or fp8
+    opts: dict[str, Any] = {}  # RunnerOptions changes
+    small: str = ""  # another mode for the two small products (q/k/v, o), if set
+
+
+# FP8 variants of the step
+FP8_VARIANTS: dict[str, Fp8Variant] = {
+    "fp8_auto": Fp8Variant("auto", "bf16"),  # the default: dynamic, per tensor at one row
+    "fp8_token": Fp8Variant("token", "bf16"),  # dynamic row-wise scales at every batch size
+    "fp8_auto_split": Fp8Variant("auto", "bf16", {"split_reductions": True}),  # split amax
+    "fp8_static": Fp8Variant("static", "bf16"),  # calibrated static scales: no amax per step
+    "fp8_auto_head": Fp8Variant("auto", "fp8"),  # + FP8 lm_head
+    "fp8_static_head": Fp8Variant("static", "fp8"),
+    # q/k/v and o (5120 / 7168 outputs: 40 / 56 of cuBLAS's 128-wide tiles on 132 SMs) as
+    # weight-only GEMVs that inductor tunes; gate/up and down as above
+    "fp8_static_head_small_gemv": Fp8Variant("static", "fp8", small="none"),
+    # inductor times cuBLAS against its Triton FP8 GEMM templates for each product
+    "fp8_static_head_autotune": Fp8Variant("static", "fp8", {"autotune_gemm": True}),
+}
+# the baseline and the likeliest best first (a run cut short at its time limit keeps them)
+DEFAULT_VARIANTS = ",".join(
+    ("fp8_auto", "fp8_static_head", "fp8_static", "fp8_auto_head", "fp8_auto_split",
+     "fp8_static_head_small_gemv", "fp8_static_head_autotune")
+)  # fmt: skip
+
+
+def set_variant(model: Qwen2ForCausalLM, v: Fp8Variant, heads: dict[str, nn.Module]) -> None:
+    model.lm_head = heads[v.head]
+    set_activation_mode(model, v.act)
+    if v.small:
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.act = layer.self_attn.o_proj.act = v.small
+
+
+def parse_variants(text: str) -> list[str]:
+    variants = [v for v in text.split(",") if v]
+    unknown = [v for v in variants if v not in FP8_VARIANTS]
+    if unknown or not variants:
+        raise SystemExit(f"FP8 variants {unknown or text!r}: of {', '.join(FP8_VARIANTS)}")
+    return variants
+
+
+def fp8_variant_tables(
+    model: Qwen2ForCausalLM,
+    cache: KVCache,
+    slots: list[int],
+    steps: int,
+    opts: RunnerOptions,
+    variants: list[str],
+    on_row: Callable[[dict[str, Any]], None] = lambda res: None,
+    batches: tuple[int, ...] = BATCHES,
+) -> dict[str, Any]:
+    """The step at each batch size for each FP8 variant of a model whose decoder is FP8
+    already; static scales calibrated first. Leaves the model as the fastest variant at
+    batch 1 (its ``lm_head``; the other one freed) and returns the figures; ``on_row`` sees
+    them after each variant (the caller saves them: a run cut short keeps what it measured)."""
+    res: dict[str, Any] = {}
+    heads: dict[str, nn.Module] = {"bf16": model.lm_head, "fp8": Fp8Linear(model.lm_head)}
+    # static activation scales, calibrated once (decoder and FP8 lm_head) on a random pre-fill
+    model.lm_head = heads["fp8"]
+    t0 = time.perf_counter()
+    calibrate_random(model)
+    res["calibrate_s"] = round(time.perf_counter() - t0, 2)
+    for name in variants:
+        v = FP8_VARIANTS[name]
+        set_variant(model, v, heads)
+        try:
+            vopts = dataclasses.replace(opts, **v.opts)
+            res[f"{name}_ms_per_step"] = batch_table(model, cache, slots, steps, vopts, batches)
+        except Exception as exc:  # noqa: BLE001 - report the variant as failed, go on
+            traceback.print_exc()
+            res[f"{name}_error"] = repr(exc)[:500]
+        log(f"{name}: {res.get(f'{name}_ms_per_step') or res.get(f'{name}_error')}")
+        on_row(res)
+    res["fp8_variants"] = {n: FP8_VARIANTS[n]._asdict() for n in variants}
+    done = [n for n in variants if f"{n}_ms_per_step" in res]
+    if not done:
+        raise RuntimeError("no FP8 variant ran")
+    best = min(done, key=lambda n: res[f"{n}_ms_per_step"]["b1"])
+    res["fp8_variant"] = best
+    res["fp8_ms_per_token_b1"] = res[f"{best}_ms_per_step"]["b1"]
+    set_variant(model, FP8_VARIANTS[best], heads)
+    heads.clear()  # the other head is freed with it
+    return res
+
+
+def calibrate_random(model: Qwen2ForCausalLM) -> None:
+    """Static activation scales from one eager pre-fill of 64 random tokens (random weights:
+    the scales matter for speed only here; on a trained model calibrate on real text)."""
+    cfg, emb = model.cfg, model.model.embed_tokens.weight
+    dev = emb.device
+    cal = KVCache(cfg, 1, 128, dev, emb.dtype)
+    slots = torch.tensor(cal.allocate(1), device=dev)
+    ids = torch.randint(0, cfg.vocab_size, (1, 64), device=dev)
+    pos = torch.arange(64, device=dev)[None]
+    calibrate_activations_(model, lambda: model(model.embed(ids), pos, cal, slots))
+
+
+def graph_ms(fn: Callable[[], None], reps: int = 20) -> float:
+    """ms per replay of ``fn`` captured in one CUDA graph (warmed up on a side stream)."""
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        g.replay()
+    torch.cuda.synchronize()
+    return round(1e3 * (time.perf_counter() - t0) / reps, 3)
+
+
 def part_profile(args: argparse.Namespace) -> dict[str, Any]:
     """Where the FP8 step's time goes: the matrix products alone in one graph (with and
     without the activation quantisation), and the top kernels of the compiled step."""
@@ -212,8 +340,19 @@ def part_profile(args: argparse.Namespace) -> dict[str, Any]:
     cfg = step_audio_r1_config().text
     model = random_decoder(cfg, dev)
     quantize_decoder_(model)
+    variant = FP8_VARIANTS[parse_variants(args.variant)[0]]
+    heads: dict[str, nn.Module] = {"bf16": model.lm_head}
+    if variant.head == "fp8":
+        heads["fp8"] = Fp8Linear(model.lm_head)
+        model.lm_head = heads["fp8"]
+    if "static" in (variant.act, variant.small):
+        calibrate_random(model)
+    set_variant(model, variant, heads)
+    heads.clear()
+    res.update(variant=args.variant, **variant._asdict())
     lws = model.layer_weights()
     h, inter = cfg.hidden_size, cfg.intermediate_size
+    kinds = ("qkv", "o", "gu", "down")
     for bs in (1, 8, 32):
         x = torch.randn(bs, h, device=dev, dtype=torch.bfloat16)
         xi = torch.randn(bs, inter, device=dev, dtype=torch.bfloat16)
@@ -221,10 +360,12 @@ def part_profile(args: argparse.Namespace) -> dict[str, Any]:
         xiq, sxi = quantize_activation(xi, True)
         one = torch.ones((), device=dev)
 
-        def mm_only(rowwise: bool, xq=xq, sx=sx, xiq=xiq, sxi=sxi, one=one) -> None:
+        def mm_only(rowwise: bool, only=kinds, xq=xq, sx=sx, xiq=xiq, sxi=sxi, one=one) -> None:
             for lw in lws:
-                for w, a, sa in ((lw.qkv_w, xq, sx), (lw.o_w, xq, sx), (lw.gu_w, xq, sx),
-                                 (lw.down_w, xiq, sxi)):  # fmt: skip
+                for kind, w, a, sa in (("qkv", lw.qkv_w, xq, sx), ("o", lw.o_w, xq, sx),
+                                       ("gu", lw.gu_w, xq, sx), ("down", lw.down_w, xiq, sxi)):  # fmt: skip
+                    if kind not in only:
+                        continue
                     if rowwise:
                         torch._scaled_mm(a, w.q.t(), scale_a=sa, scale_b=w.scale[None, :],
                                          out_dtype=torch.bfloat16, use_fast_accum=FAST_ACCUM)  # fmt: skip
@@ -233,23 +374,16 @@ def part_profile(args: argparse.Namespace) -> dict[str, Any]:
                                          out_dtype=torch.bfloat16, use_fast_accum=FAST_ACCUM)  # fmt: skip
 
         for name, fn in (("mm_rowwise", lambda: mm_only(True)), ("mm_tensor", lambda: mm_only(False))):  # fmt: skip
-            g = torch.cuda.CUDAGraph()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn()
-            torch.cuda.current_stream().wait_stream(s)
-            with torch.cuda.graph(g):
-                fn()
-            g.replay()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(20):
-                g.replay()
-            torch.cuda.synchronize()
-            res[f"{name}_b{bs}_ms"] = round(1e3 * (time.perf_counter() - t0) / 20, 3)
-            del g
-        log({k: v for k, v in res.items() if k.endswith(f"b{bs}_ms")})
+            res[f"{name}_b{bs}_ms"] = graph_ms(fn)
+        if bs == 1:  # each product kind alone (64 layers): its share, and the bytes per second
+            for kind in kinds:
+                w = getattr(lws[0], f"{kind}_w")
+                gbytes = len(lws) * w.q.numel() / 1e9
+                for name, rw in (("rowwise", True), ("tensor", False)):
+                    ms = graph_ms(lambda rw=rw, kind=kind: mm_only(rw, (kind,)))
+                    res[f"mm_{name}_{kind}_b1_ms"] = ms
+                    res[f"mm_{name}_{kind}_b1_tb_per_s"] = round(gbytes / ms, 3)
+        log({k: v for k, v in res.items() if f"b{bs}_" in k})
     cache = KVCache(cfg, 1, 512, dev, torch.bfloat16)
     runner = DecodeRunner(model, cache, RunnerOptions(batch_sizes=(1,), len_buckets=(512,)))
     slot = cache.allocate(1)[0]
@@ -435,6 +569,12 @@ def main() -> None:
     ap.add_argument("--symm", action="store_true", help="tp: also the symmetric-memory all-reduce")
     ap.add_argument("--skip-nccl", action="store_true", help="tp: world > 1 only with --symm")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help=f"fp8: comma-separated, of {', '.join(FP8_VARIANTS)}")  # fmt: skip
+    ap.add_argument("--batches", default="1,8,32", help="fp8: batch sizes (of 1, 8, 32)")
+    ap.add_argument("--suffix", default="", help="output serving-gpu-<part><suffix>.json")
+    ap.add_argument("--skip-sessions", action="store_true", help="fp8: no 4k-context sizing")
+    ap.add_argument("--variant", default="fp8_auto", help="profile: one of the FP8 variants")
     args = ap.parse_args()
     if args.part == "report":
         report()
@@ -443,7 +583,7 @@ def main() -> None:
         sys.exit("needs a CUDA GPU")
     parts = {"fp8": part_fp8, "profile": part_profile, "tp": part_tp}
     res = parts[args.part](args)
-    write(f"serving-gpu-{args.part}.json", res)
+    write(f"serving-gpu-{args.part}{args.suffix}.json", res)
     print(json.dumps(res, indent=2))
 
 

@@ -155,6 +155,11 @@ class EngineConfig:
     # Decoder layer weights: as loaded (bf16 on GPU), or FP8 e4m3 with per-channel scales
     # (realtime/models/fp8.py; half the memory and bytes read per step; CPU: emulated, slow).
     weights: Literal["bf16", "fp8"] = "bf16"
+    # With weights fp8 only (realtime/engine/step_audio/fp8_setup.py, docs/benchmarks.md):
+    # lm_head in FP8 too, and activation scales calibrated once at load ("static") instead
+    # of an amax per projection per step ("dynamic"; static clips inputs past 2x calibration's).
+    fp8_lm_head: bool = False
+    fp8_activations: Literal["dynamic", "static"] = "dynamic"
     # KV cache: one pool of pages shared by all sessions (realtime/models/kv_pages.py); a
     # session takes pages as its context grows (max_context stays its cap) and gives them all
     # back when it ends. Page size: a multiple of 256 for flash-attn's paged path. kv_pages 0:

@@ -50,6 +50,7 @@ class RunnerOptions:
     prefill_chunk: int = 512
     split_reductions: bool = False  # let inductor split small reductions (more kernels)
     triton_attention: bool = True  # the one-kernel decode attention (needs Triton and compile)
+    autotune_gemm: bool = False  # inductor's max_autotune_gemm: time cuBLAS against Triton GEMMs
 
 
 # Each (batch size, attention-length bucket, greedy or sampled) step is its own compiled graph:
@@ -98,8 +99,8 @@ class DecoderBackend:
         self.model = model
         self.cache = cache
         cfg = model.cfg
-        self.device = model.lm_head.weight.device
-        self.dtype = model.lm_head.weight.dtype
+        emb = model.model.embed_tokens.weight  # (lm_head may be FP8: fp8.quantize_lm_head_)
+        self.device, self.dtype = emb.device, emb.dtype
         self.is_cuda = self.device.type == "cuda"
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.eps = cfg.rms_norm_eps
@@ -132,6 +133,8 @@ class DecoderBackend:
             try:
                 configure_compiler()
                 options = {"split_reductions": opts.split_reductions}
+                if opts.autotune_gemm:  # each product's kernel picked by timing (slow compile)
+                    options["max_autotune_gemm"] = True
                 if has_weight_only_fp8(model):  # one-row products become fused GEMVs (fp8.py)
                     options["coordinate_descent_tuning"] = True
                 kw: dict[str, Any] = {"fullgraph": True, "dynamic": False, "options": options}

@@ -13,12 +13,21 @@ capture in CUDA graphs and trace under ``torch.compile``. On the CPU (tests) the
 quantised values are multiplied in float32: the quantisation error is the same, only the
 accumulation differs.
 
-Only the decoder layers' projections are quantised (q/k/v, o, gate/up, down); embeddings,
-norms, biases and ``lm_head`` stay in the model's dtype.
+A *static* activation scale (``act="static"``) is one float32 number per projection, fixed
+at load by :func:`calibrate_activations_` (a pass over calibration text records each
+projection's largest input, times a margin): the activation's quantisation is then a plain
+element-wise cast with no ``amax`` reduction before it (at batch 1 on an H100 the dynamic
+scales' reductions cost about 1.2 ms of a 15 ms step, ``docs/benchmarks.md``). An input
+beyond the calibrated range is clipped to it.
+
+By default only the decoder layers' projections are quantised (q/k/v, o, gate/up, down);
+embeddings, norms, biases and ``lm_head`` stay in the model's dtype. :func:`quantize_lm_head_`
+quantises ``lm_head`` too (its own FP8 copy when it is tied to the embeddings).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -32,7 +41,7 @@ _EPS = 1e-12
 FAST_ACCUM = True
 
 
-ACTIVATIONS = ("auto", "token", "tensor", "none")
+ACTIVATIONS = ("auto", "token", "tensor", "none", "static", "observe")
 
 
 class Fp8Weight(NamedTuple):
@@ -44,12 +53,17 @@ class Fp8Weight(NamedTuple):
     weight is widened inside the product; compiled with inductor's coordinate-descent tuning
     a one-row product becomes one GEMV kernel reading the FP8 bytes), ``auto``: ``tensor``
     for one row (the batch-1 step: for one token a per-tensor scale *is* a per-token scale,
-    and cuBLAS's per-tensor FP8 kernel was the faster one on an H100), else ``token``.
+    and cuBLAS's per-tensor FP8 kernel was the faster one on an H100), else ``token``;
+    ``static``: FP8 with the fixed scale ``input_scale`` (calibrated; the per-tensor kernel
+    for one row, the row-wise one with that scale repeated for more); ``observe``: as
+    ``auto``, and the largest ``|x|`` seen is kept in ``input_amax`` (calibration).
     """
 
     q: torch.Tensor  # [N, K] float8_e4m3fn
     scale: torch.Tensor  # [N] float32: W ~= q * scale[:, None]
     act: str = "auto"
+    input_scale: torch.Tensor | None = None  # [] float32: the static activation scale
+    input_amax: torch.Tensor | None = None  # [] float32: the largest |x| observed
 
 
 def quantize_weight(w: torch.Tensor, act: str = "auto", rows: int = 4096) -> Fp8Weight:
@@ -84,6 +98,40 @@ def quantize_activation(x: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, t
     return (x32 / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
 
 
+def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` -> FP8 values ``x / scale`` (``scale``: a float32 number; beyond the
+    calibrated range values are clipped to +-448). Element-wise: no reduction."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def scaled_product(
+    xq: torch.Tensor, sx: torch.Tensor, w: Fp8Weight, rowwise: bool, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``(xq @ w.q.T) * sx * w.scale`` through ``torch._scaled_mm`` (what runs on CUDA).
+
+    ``rowwise``: ``sx [M, 1]`` and the weight's row scales both go to the kernel's epilogue
+    (cuBLAS's row-wise FP8 kernels); otherwise ``sx`` is one number (``[]`` or ``[1, 1]``),
+    the per-tensor kernel runs and the weight's row scales multiply its output."""
+    if rowwise:
+        y = torch._scaled_mm(
+            xq, w.q.t(), scale_a=sx, scale_b=w.scale[None, :], out_dtype=torch.bfloat16,
+            use_fast_accum=FAST_ACCUM,
+        )  # fmt: skip
+        return y.to(out_dtype)
+    one = torch.ones((), device=xq.device, dtype=torch.float32)
+    y = torch._scaled_mm(
+        xq, w.q.t(), scale_a=sx.reshape(()), scale_b=one, out_dtype=torch.bfloat16,
+        use_fast_accum=FAST_ACCUM,
+    )  # fmt: skip
+    return (y * w.scale[None, :]).to(out_dtype)
+
+
+def _static_scale(w: Fp8Weight) -> torch.Tensor:
+    if w.input_scale is None:
+        raise ValueError("FP8 activation mode 'static' needs a calibrated input_scale")
+    return w.input_scale
+
+
 def fp8_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, W, bias)`` for a quantised ``W``: ``x [..., K]`` -> ``[..., N]`` in
     ``x``'s dtype."""
@@ -91,27 +139,32 @@ def fp8_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) 
         raise ValueError(f"FP8 activation mode {w.act!r}: one of {ACTIVATIONS}")
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
-    act = w.act if w.act != "auto" else ("tensor" if x2.shape[0] == 1 else "token")
+    m = x2.shape[0]
+    act = w.act
+    if act == "observe":  # calibration (eager): keep the largest |x|, then run as auto
+        if w.input_amax is None:
+            raise ValueError("FP8 activation mode 'observe' needs an input_amax buffer")
+        if m:
+            w.input_amax.copy_(torch.maximum(w.input_amax, x2.detach().abs().amax().float()))
+        act = "auto"
+    if act == "auto":
+        act = "tensor" if m == 1 else "token"
     if act == "none":  # weight-only: x times the widened weight, scaled per output channel
         y = torch.nn.functional.linear(x2, w.q.to(x.dtype)) * w.scale.to(x.dtype)
         if bias is not None:
             y = y + bias
         return y.reshape(*lead, w.q.shape[0])
-    xq, sx = quantize_activation(x2, act == "token")
+    if act == "static":
+        s = _static_scale(w)
+        xq = quantize_activation_static(x2, s)
+        # one row: the per-tensor kernel; more: the row-wise one, the one scale repeated
+        rowwise = m > 1
+        sx = s.reshape(1, 1).expand(m, 1).contiguous() if rowwise else s.reshape(1, 1)
+    else:
+        rowwise = act == "token"
+        xq, sx = quantize_activation(x2, rowwise)
     if x.is_cuda:
-        if act == "token":
-            y = torch._scaled_mm(
-                xq, w.q.t(), scale_a=sx, scale_b=w.scale[None, :], out_dtype=torch.bfloat16,
-                use_fast_accum=FAST_ACCUM,
-            )  # fmt: skip
-        else:
-            one = torch.ones((), device=x.device, dtype=torch.float32)
-            y = torch._scaled_mm(
-                xq, w.q.t(), scale_a=sx.reshape(()), scale_b=one, out_dtype=torch.bfloat16,
-                use_fast_accum=FAST_ACCUM,
-            )  # fmt: skip
-            y = y * w.scale[None, :]
-        y = y.to(x.dtype)
+        y = scaled_product(xq, sx, w, rowwise, x.dtype)
     else:  # emulation: the same FP8 values, float32 products
         y = ((xq.float() @ w.q.float().t()) * sx * w.scale[None, :]).to(x.dtype)
     if bias is not None:
@@ -128,23 +181,41 @@ def linear(x: torch.Tensor, w: torch.Tensor | Fp8Weight, bias: torch.Tensor | No
 
 class Fp8Linear(nn.Module):
     """Holds a quantised ``nn.Linear`` (buffers ``weight_fp8``, ``weight_scale``; the bias
-    stays a parameter in the original dtype)."""
+    stays a parameter in the original dtype). ``input_scale`` is the static activation scale
+    (0 until :func:`calibrate_activations_` sets it), ``input_amax`` what calibration saw."""
 
-    def __init__(self, lin: nn.Linear, act: str = "auto") -> None:
+    def __init__(self, lin: nn.Linear, act: str = "auto", pad_rows: bool = False) -> None:
+        """``pad_rows``: an output count that does not divide by 16 (``_scaled_mm`` needs it)
+        is padded with zero rows, and the output cut back to ``out_features`` (no bias)."""
         super().__init__()
-        packed = quantize_weight(lin.weight.detach(), act)
+        w = lin.weight.detach()
+        pad = -w.shape[0] % 16 if pad_rows else 0
+        if pad and lin.bias is not None:
+            raise ValueError("Fp8Linear: padded rows need a projection without bias")
+        if pad:
+            w = torch.cat([w, w.new_zeros(pad, w.shape[1])])
+        packed = quantize_weight(w, act)
         self.register_buffer("weight_fp8", packed.q)
         self.register_buffer("weight_scale", packed.scale)
+        dev = packed.q.device
+        self.register_buffer("input_scale", torch.zeros((), dtype=torch.float32, device=dev))
+        self.register_buffer("input_amax", torch.zeros((), dtype=torch.float32, device=dev))
         self.act = act
         self.bias = lin.bias
         self.in_features, self.out_features = lin.in_features, lin.out_features
 
     @property
     def packed(self) -> Fp8Weight:
-        return Fp8Weight(self.weight_fp8, self.weight_scale, self.act)
+        return Fp8Weight(
+            self.weight_fp8, self.weight_scale, self.act, self.input_scale, self.input_amax
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.packed, self.bias)
+        y = fp8_linear(x, self.packed, self.bias)
+        return y if self.weight_fp8.shape[0] == self.out_features else y[..., : self.out_features]
+
+    def buffer_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
 DECODER_PROJECTIONS = (
@@ -170,7 +241,7 @@ def quantize_decoder_(model: nn.Module, act: str = "auto") -> int:
             before = lin.weight.numel() * lin.weight.element_size()
             q = Fp8Linear(lin, act)
             setattr(parent, name, q)
-            saved += before - q.weight_fp8.numel() - 4 * q.weight_scale.numel()
+            saved += before - q.buffer_bytes()
             del lin
     if next(model.parameters()).is_cuda:
         torch.cuda.empty_cache()
@@ -183,12 +254,66 @@ def has_weight_only_fp8(model: nn.Module) -> bool:
 
 
 def set_activation_mode(model: nn.Module, act: str) -> None:
-    """Change how every FP8 projection of ``model`` treats its activations (``ACTIVATIONS``)."""
+    """Change how every FP8 projection of ``model`` treats its activations (``ACTIVATIONS``);
+    ``static`` only once :func:`calibrate_activations_` has set the scales."""
     if act not in ACTIVATIONS:
         raise ValueError(f"FP8 activation mode {act!r}: one of {ACTIVATIONS}")
-    for m in model.modules():
-        if isinstance(m, Fp8Linear):
-            m.act = act
+    mods = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    if act == "static" and any(float(m.input_scale) <= 0 for m in mods):
+        raise ValueError("FP8 activation mode 'static': calibrate_activations_ first")
+    for m in mods:
+        m.act = act
+
+
+@torch.no_grad()
+def quantize_lm_head_(model: nn.Module, act: str = "auto") -> int:
+    """Replace ``model.lm_head`` by :class:`Fp8Linear` (the vocabulary's rows scaled one by
+    one, as the layers' weights; a vocabulary that does not divide by 16 padded with zero
+    rows). Tied to the embeddings, the embeddings keep their dtype and ``lm_head`` gets its
+    own FP8 copy. Returns the bytes saved (negative when tied)."""
+    lin = model.lm_head
+    if isinstance(lin, Fp8Linear):
+        return 0
+    tied = lin.weight is model.model.embed_tokens.weight  # type: ignore[union-attr]
+    before = 0 if tied else lin.weight.numel() * lin.weight.element_size()
+    q = Fp8Linear(lin, act, pad_rows=True)
+    model.lm_head = q
+    return before - q.buffer_bytes()
+
+
+@torch.no_grad()
+def calibrate_activations_(
+    model: nn.Module, run: Callable[[], object], margin: float = 2.0
+) -> dict[str, float]:
+    """Static activation scales: every FP8 projection of ``model`` records the largest
+    ``|input|`` while ``run()`` passes calibration inputs through the model (eagerly, with
+    dynamic scales), then gets ``input_scale = margin * amax / 448`` and mode ``static``.
+    ``margin`` leaves room for larger inputs than calibration saw (beyond it they clip;
+    e4m3's 2^-6 smallest normal still leaves 448 * 64 / margin of range below the top).
+    Returns each projection's observed amax by module name."""
+    if margin < 1:
+        raise ValueError(f"calibration margin {margin}: must be >= 1")
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    if not mods:
+        raise ValueError("calibrate_activations_: the model has no FP8 projections")
+    saved = {n: m.act for n, m in mods.items()}
+    for m in mods.values():
+        m.input_amax.zero_()
+        m.act = "observe"
+    try:
+        run()
+        seen = {n: float(m.input_amax) for n, m in mods.items()}
+        missing = [n for n, a in seen.items() if not a > 0]
+        if missing:
+            raise ValueError(f"calibration ran no input through {missing[:3]} ({len(missing)})")
+    except BaseException:
+        for n, m in mods.items():  # as they were
+            m.act = saved[n]
+        raise
+    for m in mods.values():
+        m.input_scale.copy_(m.input_amax * margin / FP8_MAX)
+        m.act = "static"
+    return seen
 
 
 def weight_of(lin: nn.Module) -> torch.Tensor | Fp8Weight:

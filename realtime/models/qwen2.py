@@ -287,7 +287,7 @@ class Qwen2ForCausalLM(nn.Module):
         """For a model built on the meta device and then ``to_empty()``: recompute what
         construction computed (the float32 RoPE frequencies) and re-tie ``lm_head`` to the
         embeddings (``to_empty`` gives each module its own tensor)."""
-        dev = self.lm_head.weight.device
+        dev = self.model.embed_tokens.weight.device
         self.inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta).to(dev)
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

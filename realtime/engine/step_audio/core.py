@@ -13,9 +13,9 @@ import torch
 from realtime.config import EngineConfig
 from realtime.engine.base import EngineBusy
 from realtime.engine.scheduler import Scheduler
+from realtime.engine.step_audio.fp8_setup import prepare_fp8
 from realtime.engine.step_audio.ranks import Followers, RankMemory
 from realtime.models.decode import DecodeRunner, RunnerOptions
-from realtime.models.fp8 import quantize_decoder_
 from realtime.models.kv_pages import KVPoolFull, PagedKVCache
 from realtime.models.qwen2 import Qwen2Config
 from realtime.models.step_audio.lengths import SAMPLE_RATE
@@ -179,10 +179,8 @@ class StepAudioCore:
         self.opts = opts or StepAudioOptions()
         self.device = model.device
         self.builder = PromptBuilder(tokenizer, special)
-        if cfg.weights == "fp8":
-            saved = quantize_decoder_(model.decoder)  # (done already: nothing saved)
-            if saved:
-                log.info("decoder layer weights quantised to FP8 e4m3: %.1f GiB saved", saved / GIB)
+        if cfg.weights == "fp8":  # (quantised already under tensor parallelism)
+            prepare_fp8(model, cfg, self.builder)
         plan = plan_pool(model, cfg, followers.memory if followers else None)
         cache = PagedKVCache(
             model.decoder_cfg, plan.sequences, cfg.max_context, model.device, model.dtype,

@@ -13,6 +13,7 @@ import torch
 from realtime.config import EngineConfig, SamplingConfig
 from realtime.engine.step_audio.core import StepAudioCore, StepAudioOptions
 from realtime.engine.step_audio.encoding import encode_piece
+from realtime.engine.step_audio.fp8_setup import check_fp8_options, quantize_decoder
 from realtime.engine.step_audio.ranks import (
     Followers,
     RankMemory,
@@ -21,7 +22,6 @@ from realtime.engine.step_audio.ranks import (
     model_dtype,
 )
 from realtime.engine.step_audio.session import StepAudioSession
-from realtime.models.fp8 import quantize_decoder_
 from realtime.models.step_audio.config import step_audio_r1_config
 from realtime.models.step_audio.sharded import build_rank0
 from realtime.models.step_audio.tokens import SpecialTokens
@@ -65,6 +65,7 @@ def build_step_audio_engine(
     if cfg.backend not in ("step-audio", "step-audio-random"):
         raise ValueError(f"not a Step-Audio backend: {cfg.backend!r}")
     opts = opts or StepAudioOptions()
+    check_fp8_options(cfg)
     if cfg.tensor_parallel == 1:
         return _build(cfg, opts, None)
     devices = check_world(cfg, model_config(cfg))
@@ -106,7 +107,7 @@ def _build(
         name = "step-audio-random"
     if followers is not None:
         if cfg.weights == "fp8":  # before the memory report (the core would do it after)
-            quantize_decoder_(model.decoder)
+            quantize_decoder(model.decoder, cfg)
         dev = model.device
         free, total = torch.cuda.mem_get_info(dev) if dev.type == "cuda" else (0, 0)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -37,9 +37,9 @@ from typing import Any
 import torch
 
 from realtime.config import EngineConfig
+from realtime.engine.step_audio.fp8_setup import quantize_decoder
 from realtime.models.backend import RunnerOptions
 from realtime.models.decode import DecodeRunner
-from realtime.models.fp8 import quantize_decoder_
 from realtime.models.kv_pages import PagedKVCache
 from realtime.models.step_audio.checkpoint import (
     find_checkpoint_files,
@@ -355,7 +355,7 @@ def follower_main(
         )
         decoder = build_follower(mcfg, rank, world, dev, dtype, root)
         if cfg.weights == "fp8":
-            quantize_decoder_(decoder)
+            quantize_decoder(decoder, cfg)
         conn.send(("loaded", None))
         store = dist.TCPStore(
             "127.0.0.1", port, world, False, timeout=dt.timedelta(seconds=timeout_s)
