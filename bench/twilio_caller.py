@@ -29,19 +29,23 @@ from realtime.server.codecs import ulaw_encode
 
 SID = "MZ0123456789abcdef"
 FRAME_S = 0.02
-START = {
-    "event": "start",
-    "sequenceNumber": "1",
-    "streamSid": SID,
-    "start": {
+
+
+def start_event(encoding: str = "audio/x-mulaw", rate: int = 8000) -> dict[str, Any]:
+    """Twilio's ``start`` message for a call with one inbound track of ``encoding`` at ``rate``."""
+    return {
+        "event": "start",
+        "sequenceNumber": "1",
         "streamSid": SID,
-        "accountSid": "AC1",
-        "callSid": "CA1",
-        "tracks": ["inbound"],
-        "customParameters": {},
-        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-    },
-}
+        "start": {
+            "streamSid": SID,
+            "accountSid": "AC1",
+            "callSid": "CA1",
+            "tracks": ["inbound"],
+            "customParameters": {},
+            "mediaFormat": {"encoding": encoding, "sampleRate": rate, "channels": 1},
+        },
+    }
 
 
 @dataclass
@@ -69,7 +73,7 @@ class Twilio:
 
     async def _start(self) -> None:
         await self._send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
-        await self._send(START)
+        await self._send(start_event())
         loop = asyncio.get_running_loop()
         for coro in (self._stream(), self._receive(), self._play_marks()):
             self._tasks.append(loop.create_task(coro))

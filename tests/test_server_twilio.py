@@ -15,11 +15,11 @@ import pytest_asyncio
 import websockets
 from server_helpers import QUESTION, RunningServer, rms, speech, start_server
 
+from bench.twilio_caller import SID, start_event
 from realtime.config import ServerConfig
 from realtime.server.codecs import ulaw_decode, ulaw_encode
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-SID = "MZ0123456789abcdef"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -30,21 +30,7 @@ async def server(server_runtime: Any) -> Any:
 
 
 def start_message(encoding: str = "audio/x-mulaw", rate: int = 8000) -> str:
-    return json.dumps(
-        {
-            "event": "start",
-            "sequenceNumber": "1",
-            "streamSid": SID,
-            "start": {
-                "streamSid": SID,
-                "accountSid": "AC1",
-                "callSid": "CA1",
-                "tracks": ["inbound"],
-                "customParameters": {},
-                "mediaFormat": {"encoding": encoding, "sampleRate": rate, "channels": 1},
-            },
-        }
-    )
+    return json.dumps(start_event(encoding, rate))
 
 
 async def stream_audio(ws: Any, pcm: np.ndarray, seq: list[int]) -> None:
