@@ -24,10 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime as dt
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.record import write_result  # noqa: E402
 from bench.voices import DEFAULT_VOICES, available, speech_end, synthesize  # noqa: E402
 from realtime import endpoint  # noqa: E402
 from realtime.config import AgentConfig, EndOfTurnConfig  # noqa: E402
@@ -227,16 +224,14 @@ async def main() -> None:
             f"{slow:>13} {cuts:>14} {s['model_ms_p50']!s:>9}"
         )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
-            "command": "python " + " ".join(sys.argv),
-            "voices": list(voices),
-            "tuning_voices": list(TUNE_VOICES),
-            "modes": results,
-        }
-        args.out.write_text(json.dumps(record, indent=1))
+        write_result(
+            args.out,
+            {
+                "voices": list(voices),
+                "tuning_voices": list(TUNE_VOICES),
+                "modes": results,
+            },
+        )
         print(f"wrote {args.out}")
 
 

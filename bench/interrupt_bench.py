@@ -31,10 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime as dt
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Iterator
@@ -45,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.record import write_result  # noqa: E402
 from bench.voices import DEFAULT_VOICES, available, speech_end, synthesize  # noqa: E402
 from realtime.asr import WhisperRecognizer  # noqa: E402
 from realtime.config import AgentConfig, SamplingConfig, TTSConfig  # noqa: E402
@@ -270,17 +268,15 @@ async def main() -> None:
     for mode, r in results.items():
         print(f"{mode:10} " + " ".join(f"{r['summary'][c]!s:>18}" for c in cols))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
-            "command": "python " + " ".join(sys.argv),
-            "voices": list(voices),
-            "tuning_voices": list(TUNE_VOICES),
-            "barge_in": dataclasses.asdict(base.barge_in),
-            "modes": results,
-        }
-        args.out.write_text(json.dumps(record, indent=1, default=str))
+        write_result(
+            args.out,
+            {
+                "voices": list(voices),
+                "tuning_voices": list(TUNE_VOICES),
+                "barge_in": dataclasses.asdict(base.barge_in),
+                "modes": results,
+            },
+        )
         print(f"wrote {args.out}")
 
 

@@ -25,10 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime as dt
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -48,6 +45,7 @@ from bench.interrupt_bench import (  # noqa: E402
     TalkerSession,
     build_events,
 )
+from bench.record import write_result  # noqa: E402
 from bench.twilio_caller import ahead_s, call, spy  # noqa: E402
 from bench.voices import synthesize  # noqa: E402
 from realtime.asr import WhisperRecognizer  # noqa: E402
@@ -203,18 +201,16 @@ async def main() -> None:
     for k, v in summary.items():
         print(f"{k:32} {v}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
-            "command": "python " + " ".join(sys.argv),
-            "voices": list(voices),
-            "telephony": dataclasses.asdict(cfg.telephony),
-            "barge_in": dataclasses.asdict(cfg.barge_in),
-            "summary": summary,
-            "calls": rows,
-        }
-        args.out.write_text(json.dumps(record, indent=1, default=str))
+        write_result(
+            args.out,
+            {
+                "voices": list(voices),
+                "telephony": dataclasses.asdict(cfg.telephony),
+                "barge_in": dataclasses.asdict(cfg.barge_in),
+                "summary": summary,
+                "calls": rows,
+            },
+        )
         print(f"wrote {args.out}")
 
 
