@@ -104,9 +104,11 @@ def loop() -> Any:
 
 @pytest.fixture(scope="module")
 def server(loop: asyncio.AbstractEventLoop, server_runtime: Any) -> Any:
-    srv = loop.run_until_complete(
-        start_server(server_runtime, ServerConfig(max_message_bytes=LIMIT, max_sessions=16))
-    )
+    # no idle timeout: between examples the test's event loop (the server's too) stands still
+    # while Hypothesis draws the next one, and a connection must outlive the whole fuzz; the
+    # limit has its own tests (tests/test_server_limits.py)
+    config = ServerConfig(max_message_bytes=LIMIT, max_sessions=16, idle_timeout_s=0)
+    srv = loop.run_until_complete(start_server(server_runtime, config))
     yield srv
     loop.run_until_complete(srv.runner.cleanup())
 
