@@ -24,8 +24,6 @@ class TooDeep(ValueError):
 
 def nesting(text: str) -> int:
     """How deep the text's arrays and objects nest (brackets inside strings not counted)."""
-    if text.count("[") + text.count("{") <= MAX_DEPTH:  # no string search for the usual event
-        return min(MAX_DEPTH, text.count("[") + text.count("{"))
     depth = deepest = 0
     for m in _TOKEN.finditer(text):
         token = m.group()
@@ -39,6 +37,7 @@ def nesting(text: str) -> int:
 
 def loads(text: str) -> Any:
     """``json.loads``, after refusing text nested deeper than ``MAX_DEPTH`` (:class:`TooDeep`)."""
-    if nesting(text) > MAX_DEPTH:
+    # no scan for the usual event: with this few brackets it cannot nest deeper
+    if text.count("[") + text.count("{") > MAX_DEPTH and nesting(text) > MAX_DEPTH:
         raise TooDeep(f"message is nested more than {MAX_DEPTH} deep")
     return json.loads(text)
