@@ -144,29 +144,25 @@ async def test_barge_in_stops_audio_and_cancels_the_answer(runtime, say):
 
 async def test_silence_gives_no_turn_and_long_input_keeps_memory_flat(runtime):
     async with opened(runtime) as session:
-        await _silence_keeps_memory_flat(session)
+        rng = np.random.default_rng(1)
+        minute = (rng.normal(0, 0.002, 16000 * 60)).astype(np.float32)  # quiet room noise
 
+        async def push(seconds_of_audio):
+            for i in range(0, len(seconds_of_audio), 16000):
+                await session.push_audio(seconds_of_audio[i : i + 16000], 16000)
 
-async def _silence_keeps_memory_flat(session):
-    rng = np.random.default_rng(1)
-    minute = (rng.normal(0, 0.002, 16000 * 60)).astype(np.float32)  # quiet room noise
-
-    async def push(seconds_of_audio):
-        for i in range(0, len(seconds_of_audio), 16000):
-            await session.push_audio(seconds_of_audio[i : i + 16000], 16000)
-
-    tracemalloc.start()
-    await push(minute)
-    base = tracemalloc.get_traced_memory()[0]
-    for _ in range(3):
+        tracemalloc.start()
         await push(minute)
-    grown = tracemalloc.get_traced_memory()[0] - base
-    tracemalloc.stop()
-    assert grown < 2_000_000, grown  # four minutes in, nothing accumulates
-    await session.end()
-    frames = [f async for f in session.frames()]
-    assert not any(isinstance(f, TurnMetrics) for f in frames)
-    assert all(f.noise for f in frames if isinstance(f, SpeechStopped))  # at most a false start
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(3):
+            await push(minute)
+        grown = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        assert grown < 2_000_000, grown  # four minutes in, nothing accumulates
+        await session.end()
+        frames = [f async for f in session.frames()]
+        assert not any(isinstance(f, TurnMetrics) for f in frames)
+        assert all(f.noise for f in frames if isinstance(f, SpeechStopped))  # at most a false start
 
 
 async def test_a_text_only_session_writes_the_answer_and_speaks_nothing(runtime, say):
