@@ -271,12 +271,15 @@ class RealtimeClient:
         for op in case:
             await self.step(op)
 
+    async def reconnect(self) -> None:
+        await self.ws.close()
+        await self.connect()
+
     async def fresh_if_vad_moved(self) -> None:
         """A fresh connection, whose state the client knows, once the VAD has moved (__init__)."""
         if self.vad_moved:
             self.vad_reconnects += 1
-            await self.ws.close()
-            await self.connect()
+            await self.reconnect()
 
     async def step(self, op: Any) -> None:
         await self.fresh_if_vad_moved()
@@ -290,8 +293,7 @@ class RealtimeClient:
             self.inputs += 1
             await self.ws.send_str("x" * op.nbytes)
             await expect_close(self.ws, 1009)
-            await self.ws.close()
-            await self.connect()
+            await self.reconnect()
         elif isinstance(op, Silence):
             await self.send(
                 {"type": "input_audio_buffer.append", "audio": silence_b64(self.fmt, op.ms)}
