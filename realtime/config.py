@@ -169,6 +169,9 @@ class EngineConfig:
     # An answer's pre-fill (its turn, a history re-fill) runs this many positions at a time,
     # other callers' decode steps in between (realtime/engine/scheduler.py).
     prefill_chunk: int = 256
+    # Pieces nobody waits for (listening chunks, the assistant turn of a commit) wait this long
+    # at most for a batched pre-fill pass that runs anyway (realtime/engine/scheduler.py).
+    prefill_defer_ms: int = 250
     # Benchmarks with random weights only: the speaking lane is fed these words' token ids as
     # its next inputs instead of what it samples (same step cost, real words for the TTS).
     forced_answer: str = ""

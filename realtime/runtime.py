@@ -75,6 +75,7 @@ class Runtime(SharedModels):
         except BaseException:
             worker.close()
             raise
+        worker.between = getattr(engine, "between_jobs", None)
         rt = cls(config, asr, engine, worker, tts, times)
         if warmup:
             await rt.warmup()

@@ -67,17 +67,17 @@ def test_a_scripted_call_comes_out_and_its_result_goes_back_as_input(caller_dir:
     result = ToolResult("call_1", "get_weather", '{"sky": "sunny"}')
     hist_len = s._hist_len
     written: list[tuple[int, torch.Tensor]] = []  # (cache position, embeddings) pre-filled
-    real_prefill = engine.prefill
+    real_prefill = engine.steps.prefill
 
     def prefill_spy(embeds, slot, start):
         written.append((start, embeds.clone()))
         return real_prefill(embeds, slot, start)
 
-    engine.prefill = prefill_spy
+    engine.steps.prefill = prefill_spy
     try:
         events = _events(s.respond(UserTurn(tool_results=(result,)), CancelToken()))
     finally:
-        engine.prefill = real_prefill
+        engine.steps.prefill = real_prefill
     turn_ids = engine.builder.message(Message.text("input", '{"sky": "sunny"}')).ids
     expected = engine.embed_ids(
         turn_ids + engine.builder.generation_prompt().ids + engine.think_close_ids

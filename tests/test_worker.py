@@ -139,3 +139,38 @@ async def test_a_backlog_of_jobs_drains_between_two_steps_not_one_job_a_step():
         await _collect(a)
     finally:
         w.close()
+
+
+async def test_the_between_hook_runs_after_jobs_on_the_worker_and_survives_its_failures():
+    """The engine runs its queued pre-fill pieces in the hook (``between_jobs``): after the
+    jobs that queued them, on the worker thread, and a failing hook takes nothing down."""
+    w = EngineWorker()
+    seen: list[tuple[str, int]] = []
+    done = 0
+
+    def hook() -> None:
+        seen.append((threading.current_thread().name, done))
+        if len(seen) == 1:
+            raise RuntimeError("the hook fails once")
+
+    def job() -> int:
+        nonlocal done
+        done += 1
+        return done
+
+    async def hook_ran(times: int) -> None:
+        for _ in range(200):
+            if len(seen) >= times:
+                return
+            await asyncio.sleep(0.01)
+
+    w.between = hook
+    try:
+        assert await w.call(job) == 1
+        await hook_ran(1)
+        assert seen == [("engine", 1)]  # after the job, on the worker thread; it failed
+        assert await w.call(job) == 2  # the worker goes on
+        await hook_ran(2)
+        assert seen == [("engine", 1), ("engine", 2)]
+    finally:
+        w.close()

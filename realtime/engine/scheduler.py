@@ -1,5 +1,5 @@
 """The engine's scheduler: the one place that decides, between the worker's turns, which
-lanes decode and which pre-fill chunk runs.
+lanes decode and which pre-fill pieces run.
 
 Decode: several sessions' lanes in one batched step.
 
@@ -15,21 +15,40 @@ weights, two callers cost about what one does.
 Lanes are addressed by identity, never by row: the runner moves rows when a lane leaves.
 Sessions join (``add``) and leave (``remove``) between steps.
 
-Pre-fill: :meth:`Scheduler.prefill` is a generator that writes a sequence's embeddings
-``prefill_chunk`` positions (``engine.prefill_chunk``) at a time and yields ``None`` between
-chunks. A session's answer (run by the worker as a shared stream) pre-fills its turn and any
-history re-fill through it, so the worker runs the other sessions' decode steps between the
-chunks: a newcomer's long pre-fill delays each of them by one chunk at most, never by the
-whole pre-fill. :func:`run_to_end` runs the same generator at once (calls outside an answer).
+Pre-fill: every piece written into the cache outside a step is a :class:`PrefillJob` on one
+queue, and :meth:`Scheduler.flush` runs the queued pieces of *all* sessions together, one
+batched pass over the weights for up to ``prefill_chunk`` positions (``engine.prefill_chunk``):
+with a few dozen callers, a pass per caller's 640 ms listening chunk, turn end and speaking
+fork would outnumber the decode steps (each reads all the weights for a handful of
+positions). Three kinds of piece:
+
+* *deferred* (:meth:`defer`): nobody waits for it (a listening chunk, the assistant turn a
+  commit writes). It runs with the next pass, or on its own once ``defer_ms`` old or once
+  the deferred pieces fill a pass; the GPU is idle otherwise (``engine.between_jobs``).
+* *awaited* (:meth:`prefill`, a generator): a turn's closing pre-fill, a history re-fill, the
+  speaking fork. The generator yields ``None`` until its piece has run, a chunk of at most
+  ``prefill_chunk`` positions at a time: the next :meth:`take` runs it before its step, so a
+  newcomer's long pre-fill delays the others' steps by one bounded pass, never by the whole.
+  :meth:`run_to_end` runs such a generator at once (calls outside an answer).
+* *injected* (:meth:`inject`): a block inserted into a lane (reasoning handed to the speaking
+  lane); it runs before the lane's next step, which goes on from the block's end.
+
+A sequence's pieces run in the order they were queued (contiguous ones merge into one row of
+the pass); freeing or truncating a sequence (:meth:`free`, :meth:`truncate`) first drops its
+queued pieces, whose pages go back with it.
 
 With a paged KV cache each step may need a new page for a lane. Before the step, every lane's
 page is taken; a lane that gets none (the pool is full) leaves the runner and its session gets
 :class:`~realtime.engine.base.EngineBusy` at its next ``take``, while the other lanes step on.
+A piece takes its pages when it is queued (:class:`EngineBusy` then, to the caller).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+import logging
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -38,6 +57,59 @@ from realtime.engine.base import EngineBusy
 from realtime.models.decode import DecodeRunner, Lane, LaneSampling
 from realtime.models.kv_pages import KVPoolFull
 
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def padded_size(rows: int, longest: int) -> int:
+    """Positions of a batched pass of ``rows`` pieces, the longest ``longest`` long, as
+    ``Prefiller.prefill_batch`` pads it (rows and length each to a power of two, length at
+    least 8; one row is not padded)."""
+    if rows <= 1:
+        return longest
+    t = 8
+    while t < longest:
+        t *= 2
+    return (1 << (rows - 1).bit_length()) * t
+
+
+@dataclass(eq=False)
+class PrefillJob:
+    """One piece waiting for a pre-fill pass."""
+
+    embeds: torch.Tensor  # [T, H]
+    slot: int
+    start: int
+    wait: bool  # somebody waits for it: it runs at the next pass
+    lane: Lane | None = None  # injected into this lane: it goes on from the piece's end
+    forced: int | None = None  # ... and is fed this token next (``Scheduler.force``)
+    queued: float = field(default_factory=time.monotonic)
+    logits: torch.Tensor | None = None  # of its last position, once it ran
+    done: bool = False
+    error: BaseException | None = None
+
+    @property
+    def end(self) -> int:
+        return self.start + self.embeds.shape[0]
+
+
+@dataclass
+class _Row:
+    """One row of a pass: a slot's queued pieces that follow each other."""
+
+    slot: int
+    start: int
+    jobs: list[PrefillJob]
+
+    @property
+    def end(self) -> int:
+        return self.jobs[-1].end
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
+
 
 class Scheduler:
     def __init__(
@@ -45,20 +117,27 @@ class Scheduler:
         runner: DecodeRunner,
         prefill_chunk: int = 256,
         counters: dict[str, int] | None = None,
+        defer_ms: int = 250,
     ) -> None:
         """``counters``: the engine's event counters (``/metrics``); a lane taken off for want
-        of a KV page counts as ``kv_pool_full``."""
+        of a KV page counts as ``kv_pool_full``. ``defer_ms``: how long a deferred piece may
+        wait for a pass that runs anyway."""
         if prefill_chunk < 1:
             raise ValueError(f"engine.prefill_chunk must be positive, not {prefill_chunk}")
         self.runner = runner
         self.prefill_chunk = prefill_chunk
-        self.prefill_chunks = 0  # pre-fill chunks run (for tests and benchmarks)
+        self.defer_s = defer_ms / 1000
         self.counters = counters if counters is not None else {}
+        self._queue: list[PrefillJob] = []
         self._pending: dict[int, int] = {}  # id(lane) -> the token it was fed at the last step
         self._starved: dict[int, str] = {}  # id(lane) -> why it was taken off (no KV page)
         self.steps = 0  # runner steps taken (for tests and benchmarks)
         self.pool_full = 0  # lanes taken off for want of a KV page
+        self.prefill_chunks = 0  # pieces pre-filled (rows of the passes)
+        self.passes = 0  # pre-fill passes run
+        self.pass_tokens: list[int] = []  # positions of each pass (the last 1000)
 
+    # ---- lanes ----------------------------------------------------------------------------
     def _row(self, lane: Lane) -> int:
         for k, other in enumerate(self.runner.lanes):
             if other is lane:
@@ -88,17 +167,25 @@ class Scheduler:
         self.runner.remove_lane(k)
 
     def force(self, lane: Lane, token: int) -> None:
-        """Feed ``token`` to ``lane`` at its next step instead of what it sampled."""
-        self.runner.force(self._row(lane), token)
+        """Feed ``token`` to ``lane`` at its next step instead of what it sampled (also
+        after a queued injection, which would otherwise sample over it)."""
+        job = next((j for j in self._queue if j.lane is lane), None)
+        if job is not None:
+            job.forced = token
+        else:
+            self.runner.force(self._row(lane), token)
 
     def inject(self, lane: Lane, embeds: torch.Tensor) -> None:
-        """Pre-fill ``embeds`` into ``lane`` at its position (see ``DecodeRunner.inject``)."""
-        self.runner.inject(self._row(lane), embeds)
+        """Insert ``embeds`` into ``lane`` at its position before its next step, which then
+        goes on from their end (see ``DecodeRunner.inject``). The lane's position moves when
+        the piece runs (at the latest at the next :meth:`take`)."""
+        self._submit(embeds, lane.slot, lane.position, wait=True, lane=lane)
 
     def take(self, lanes: list[Lane]) -> list[int] | None:
         """The tokens ``lanes`` were fed at their next step, in order; ``None`` while other
         sessions have yet to take theirs from the last step (try again after they ran).
-        :class:`EngineBusy` if one of ``lanes`` was taken off for want of a KV page."""
+        :class:`EngineBusy` if one of ``lanes`` was taken off for want of a KV page. The
+        queued pre-fill pieces that are due run before the step."""
         starved = [self._starved.pop(id(lane)) for lane in lanes if id(lane) in self._starved]
         if starved:
             raise EngineBusy(f"the engine's KV memory is full: {starved[0]}")
@@ -108,6 +195,7 @@ class Scheduler:
             return None
         for lane in lanes:
             self._row(lane)  # every lane asked for is on the runner
+        self.flush()
         self._grow(lanes)
         fed = self.runner.step()
         self.steps += 1
@@ -131,34 +219,185 @@ class Scheduler:
         if mine:
             raise EngineBusy(f"the engine's KV memory is full: {mine[0]}")
 
+    # ---- pre-fill -------------------------------------------------------------------------
+    def _submit(
+        self, embeds: torch.Tensor, slot: int, start: int, wait: bool, lane: Lane | None = None
+    ) -> PrefillJob:
+        """Queue one piece (its pages taken now: :class:`EngineBusy` if there are none)."""
+        if embeds.shape[0] == 0:
+            raise ValueError("empty pre-fill")
+        try:
+            self.runner.cache.ensure(slot, start + embeds.shape[0])
+        except KVPoolFull as exc:
+            self.counters["kv_pool_full"] = self.counters.get("kv_pool_full", 0) + 1
+            raise EngineBusy(f"the engine's KV memory is full: {exc}") from None
+        job = PrefillJob(embeds, slot, start, wait, lane)
+        self._queue.append(job)
+        return job
+
+    def defer(self, embeds: torch.Tensor, slot: int, start: int) -> None:
+        """Write ``embeds [T, H]`` into ``slot`` from ``start`` with a later pass (nobody waits
+        for it; the slot's later pieces and steps come after it)."""
+        n = self.prefill_chunk
+        for i in range(0, embeds.shape[0], n):
+            self._submit(embeds[i : i + n], slot, start + i, wait=False)
+
     def prefill(
-        self,
-        run: Callable[[torch.Tensor, int, int], torch.Tensor],
-        embeds: torch.Tensor,
-        slot: int,
-        start: int,
+        self, embeds: torch.Tensor, slot: int, start: int
     ) -> Generator[None, None, torch.Tensor]:
-        """``run(piece, slot, position)`` over ``embeds [T, H]`` in chunks of at most
-        ``prefill_chunk`` positions from ``start``, yielding ``None`` between chunks (the
-        worker runs other sessions' steps there); returns the last position's logits."""
+        """Write ``embeds [T, H]`` into ``slot`` from ``start``, ``prefill_chunk`` positions at a
+        time, each with the next pass; yields ``None`` while a chunk waits for it (the worker
+        runs other sessions' steps, and the pass, there; with no lane on the runner, no step
+        is coming, and the generator runs the pass itself after giving way once). Returns
+        the last position's logits."""
         if embeds.shape[0] == 0:
             raise ValueError("empty pre-fill")
         n = self.prefill_chunk
+        logits: torch.Tensor | None = None
         for i in range(0, embeds.shape[0], n):
-            if i:
-                yield None
-            logits = run(embeds[i : i + n], slot, start + i)
-            self.prefill_chunks += 1
+            job = self._submit(embeds[i : i + n], slot, start + i, wait=True)
+            try:
+                yield None  # the others queue their pieces meanwhile: one pass for all
+                while not job.done:
+                    if not self.runner.lanes:  # no step is coming to run the pass: run it
+                        self.flush()
+                        continue
+                    yield None
+            finally:  # closed while it waits (a cancelled answer): nobody wants it now
+                if not job.done:
+                    self._queue = [j for j in self._queue if j is not job]
+            if job.error is not None:
+                raise job.error
+            logits = job.logits
+        assert logits is not None
         return logits
 
+    def run_to_end(self, gen: Generator[None, None, T]) -> T:
+        """Run a generator of :meth:`prefill` (and what is built on it) at once: a pass
+        whenever it waits (other sessions' queued pieces go along)."""
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value
+            self.flush(force=True)
 
-T = TypeVar("T")
+    def prefill_now(self, embeds: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        """:meth:`prefill` at once; the last position's logits."""
+        return self.run_to_end(self.prefill(embeds, slot, start))
 
+    def drop(self, slot: int, from_position: int = 0) -> None:
+        """Forget the queued pieces of ``slot`` at or after ``from_position`` (its pages are
+        about to go back); a piece that someone waits for fails."""
+        keep = []
+        for job in self._queue:
+            if job.slot == slot and job.end > from_position:
+                job.done, job.error = True, RuntimeError("pre-fill dropped: its sequence was freed")
+            else:
+                keep.append(job)
+        self._queue = keep
 
-def run_to_end(gen: Generator[None, None, T]) -> T:
-    """Run a scheduler generator (:meth:`Scheduler.prefill` and what is built on it) at once."""
-    while True:
+    def truncate(self, slot: int, length: int) -> None:
+        """``cache.truncate`` after dropping the queued pieces beyond ``length``."""
+        self.drop(slot, length)
+        self.runner.cache.truncate(slot, length)
+
+    def free(self, slots: list[int]) -> None:
+        """``cache.free`` after dropping the slots' queued pieces."""
+        for slot in slots:
+            self.drop(slot)
+        self.runner.cache.free(slots)
+
+    @property
+    def queued(self) -> int:
+        """Positions waiting for a pass."""
+        return sum(j.embeds.shape[0] for j in self._queue)
+
+    def flush(self, force: bool = False) -> int:
+        """Run the queued pieces that are due: with ``force`` all of them; otherwise, if a
+        piece is awaited or injected, or the deferred ones are ``defer_ms`` old or fill a
+        pass, one pass (more only for injections, which must run before the next step).
+        Returns the passes run."""
+        if not self._queue:
+            return 0
+        due = (
+            force
+            or any(j.wait for j in self._queue)
+            or self.queued >= self.prefill_chunk
+            or time.monotonic() - self._queue[0].queued >= self.defer_s
+        )
+        if not due:
+            return 0
+        passes = 0
+        while self._queue and (
+            passes == 0 or force or any(j.lane is not None for j in self._queue)
+        ):
+            self._pass(self._pick())
+            passes += 1
+        return passes
+
+    def _pick(self) -> list[_Row]:
+        """The rows of the next pass: injected pieces' slots first, then in queue order; a
+        slot's pieces in their order, merged while they follow each other and nobody waits on
+        an earlier one (its logits are its own last position's); at most ``prefill_chunk``
+        positions *as padded* (:func:`padded_size`: padding costs as much as real positions
+        once a pass is bound by arithmetic), at least one piece."""
+        first: dict[int, PrefillJob] = {}
+        for job in self._queue:
+            first.setdefault(job.slot, job)
+        order = sorted(first, key=lambda s: first[s].lane is None)  # stable: queue order
+        rows: dict[int, _Row] = {}
+        longest = 0
+        for slot in order:
+            for job in (j for j in self._queue if j.slot == slot):
+                row = rows.get(slot)
+                if row is not None and (job.start != row.end or row.jobs[-1].wait):
+                    break  # not mergeable: the slot's next piece waits for a later pass
+                n = job.embeds.shape[0] + (row.tokens if row is not None else 0)
+                size = padded_size(len(rows) + (row is None), max(longest, n))
+                if rows and size > self.prefill_chunk:
+                    break
+                if row is None:
+                    rows[slot] = _Row(slot, job.start, [job])
+                else:
+                    row.jobs.append(job)
+                longest = max(longest, n)
+        return list(rows.values())
+
+    def _pass(self, rows: list[_Row]) -> None:
+        """One batched pre-fill of ``rows``; their pieces are done (or failed) after it."""
+        jobs = [j for r in rows for j in r.jobs]
+        taken = set(map(id, jobs))
+        self._queue = [j for j in self._queue if id(j) not in taken]
+        lanes = []
+        for r in rows:
+            lane = r.jobs[-1].lane
+            k = -1
+            if lane is not None:
+                try:
+                    k = self._row(lane)
+                except KeyError:
+                    pass  # the lane left meanwhile: the piece is written all the same
+            lanes.append(k)
+        embeds = torch.cat([j.embeds for j in jobs]) if len(jobs) > 1 else jobs[0].embeds
         try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+            logits = self.runner.prefill_batch(
+                embeds, [r.slot for r in rows], [r.start for r in rows],
+                [r.tokens for r in rows], lanes,
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - each piece's owner hears of it
+            log.exception("a pre-fill pass of %d pieces failed", len(jobs))
+            self.counters["prefill_errors"] = self.counters.get("prefill_errors", 0) + 1
+            for j in jobs:
+                j.done, j.error = True, exc
+            return
+        for i, r in enumerate(rows):
+            for j in r.jobs:
+                j.done = True
+            r.jobs[-1].logits = logits[i]
+            forced = r.jobs[-1].forced
+            if forced is not None and lanes[i] >= 0:
+                self.runner.force(lanes[i], forced)
+        self.passes += 1
+        self.prefill_chunks += len(rows)
+        self.pass_tokens = [*self.pass_tokens[-999:], sum(r.tokens for r in rows)]

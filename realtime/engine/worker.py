@@ -11,6 +11,10 @@ its steps: a second caller's answer starts while the first one is still being wr
 of after it. An *exclusive* stream (an engine whose sessions share one decode runner) runs to
 its end before anything else. A stream may yield ``None`` to give way without producing an item.
 
+After each batch of jobs the worker calls its ``between`` hook (the engine's
+``between_jobs``: the Step-Audio engine runs its queued pre-fill pieces there while no lane
+decodes).
+
 Between two items of the shared streams the worker runs the queued jobs for up to
 ``JOB_BUDGET_S`` (at least one): one job per step let a backlog grow without bound whenever jobs
 came faster than steps (twenty callers' audio while others were answered: seconds of delay),
@@ -20,6 +24,7 @@ and an unbounded drain could hold a step back for as long as the queue is long.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -29,6 +34,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _STOP = object()
 # queued jobs run between two stream items for this long at most (at least one job): a step's
 # delay stays bounded (a 25 ms step then 20 ms of jobs still gives each lane 22 tokens/s, three
@@ -87,6 +93,9 @@ class _Stream:
 
 class EngineWorker:
     def __init__(self, name: str = "engine") -> None:
+        # run after each batch of jobs (the engine's ``between_jobs``: queued pre-fill
+        # pieces while nothing decodes); set once the engine is built
+        self.between: Callable[[], None] | None = None
         self._jobs: queue.Queue[Any] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -106,6 +115,7 @@ class EngineWorker:
                 job = None  # hold nothing between jobs: a finished session can be freed
                 if self._drain(shared, deadline):
                     return
+                self._between()
             if shared:  # jobs for a while, then one step: neither side can starve the other
                 stream = shared.popleft()
                 if stream.advance():
@@ -125,6 +135,15 @@ class EngineWorker:
             self._do(job, shared)
             job = None
         return False
+
+    def _between(self) -> None:
+        hook = self.between
+        if hook is None:
+            return
+        try:
+            hook()
+        except Exception:  # noqa: BLE001 - the hook's own failures are its owners' to report
+            log.exception("the engine's between-jobs hook failed")
 
     @staticmethod
     def _do(job: tuple[Any, Any], shared: deque[_Stream]) -> None:

@@ -92,6 +92,38 @@ def _triton_attention() -> bool:
     return decode_attention.available()
 
 
+def flat_pieces(pre: PreAttention, post: PostAttention) -> tuple[PreAttention, PostAttention]:
+    """``pre``/``post`` over ``[B, T]`` rows as one row of ``B*T`` tokens. Everything in them
+    is per token (norms, products, RoPE with each token's own angles), so the result is the
+    same; a batched pre-fill of ``B`` pieces padded to ``T`` then runs the compiled pieces of
+    a one-sequence pre-fill of ``B*T`` positions, compiled once per size and shared with it,
+    instead of one compilation per ``(B, T)``. Only attention sees the rows apart."""
+
+    def flat_pre(
+        x: torch.Tensor, ln: torch.Tensor, w: Any, b: Any, cos: torch.Tensor,
+        sin: torch.Tensor, eps: float, n_heads: int, n_kv: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        rows, t, h = x.shape
+        one = (1, rows * t)
+        q, k, v = pre(
+            x.reshape(*one, h), ln, w, b, cos.reshape(*one, *cos.shape[2:]),
+            sin.reshape(*one, *sin.shape[2:]), eps, n_heads, n_kv,
+        )  # fmt: skip
+        return tuple(a.reshape(rows, t, *a.shape[2:]) for a in (q, k, v))  # type: ignore[return-value]
+
+    def flat_post(
+        x: torch.Tensor, attn: torch.Tensor, o_w: Any, ln: torch.Tensor, gu_w: Any,
+        down_w: Any, eps: float,
+    ) -> torch.Tensor:  # fmt: skip
+        rows, t, h = x.shape
+        out = post(
+            x.reshape(1, rows * t, h), attn.reshape(1, rows * t, -1), o_w, ln, gu_w, down_w, eps
+        )
+        return out.reshape(rows, t, h)
+
+    return flat_pre, flat_post
+
+
 class DecoderBackend:
     """The decoder's layers as one runner runs them (attention path, compiled pieces)."""
 
@@ -189,11 +221,15 @@ class DecoderBackend:
         attn_len: int,
         *,
         compiled: bool = True,
+        flat: bool = False,
     ) -> torch.Tensor:
         """The module path (:meth:`Qwen2ForCausalLM.hidden_states`) with this runner's
         attention choice; ``compiled``: with the compiled pre/post pieces (only for shapes
-        that recur: graphed pre-fill sizes, step batch sizes)."""
+        that recur: graphed pre-fill sizes, step batch sizes). ``flat``: the per-token pieces
+        see the ``B`` rows as one row of ``B*T`` tokens (:func:`flat_pieces`)."""
         pre, post = (self.pre, self.post) if compiled else (pre_attention, post_attention)
+        if flat and x.shape[0] > 1:
+            pre, post = flat_pieces(pre, post)
         return self.model.hidden_states(
             x, positions, self.cache, slots, attn_len=attn_len,
             use_flash=self.use_flash, torch_flash=self.torch_flash, pre=pre, post=post,

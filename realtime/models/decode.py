@@ -130,6 +130,25 @@ class DecodeRunner:
         last position (float32, on the device). See ``prefill.py``."""
         return self.prefiller.prefill(embeds, slot, start)
 
+    @torch.no_grad()
+    def prefill_batch(
+        self,
+        embeds: torch.Tensor,
+        slots: list[int],
+        starts: list[int],
+        lengths: list[int],
+        lanes: list[int],
+    ) -> torch.Tensor:
+        """Several sequences' pieces in one pass (``Prefiller.prefill_batch``); logits
+        ``[B, V]`` of each piece's last position. ``lanes[i]`` >= 0: piece ``i`` was inserted
+        into that lane's sequence at its position (as :meth:`inject`): the lane goes on from
+        the piece's end with a token sampled from its logits."""
+        logits = self.prefiller.prefill_batch(embeds, slots, starts, lengths)
+        for i, k in enumerate(lanes):
+            if k >= 0:
+                self._resume(k, lengths[i], logits[i])
+        return logits
+
     # ----- lanes -------------------------------------------------------------------------------
     def add_lane(
         self,
@@ -179,8 +198,13 @@ class DecodeRunner:
         """Insert ``embeds [T, H]`` into lane ``k``'s sequence at its current position (a
         pre-fill), discarding what its last step sampled; the lane goes on from there."""
         lane = self.lanes[k]
-        logits = self.prefill(embeds, lane.slot, lane.position)
-        lane.position += embeds.shape[0]
+        self._resume(k, embeds.shape[0], self.prefill(embeds, lane.slot, lane.position))
+
+    def _resume(self, k: int, n: int, logits: torch.Tensor) -> None:
+        """Lane ``k`` after ``n`` positions were pre-filled at its position: it goes on from
+        there with a token sampled from ``logits`` (those of the last of them)."""
+        lane = self.lanes[k]
+        lane.position += n
         self.pos[k].fill_(lane.position)
         first = sample_tokens(
             logits[None],

@@ -63,6 +63,58 @@ class Prefiller:
         assert logits is not None
         return logits
 
+    @torch.no_grad()
+    def prefill_batch(
+        self, embeds: torch.Tensor, slots: list[int], starts: list[int], lengths: list[int]
+    ) -> torch.Tensor:
+        """Several sequences' pieces in one pass over the weights: piece ``i`` is the next
+        ``lengths[i]`` rows of ``embeds`` (``[sum(lengths), H]``), written into ``slots[i]``
+        from ``starts[i]`` (each slot at most once). Returns the logits ``[B, V]`` of each
+        piece's last position (float32).
+
+        The pieces are padded to ``T`` (a power of two, at least 8) and the rows to a power of
+        two, so that the per-token pieces run at a pre-fill size that is compiled already
+        (``DecoderBackend.hidden(flat=True)``); attention is per row (SDPA, bool mask).
+        Padding positions write junk beyond each piece, which no query sees before it is
+        overwritten; padding rows write the scratch slot. Runs eagerly (no graph): one pass
+        is a few dozen milliseconds of weight reads, next to which launching is small."""
+        b = len(slots)
+        if len(set(slots)) != b or len(starts) != b or len(lengths) != b:
+            raise ValueError("one piece per slot, with a start and a length each")
+        if b == 1:
+            return self.prefill(embeds, slots[0], starts[0])[None]
+        t = 8
+        while t < max(lengths):
+            t *= 2
+        if max(starts) + t > self.cache.max_len:  # padding would pass the end: one by one
+            out, i = [], 0
+            for slot, start, n in zip(slots, starts, lengths, strict=True):
+                out.append(self.prefill(embeds[i : i + n], slot, start))
+                i += n
+            return torch.stack(out)
+        rows = 1
+        while rows < b:
+            rows *= 2
+        dev, dtype = self.backend.device, self.backend.dtype
+        x = torch.zeros(rows, t, embeds.shape[-1], dtype=dtype, device=dev)
+        i = 0
+        for r, (slot, start, n) in enumerate(zip(slots, starts, lengths, strict=True)):
+            self.cache.ensure(slot, start + n)
+            x[r, :n] = embeds[i : i + n].to(dtype)
+            i += n
+        starts_t = torch.tensor([*starts, *[0] * (rows - b)], device=dev)
+        positions = starts_t[:, None] + torch.arange(t, device=dev)[None]
+        slot_t = torch.tensor([*slots, *[self.cache.scratch_slot] * (rows - b)], device=dev)
+        attn_len = self.buckets[bisect.bisect_left(self.buckets, max(starts) + t)]
+        compiled = rows * t <= PREFILL_SIZES[-1]  # a size the pre-fill pieces are compiled for
+        with self.backend.sdpa_ctx():
+            h = self.backend.hidden(x, positions, slot_t, attn_len, compiled=compiled, flat=True)
+        last = torch.tensor([n - 1 for n in lengths], device=dev)
+        logits = self.backend.model.logits(h[torch.arange(b, device=dev), last]).float()
+        for slot, start, n in zip(slots, starts, lengths, strict=True):
+            self.cache.lengths[slot] = start + n
+        return logits
+
     def _eager(self, piece: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         n = piece.shape[0]
         dev = self.backend.device

@@ -51,10 +51,16 @@ log = logging.getLogger(__name__)
 CLOSE = "close"
 STATS = "stats"
 RUNNER_CALLS = (
-    "prefill", "add_lane", "remove_lane", "inject", "force", "clear", "step", "capture_all",
+    "prefill", "prefill_batch", "add_lane", "remove_lane", "inject", "force", "clear", "step",
+    "capture_all",
 )  # fmt: skip
 CACHE_CALLS = ("allocate", "free", "ensure", "truncate", "copy_prefix")
-SAMPLING_CALLS = ("step", "add_lane", "inject")  # may sample: rank 0's ids are broadcast after
+SAMPLING_CALLS = (
+    "step",
+    "add_lane",
+    "inject",
+    "prefill_batch",
+)  # may sample: rank 0's ids are broadcast after
 
 
 @dataclass(frozen=True)
@@ -243,6 +249,16 @@ class MirroredRunner:
 
     def prefill(self, embeds: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         return self._call("prefill", embeds, slot, start)
+
+    def prefill_batch(
+        self,
+        embeds: torch.Tensor,
+        slots: list[int],
+        starts: list[int],
+        lengths: list[int],
+        lanes: list[int],
+    ) -> torch.Tensor:
+        return self._call("prefill_batch", embeds, slots, starts, lengths, lanes)
 
     def add_lane(self, slot: int, position: int, sampling: Any, **kw: Any) -> int:
         return self._call("add_lane", slot, position, sampling, **kw)

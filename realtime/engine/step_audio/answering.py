@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -81,17 +81,20 @@ class Answer:
         self._extra_slots: list[int] = []
 
     # ---- lanes --------------------------------------------------------------------------------
-    def start(self, gen_end: int, logits: torch.Tensor) -> None:
+    def start(self, gen_end: int, logits: torch.Tensor) -> Iterator[None]:
         """Add the lanes: the prompt (ending in the generation prompt) is in the cache up to
-        ``gen_end``, ``logits`` are those of its last position."""
+        ``gen_end``, ``logits`` are those of its last position. A generator: it yields while
+        the speaking fork's pre-fill waits for its pass; no lane of this answer is on the
+        runner before both are ready (a lane stepped for a session that does not take its
+        tokens would hold every other session's step)."""
         e, s = self.engine, self.sampling
         sampling = LaneSampling(s.temperature, s.top_p, s.top_k)
         if self.budget == 0:
             self._add("articulation", False, self.slot, gen_end, sampling, logits)
             self._force_next()
             return
+        fork = (yield from self._fork(gen_end)) if e.opts.speak_first else None
         form = self._add("formulation", True, self.slot, gen_end, sampling, logits)
-        fork = self._fork(gen_end) if e.opts.speak_first else None
         form.solo = fork is None
         if fork is not None:
             slot, fork_logits = fork
@@ -114,23 +117,25 @@ class Answer:
         self.lanes.append(state)
         return state
 
-    def _fork(self, gen_end: int) -> tuple[int, torch.Tensor] | None:
-        """A copy of the slot's first ``gen_end`` rows with the reasoning closed."""
+    def _fork(self, gen_end: int) -> Generator[None, None, tuple[int, torch.Tensor] | None]:
+        """A copy of the slot's first ``gen_end`` rows with the reasoning closed (its pre-fill
+        waits for a pass, yielding meanwhile); ``None`` without a free slot or pages."""
         e = self.engine
         if e.cache.free_slots == 0:
             e.counters["think_first_fallbacks"] += 1
             log.info("no free cache slot for the speaking fork: this answer thinks first")
             return None
         slot = e.cache.allocate(1)[0]
+        self._extra_slots.append(slot)  # freed by release, also if it is cancelled meanwhile
         try:
             e.cache.copy_prefix(self.slot, slot, gen_end)
-            logits = e.prefill(e.embed_ids(e.think_close_ids), slot, gen_end)
+            logits = yield from e.prefill_chunks(e.embed_ids(e.think_close_ids), slot, gen_end)
         except (KVPoolFull, EngineBusy):
-            e.cache.free([slot])  # and the pages the copy took
+            self._extra_slots.remove(slot)
+            e.steps.free([slot])  # and the pages the copy took
             e.counters["think_first_fallbacks"] += 1
             log.info("no KV pages for the speaking fork: this answer thinks first")
             return None
-        self._extra_slots.append(slot)
         return slot, logits
 
     def _drop(self, state: LaneState) -> None:
@@ -145,7 +150,7 @@ class Answer:
         for lane in self._on_runner:
             self.engine.steps.remove(lane)
         self._on_runner = []
-        self.engine.cache.free(self._extra_slots)
+        self.engine.steps.free(self._extra_slots)
         self._extra_slots = []
 
     # ---- decoding -----------------------------------------------------------------------------

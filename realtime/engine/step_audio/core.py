@@ -11,12 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from realtime.config import EngineConfig
-from realtime.engine.base import EngineBusy
 from realtime.engine.scheduler import Scheduler
 from realtime.engine.step_audio.fp8_setup import prepare_fp8
 from realtime.engine.step_audio.ranks import Followers, RankMemory
 from realtime.models.decode import DecodeRunner, RunnerOptions
-from realtime.models.kv_pages import KVPoolFull, PagedKVCache
+from realtime.models.kv_pages import PagedKVCache
 from realtime.models.qwen2 import Qwen2Config
 from realtime.models.step_audio.lengths import SAMPLE_RATE
 from realtime.models.step_audio.model import StepAudioModel
@@ -202,7 +201,9 @@ class StepAudioCore:
             self.cache = MirroredCache(cache, leader)
             self.runner = MirroredRunner(runner, self.cache, leader)
         # decode steps and pre-fill chunks (a lane with no KV page counts as kv_pool_full)
-        self.steps = Scheduler(self.runner, cfg.prefill_chunk, self.counters)
+        self.steps = Scheduler(
+            self.runner, cfg.prefill_chunk, self.counters, defer_ms=cfg.prefill_defer_ms
+        )
         self.chunk_samples = max(1, cfg.listen_chunk_ms * SAMPLE_RATE // 1000)
         self.think_close_ids = self.text_ids(THINK_CLOSE_TEXT)
         self.think_open_ids = self.text_ids(THINK_OPEN_TEXT)
@@ -242,15 +243,20 @@ class StepAudioCore:
     def prefill_chunks(
         self, embeds: torch.Tensor, slot: int, start: int
     ) -> Generator[None, None, torch.Tensor]:
-        """:meth:`prefill` a chunk at a time, yielding between chunks (``scheduler.py``)."""
-        return self.steps.prefill(self.prefill, embeds, slot, start)
+        """Write ``embeds`` into ``slot`` from ``start`` with the next batched passes, yielding
+        while it waits for them (``scheduler.py``); the last position's logits."""
+        return self.steps.prefill(embeds, slot, start)
 
     def prefill(self, embeds: torch.Tensor, slot: int, start: int) -> torch.Tensor:
-        """Write ``embeds`` into ``slot`` from position ``start``; the last position's logits."""
-        if embeds.shape[0] == 0:
-            raise ValueError("empty pre-fill")
-        try:
-            return self.runner.prefill(embeds, slot, start)
-        except KVPoolFull as exc:
-            self.counters["kv_pool_full"] += 1
-            raise EngineBusy(f"the engine's KV memory is full: {exc}") from None
+        """:meth:`prefill_chunks` at once (the pieces other sessions queued go along)."""
+        return self.steps.prefill_now(embeds, slot, start)
+
+    def defer_prefill(self, embeds: torch.Tensor, slot: int, start: int) -> None:
+        """Write ``embeds`` into ``slot`` from ``start`` with a later pass; nobody waits."""
+        self.steps.defer(embeds, slot, start)
+
+    def between_jobs(self) -> None:
+        """The worker's hook between its jobs: while no lane decodes (nothing else would run
+        a pass soon), the queued pre-fill pieces run now, on a GPU that is idle otherwise."""
+        if not self.runner.lanes:
+            self.steps.flush(force=True)

@@ -2,7 +2,9 @@
 
 The turn is opened (``<|BOT|>human\\n<audio_start>``) at the first audio, then every
 ``listen_chunk_ms`` the current 25 s piece is re-encoded as a growing window and the new
-embeddings are pre-filled, all but the last ``lookahead`` (:mod:`.encoding`). A piece that
+embeddings, all but the last ``lookahead`` (:mod:`.encoding`), are queued for pre-fill: they
+run with the next batched pass, together with the other callers' pieces
+(``realtime/engine/scheduler.py``); :attr:`Listening.pos` counts them at once. A piece that
 reaches 25 s is closed exactly (a whole-piece encoding of its rest, then
 ``<audio_end><audio_start>``). At the end of the turn only the tail is left:
 :meth:`Listening.tail_turn` (the embeddings already in the cache are kept) or
@@ -49,11 +51,11 @@ class Listening:
     current: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     def open(self) -> None:
-        """Pre-fill ``<|BOT|>human\\n<audio_start>`` at :attr:`pos`."""
+        """Queue ``<|BOT|>human\\n<audio_start>`` at :attr:`pos` (for the next pre-fill pass)."""
         e = self.engine
         ids = e.builder.open_turn("human").ids
         self.body_start = self.pos + len(ids)
-        e.prefill(e.embed_ids([*ids, e.special.audio_start]), self.slot, self.pos)
+        e.defer_prefill(e.embed_ids([*ids, e.special.audio_start]), self.slot, self.pos)
         self.pos += len(ids) + 1
         self.opened = True
 
@@ -73,7 +75,7 @@ class Listening:
             self._commit(emb[self.committed :])
             self.done_pieces.append(torch.cat(self.current))
             ids = [e.special.audio_end, e.special.audio_start]
-            e.prefill(e.embed_ids(ids), self.slot, self.pos)
+            e.defer_prefill(e.embed_ids(ids), self.slot, self.pos)
             self.pos += 2
             self.piece_start, self.committed, self.current = end, 0, []
         self.encoded_upto = upto
@@ -86,7 +88,7 @@ class Listening:
     def _commit(self, emb: torch.Tensor) -> None:
         if emb.shape[0] == 0:
             return
-        self.engine.prefill(emb, self.slot, self.pos)
+        self.engine.defer_prefill(emb, self.slot, self.pos)
         self.pos += emb.shape[0]
         self.committed += emb.shape[0]
         self.current.append(emb)

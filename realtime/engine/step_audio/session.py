@@ -21,7 +21,6 @@ import torch
 
 from realtime.config import SamplingConfig
 from realtime.engine.base import CancelToken, EngineBusy, TokenEvent, TurnStats, UserTurn
-from realtime.engine.scheduler import run_to_end
 from realtime.engine.step_audio.answering import Answer, Role
 from realtime.engine.step_audio.core import StepAudioCore
 from realtime.engine.step_audio.listening import Listening
@@ -85,7 +84,7 @@ class StepAudioSession:
             self._rebuild_history()
         except EngineBusy:
             engine.counters["sessions_refused"] += 1
-            cache.free([self.slot])
+            engine.steps.free([self.slot])
             raise
         engine.sessions += 1
         self._l = self._new_turn()
@@ -93,11 +92,8 @@ class StepAudioSession:
     def _new_turn(self) -> Listening:
         return Listening(self.engine, self.slot, pos=self._hist_len)
 
-    def _prefill(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
-        return self.engine.prefill(embeds, self.slot, start)
-
     def _rebuild_history(self) -> None:
-        run_to_end(self._rebuild_history_chunks())
+        self.engine.steps.run_to_end(self._rebuild_history_chunks())
 
     def _rebuild_history_chunks(self) -> Chunks[None]:
         """Pre-fill system prompt + the kept history from position 0."""
@@ -113,7 +109,7 @@ class StepAudioSession:
         embeds = e.model.embed(torch.tensor(prompt.ids), audio_t)
         yield from e.prefill_chunks(embeds, self.slot, 0)
         self._hist_len = len(prompt.ids)
-        e.cache.truncate(self.slot, self._hist_len)  # pages beyond it go back to the pool
+        e.steps.truncate(self.slot, self._hist_len)  # pages beyond it go back to the pool
 
     def _trim_history(self, keep: int) -> Chunks[None]:
         """Keep the last ``keep`` turns and re-fill the cache from position 0 (the stored
@@ -164,7 +160,7 @@ class StepAudioSession:
         self._prompt_changed = True
 
     def _open_turn(self) -> None:
-        run_to_end(self._open_turn_chunks())
+        self.engine.steps.run_to_end(self._open_turn_chunks())
 
     def _open_turn_chunks(self) -> Chunks[None]:
         lst, e = self._l, self.engine
@@ -187,7 +183,7 @@ class StepAudioSession:
 
     # ---- the end of the turn ------------------------------------------------------------------
     def _close_turn(self, turn: UserTurn) -> tuple[torch.Tensor, int]:
-        return run_to_end(self._close_turn_chunks(turn))
+        return self.engine.steps.run_to_end(self._close_turn_chunks(turn))
 
     def _close_turn_chunks(self, turn: UserTurn) -> Chunks[tuple[torch.Tensor, int]]:
         """Pre-fill the tail, ``<audio_end><|EOT|>`` and the generation prompt beyond the
@@ -248,7 +244,7 @@ class StepAudioSession:
             answer = Answer(self.engine, self.slot, self.sampling, self.stats, self.on_token)
             self._answer = answer
             self._calls = []
-            answer.start(gen_end, logits)
+            yield from answer.start(gen_end, logits)
             self.stats.wall_prefill_done = time.monotonic()
             for ev in answer.events(cancel):
                 if ev is not None and ev.kind == "tool_call":
@@ -282,7 +278,7 @@ class StepAudioSession:
         self._calls = []
         msg = Message.text("assistant", assistant_text(answer))
         ids = e.builder.message(msg).ids
-        self._prefill(e.embed_ids(ids), ans.turn_end)
+        e.defer_prefill(e.embed_ids(ids), self.slot, ans.turn_end)  # with the next pass
         self._hist_len = ans.turn_end + len(ids)
         self.conv.turns.append(Turn(user=ans.user, answer=answer, inputs=ans.inputs))
         self._turn_embeds.append(ans.pieces)
@@ -290,13 +286,13 @@ class StepAudioSession:
         self._l = self._new_turn()
         # the answer's reasoning and anything heard past the turn are not history: their
         # pages go back to the pool
-        e.cache.truncate(self.slot, self._hist_len)
+        e.steps.truncate(self.slot, self._hist_len)
 
     def discard(self) -> None:
         self._answered = None
         self._l = self._new_turn()
         if self._answer is None and not self._responding:  # no lane writes past it now
-            self.engine.cache.truncate(self.slot, self._hist_len)
+            self.engine.steps.truncate(self.slot, self._hist_len)
 
     def close(self) -> None:
         """Free the slots; an answer still running stops at its next step (its lanes leave
@@ -307,4 +303,4 @@ class StepAudioSession:
         self._deferred = []
         if self._answer is not None:
             self._answer.release()
-        self.engine.cache.free([self.slot])  # and every KV page it held
+        self.engine.steps.free([self.slot])  # every KV page it held, its queued pieces

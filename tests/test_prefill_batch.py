@@ -1,0 +1,162 @@
+"""Batched pre-fill (realtime/models/prefill.py ``prefill_batch``) and the scheduler's queue of
+pieces (realtime/engine/scheduler.py): several sequences' pieces in one pass write what
+one-by-one pre-fills write; callers' listening chunks share passes and their answers are
+those they get alone; a discarded turn's queued pieces never reach the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from step_audio_fixtures import (
+    cpu_engine,
+    heard,
+    listen_in_pieces,
+    speechlike,
+    write_tiny_checkpoint,
+)
+
+from realtime.config import SamplingConfig
+from realtime.engine.base import CancelToken
+from realtime.models.decode import DecodeRunner, LaneSampling
+from realtime.models.kv_pages import PagedKVCache
+from realtime.models.qwen2 import KVCache
+from tests.test_decode_runner import CFG, _model
+from tests.test_kv_pages import OPTS
+
+# (slot, start, length): pieces after earlier context, of different lengths, across page edges
+PIECES = [(0, 10, 5), (1, 3, 8), (2, 20, 1), (3, 0, 13)]
+
+
+def _cache(kind: str) -> KVCache:
+    if kind == "paged":
+        return PagedKVCache(CFG, 4, 64, "cpu", torch.float32, page_size=8, num_pages=32)
+    return KVCache(CFG, 4, 64, "cpu", torch.float32)
+
+
+def _prefixes(runner: DecodeRunner, model: torch.nn.Module) -> None:
+    """The same earlier context in every cache: ``start`` positions of each slot."""
+    gen = torch.Generator().manual_seed(3)
+    for slot, start, _ in PIECES:
+        assert runner.cache.allocate(1) == [slot]
+        if start:
+            runner.prefill(model.embed(torch.randint(0, 101, (start,), generator=gen)), slot, 0)
+
+
+@pytest.mark.parametrize("kind", ["fixed", "paged"])
+@torch.no_grad()
+def test_one_batched_pass_writes_what_one_by_one_pre_fills_write(kind: str) -> None:
+    model = _model()
+    one, many = DecodeRunner(model, _cache(kind), OPTS), DecodeRunner(model, _cache(kind), OPTS)
+    for r in (one, many):
+        _prefixes(r, model)
+    gen = torch.Generator().manual_seed(4)
+    embeds = [model.embed(torch.randint(0, 101, (n,), generator=gen)) for _, _, n in PIECES]
+    expected = torch.stack(
+        [one.prefill(e, slot, start) for e, (slot, start, _) in zip(embeds, PIECES, strict=True)]
+    )
+    got = many.prefill_batch(
+        torch.cat(embeds), *(list(col) for col in zip(*PIECES, strict=True)), [-1] * len(PIECES)
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for slot, start, n in PIECES:
+        assert many.cache.lengths[slot] == start + n
+    # the same keys and values at every written position: decoding on from here agrees
+    for r in (one, many):
+        for slot, start, n in PIECES:
+            r.add_lane(slot, start + n, LaneSampling(), token=7)
+    assert [many.step() for _ in range(5)] == [one.step() for _ in range(5)]
+
+
+@torch.no_grad()
+def test_a_piece_inserted_into_a_lane_resumes_it_as_inject_does() -> None:
+    model = _model()
+    a, b = DecodeRunner(model, _cache("paged"), OPTS), DecodeRunner(model, _cache("paged"), OPTS)
+    for r in (a, b):
+        _prefixes(r, model)
+        for slot, start, n in PIECES[:2]:
+            r.add_lane(slot, start + n, LaneSampling(), token=5)
+        r.step()
+    block = model.embed(torch.tensor([9, 8, 7]))
+    other = model.embed(torch.tensor([1, 2, 3, 4]))
+    a.inject(1, block)
+    a.prefill(other, 3, 13)
+    b.prefill_batch(torch.cat([block, other]), [1, 3], [b.lanes[1].position, 13], [3, 4], [1, -1])
+    assert [ln.position for ln in b.lanes] == [ln.position for ln in a.lanes]
+    assert [b.step() for _ in range(4)] == [a.step() for _ in range(4)]
+
+
+# ---- the engine: the scheduler's queue ----------------------------------------------------
+SAMPLING = SamplingConfig(think_budget=0, max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("batch"), seed=11)
+
+
+def _answer(session, audio) -> list[int]:  # noqa: ANN001 - a StepAudioSession
+    got: list[int] = []
+    session.on_token = lambda role, tok, t: got.append(tok)
+    list(session.respond(heard(session, audio), CancelToken()))
+    return got
+
+
+def test_callers_listening_share_passes_and_answer_as_they_would_alone(ckpt: Path) -> None:
+    engine = cpu_engine(ckpt, max_batch=6)
+    audios = [speechlike(1.0 + 0.3 * i, seed=20 + i) for i in range(3)]
+    alone = []
+    for audio in audios:
+        s = engine.new_session("sys", SAMPLING)
+        listen_in_pieces(s, audio, piece=0.16)
+        alone.append(_answer(s, audio))
+        s.close()
+    sessions = [engine.new_session("sys", SAMPLING) for _ in audios]
+    steps = engine.steps
+    passes0, rows0 = steps.passes, steps.prefill_chunks
+    piece = 2560  # 0.16 s: the three callers' audio arrives interleaved
+    for i in range(0, max(a.shape[0] for a in audios), piece):
+        for s, audio in zip(sessions, audios, strict=True):
+            if i < audio.shape[0]:
+                s.listen(audio[i : i + piece])
+    assert steps.queued > 0 and steps.passes == passes0  # nothing waited for them yet
+    together = [_answer(s, a) for s, a in zip(sessions, audios, strict=True)]
+    assert together == alone
+    passes, rows = steps.passes - passes0, steps.prefill_chunks - rows0
+    # one pass per answer; the first one also carried the other two callers' listening
+    # (each caller's queued chunks merged into one row): 3 rows, then 1 and 1
+    assert (passes, rows) == (3, 3 + 1 + 1)
+    for s in sessions:
+        s.close()
+    assert engine.cache.pages_used == 0 and steps.queued == 0
+
+
+def test_a_discarded_turn_leaves_nothing_queued_and_no_pages(ckpt: Path) -> None:
+    engine = cpu_engine(ckpt, max_batch=4)
+    s = engine.new_session("sys", SAMPLING)
+    pages = engine.cache.pages_used  # the system prompt's
+    listen_in_pieces(s, speechlike(1.5, seed=3), piece=0.16)
+    assert engine.steps.queued > 0
+    s.discard()
+    assert engine.steps.queued == 0 and engine.cache.pages_used == pages
+    # the next turn answers as a fresh session does
+    audio = speechlike(1.0, seed=4)
+    listen_in_pieces(s, audio, piece=0.16)
+    got = _answer(s, audio)
+    fresh = engine.new_session("sys", SAMPLING)
+    listen_in_pieces(fresh, audio, piece=0.16)
+    assert _answer(fresh, audio) == got
+    listen_in_pieces(fresh, speechlike(0.8, seed=5), piece=0.16)
+    fresh.close()  # closed while its next turn's pieces are queued: none is left behind
+    s.close()
+    assert engine.steps.queued == 0 and engine.cache.pages_used == 0
+
+
+def test_a_pass_is_bounded_by_its_padded_size() -> None:
+    from realtime.engine.scheduler import padded_size
+
+    # rows and length padded to powers of two (length at least 8); one row is not padded
+    assert [padded_size(1, 13), padded_size(3, 13), padded_size(32, 8), padded_size(5, 20)] == [
+        13, 64, 256, 256,
+    ]  # fmt: skip
