@@ -61,7 +61,8 @@ def main() -> None:
     model = random_step_audio(device=dev, dtype=dtype).decoder
     log(f"decoder built in {time.perf_counter() - t0:.1f} s")
     n = max(CALLERS)
-    cache = PagedKVCache(model.cfg, n, 2048, dev, dtype, page_size=256, num_pages=n * 8)
+    per_seq = -(-(args.context + 2 * PIECE) // 256)  # pages each sequence needs
+    cache = PagedKVCache(model.cfg, n, 2048, dev, dtype, page_size=256, num_pages=n * per_seq)
     opts = RunnerOptions(batch_sizes=STEP_BATCH_SIZES)
     runner = DecodeRunner(model, cache, opts)
     t0 = time.perf_counter()
