@@ -160,3 +160,40 @@ def test_a_pass_is_bounded_by_its_padded_size() -> None:
     assert [padded_size(1, 13), padded_size(3, 13), padded_size(32, 8), padded_size(5, 20)] == [
         13, 64, 256, 256,
     ]  # fmt: skip
+
+
+class _Replay:
+    """Stands in for a CUDA graph on the CPU: replaying runs the recorded function again, so
+    that the graphed pass's buffers (flat pieces, positions, slots, last rows) are tested."""
+
+    def __init__(self, fn) -> None:  # noqa: ANN001
+        fn()  # recording runs it once, as capture does
+        self.fn = fn
+
+    def replay(self) -> None:
+        self.fn()
+
+
+@torch.no_grad()
+def test_the_graphed_pass_fills_its_buffers_as_the_eager_pass_computes() -> None:
+    model = _model()
+    one = DecodeRunner(model, _cache("paged"), OPTS)
+    graphed = DecodeRunner(model, _cache("paged"), OPTS)
+    graphed.prefiller.graphs = True
+    graphed.backend.record = _Replay  # type: ignore[method-assign]
+    for r in (one, graphed):
+        _prefixes(r, model)
+    gen = torch.Generator().manual_seed(6)
+    for pieces in (PIECES, PIECES[1:3], PIECES[:3]):  # 4, 2 and 3 rows (padded to 4)
+        embeds = [model.embed(torch.randint(0, 101, (n,), generator=gen)) for *_, n in pieces]
+        expected = torch.stack(
+            [one.prefill(e, s, start) for e, (s, start, _) in zip(embeds, pieces, strict=True)]
+        )
+        cols = [list(c) for c in zip(*pieces, strict=True)]
+        got = graphed.prefill_batch(torch.cat(embeds), *cols, [-1] * len(pieces))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert sorted(graphed.prefiller.batch_graphs) == [(2, 8, 64), (4, 8, 64), (4, 16, 64)]
+    for r in (one, graphed):
+        for slot, start, n in PIECES:
+            r.add_lane(slot, start + n, LaneSampling(), token=7)
+    assert [graphed.step() for _ in range(5)] == [one.step() for _ in range(5)]

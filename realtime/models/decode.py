@@ -34,7 +34,7 @@ import torch
 
 from realtime.models.backend import DecoderBackend, RunnerOptions
 from realtime.models.layers import LayerWeights
-from realtime.models.prefill import PREFILL_SIZES, Prefiller
+from realtime.models.prefill import PREFILL_SIZES, Prefiller, batch_shapes
 from realtime.models.qwen2 import KVCache, Qwen2ForCausalLM
 from realtime.models.sampling import sample_tokens
 
@@ -272,6 +272,10 @@ class DecodeRunner:
             for attn_len in self.buckets:
                 if (tb, attn_len) not in pf.graphs_by_key and tb <= attn_len:
                     pf.capture((tb, attn_len))
+        for rows, t in batch_shapes():  # the scheduler's batched passes (``prefill_batch``)
+            for attn_len in self.buckets:
+                if (rows, t, attn_len) not in pf.batch_graphs and t <= attn_len:
+                    pf.capture_batch((rows, t, attn_len))
         modes = [m for m, on in ((True, greedy), (False, sample)) if on]
         for bs in self.batch_sizes:
             for attn_len in self.buckets:
@@ -279,7 +283,7 @@ class DecodeRunner:
                     if (bs, attn_len, g) not in self._graphs:
                         self._capture((bs, attn_len, g))
         self.warm = pf.warm = True
-        return len(self._graphs) + len(pf.graphs_by_key)
+        return len(self._graphs) + len(pf.graphs_by_key) + len(pf.batch_graphs)
 
     @property
     def late_captures_total(self) -> int:
