@@ -16,6 +16,7 @@ from realtime.engine.step_audio.fp8_setup import prepare_fp8
 from realtime.engine.step_audio.ranks import Followers, RankMemory
 from realtime.models.decode import DecodeRunner, RunnerOptions
 from realtime.models.kv_pages import PagedKVCache
+from realtime.models.prefill import BATCH_ROWS
 from realtime.models.qwen2 import Qwen2Config
 from realtime.models.step_audio.lengths import SAMPLE_RATE
 from realtime.models.step_audio.model import StepAudioModel
@@ -66,10 +67,23 @@ def sessions_that_fit(
     return max(0, pool_bytes(free, total) // (kv_bytes_per_position(c, dtype) * context))
 
 
-def pool_bytes(free: int, total: int) -> int:
+def pool_bytes(free: int, total: int, transient: int = 0) -> int:
     """Bytes for the KV pool: ``free`` less a reserve for activations, graphs and the audio
-    encoder (the larger of 4 GiB and 5 % of ``total``)."""
-    return max(0, free - max(4 * GIB, total // 20))
+    encoder (the larger of 4 GiB and 5 % of ``total``) and ``transient`` more
+    (:func:`batched_prefill_bytes`)."""
+    return max(0, free - max(4 * GIB, total // 20) - transient)
+
+
+def batched_prefill_bytes(c: Qwen2Config, dtype: torch.dtype, max_len: int) -> int:
+    """What the widest batched pre-fill pass holds at once beyond the reserve: its attention
+    gathers one layer's keys and values of every row up to the attention length (32 rows of
+    ``max_len`` positions at most, ``prefill.BATCH_ROWS``), twice that with the graphs'
+    workspace. At 8192 positions, 2 GiB; without it the graphs' capture ran out of memory
+    beside a pool sized to the old reserve (H100, 01:31 UTC 2026-11-28)."""
+    per_layer_position = (
+        c.num_key_value_heads * c.head_dim * torch.tensor([], dtype=dtype).element_size()
+    )
+    return 2 * 2 * BATCH_ROWS[-1] * max_len * per_layer_position
 
 
 @dataclass(frozen=True)
@@ -107,7 +121,8 @@ def plan_pool(
         if ranks:
             free = min(free, *(r.free for r in ranks))
             total = min(total, *(r.total for r in ranks))
-        pages = cfg.kv_pages or max(per_seq, pool_bytes(free, total) // per_page - 1)
+        transient = batched_prefill_bytes(c, model.dtype, per_seq * page)
+        pages = cfg.kv_pages or max(per_seq, pool_bytes(free, total, transient) // per_page - 1)
     if ranks:
         cards = ", ".join(
             f"rank {r.rank} ({r.device}) {r.weight_bytes / GIB:.2f} GiB" for r in ranks
