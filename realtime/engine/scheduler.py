@@ -172,7 +172,7 @@ class Scheduler:
         job = next((j for j in self._queue if j.lane is lane), None)
         if job is not None:
             job.forced = token
-        else:
+        elif id(lane) not in self._starved:  # (a lane taken off hears of it at its take)
             self.runner.force(self._row(lane), token)
 
     def inject(self, lane: Lane, embeds: torch.Tensor) -> None:
