@@ -428,6 +428,22 @@ async def run_level(args: argparse.Namespace, url: str, clips: list[Clip], n: in
         "error_samples": sorted({e for r in results for e in r.errors})[:5],
         "turns": len(turns),
         "answered": len(fp),
+        # every turn, to find what a tail is made of (caller, its turn, cut in or not)
+        "turn_records": [
+            {
+                "caller": c,
+                "turn": i,
+                "barge_in": t.barge_in,
+                "first_packet_s": None if t.first_packet_s is None else round(t.first_packet_s, 3),
+                "status": t.status,
+                "audio_s": round(t.audio_s, 2),
+                "underruns": t.underruns,
+                "max_gap_s": round(t.max_gap_s, 3),
+            }
+            for c, r in enumerate(results)
+            for i, t in enumerate(r.turns)
+            if not t.warm_up
+        ],
         "barge_in_callers": n_barge,
         "wall_s": round(wall, 1),
         "loadavg_after": os.getloadavg(),

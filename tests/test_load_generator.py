@@ -46,6 +46,10 @@ async def test_first_packets_are_timed_from_the_end_of_speech_and_rejections_cou
         await server.runner.cleanup()
     assert result["rejected"] == 1  # three callers, room for two
     assert result["turns"] == 4 and result["answered"] == 4 and result["errors"] == 0, result
+    records = result["turn_records"]  # each turn on its own, for the tails
+    assert sorted(r["turn"] for r in records) == [0, 0, 1, 1]  # the two callers let in
+    assert len({r["caller"] for r in records}) == 2
+    assert max(r["first_packet_s"] for r in records) == round(result["first_packet_s"]["max"], 3)
     # the fake hands out each answer whole at once: played at the caller, nothing starves
     assert result["completed_answers"] == 4 and result["starved_answers"] == 0, result
     assert result["answer_audio_s_p50"] > 0.2, result
