@@ -215,7 +215,8 @@ class StepAudioCore:
             )  # fmt: skip
             self.cache = MirroredCache(cache, leader)
             self.runner = MirroredRunner(runner, self.cache, leader)
-        # decode steps and pre-fill chunks (a lane with no KV page counts as kv_pool_full)
+        # decode steps and batched pre-fill passes (a lane or piece with no KV page counts as
+        # kv_pool_full)
         self.steps = Scheduler(
             self.runner, cfg.prefill_chunk, self.counters, defer_ms=cfg.prefill_defer_ms
         )
