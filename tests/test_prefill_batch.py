@@ -18,7 +18,7 @@ from step_audio_fixtures import (
 )
 
 from realtime.config import SamplingConfig
-from realtime.engine.base import CancelToken
+from realtime.engine.base import CancelToken, UserTurn
 from realtime.models.decode import DecodeRunner, LaneSampling
 from realtime.models.kv_pages import PagedKVCache
 from realtime.models.qwen2 import KVCache
@@ -197,3 +197,32 @@ def test_the_graphed_pass_fills_its_buffers_as_the_eager_pass_computes() -> None
         for slot, start, n in PIECES:
             r.add_lane(slot, start + n, LaneSampling(), token=7)
     assert [graphed.step() for _ in range(5)] == [one.step() for _ in range(5)]
+
+
+def test_an_answer_closed_while_its_fork_waits_gives_the_fork_back(ckpt: Path) -> None:
+    """While another caller's lanes decode, a new answer's speaking fork waits for the next
+    pass; closing the answer then (a barge-in, a hang-up) frees the fork's slot and its queued
+    piece, and the other caller goes on."""
+    engine = cpu_engine(ckpt, max_batch=6, forced_answer="Hi hello the you think " * 8)
+    a = engine.new_session("sys", SamplingConfig(think_budget=0, max_new_tokens=200))
+    ra = a.respond(UserTurn(text="hello"), CancelToken())
+    while not engine.runner.lanes:  # A's lane is on the runner
+        next(ra)
+    b = engine.new_session("sys", SamplingConfig(think_budget=8, max_new_tokens=20))
+    free = engine.cache.free_slots
+    rb = b.respond(UserTurn(text="hi"), CancelToken())
+    steps = engine.steps
+    for _ in range(50):  # B's turn pre-fill runs with A's next step, then its fork waits
+        next(rb)
+        if any(j.slot != b.slot for j in steps._queue):
+            break
+        next(ra)
+    assert engine.cache.free_slots == free - 1  # the fork's slot, its piece queued
+    rb.close()
+    assert engine.cache.free_slots == free and not any(j.slot != a.slot for j in steps._queue)
+    assert [ln.slot for ln in engine.runner.lanes] == [a.slot]  # B never got a lane
+    assert any(ev is not None for ev in (next(ra) for _ in range(4)))  # A goes on
+    ra.close()
+    a.close()
+    b.close()
+    assert engine.cache.pages_used == 0 and steps.queued == 0
