@@ -388,7 +388,8 @@ async def run_level(args: argparse.Namespace, url: str, clips: list[Clip], n: in
     t0 = time.monotonic()
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        sampler = asyncio.create_task(sample_metrics(session, url, headers))
+        first: dict[str, float] = {}
+        sampler = asyncio.create_task(sample_metrics(session, url, headers, first))
         try:
             results = await asyncio.gather(*(c.run(session) for c in callers))
         finally:
@@ -423,6 +424,16 @@ async def run_level(args: argparse.Namespace, url: str, clips: list[Clip], n: in
         if args.context_words
         else None,
         "engine_peak": peak,  # the largest value of each /metrics engine stat during the level
+        # the engine's device time during the level, by kind of work, and its share of the
+        # level's wall time (what the GPU spent its time on; engines that time their work)
+        "engine_gpu_s": {
+            k.removeprefix("gpu_ms_"): {
+                "s": round((peak[k] - first.get(k, 0.0)) / 1000, 2),
+                "share": round((peak[k] - first.get(k, 0.0)) / 1000 / wall, 3),
+            }
+            for k in sorted(peak)
+            if k.startswith("gpu_ms_") and wall > 0
+        },
         "rejected": sum(r.rejected for r in results),
         "errors": sum(len(r.errors) for r in results),
         "error_samples": sorted({e for r in results for e in r.errors})[:5],
@@ -451,11 +462,15 @@ async def run_level(args: argparse.Namespace, url: str, clips: list[Clip], n: in
 
 
 async def sample_metrics(
-    session: aiohttp.ClientSession, ws_url: str, headers: dict[str, str]
+    session: aiohttp.ClientSession,
+    ws_url: str,
+    headers: dict[str, str],
+    first: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Poll the server's ``/metrics`` every 0.5 s until cancelled; the peak of each engine stat
     (sessions, lanes in use, KV pages and positions used) and the last value of each engine
-    event counter. Empty if the server has no ``/metrics`` or it needs other credentials."""
+    event counter (and of the totals that only grow, such as ``gpu_ms_*``); ``first`` gets the
+    first sample. Empty if the server has no ``/metrics`` or it needs other credentials."""
     u = urlparse(ws_url)
     url = f"http://{u.netloc}/metrics"
     peak: dict[str, float] = {}
@@ -470,6 +485,8 @@ async def sample_metrics(
                         for m in map(line.match, (await r.text()).splitlines()):
                             if m:
                                 peak[m[1]] = max(peak.get(m[1], 0.0), float(m[2]))
+                                if first is not None:
+                                    first.setdefault(m[1], float(m[2]))
             await asyncio.sleep(0.5)
     except asyncio.CancelledError:
         return peak
@@ -561,6 +578,12 @@ async def main_async(args: argparse.Namespace) -> dict:
             print(table({str(n): r}).splitlines()[-1], flush=True)
             for e in r["error_samples"]:
                 print(f"     error: {e}", flush=True)
+            if r["engine_gpu_s"]:
+                busy = ", ".join(
+                    f"{k} {v['s']:.1f} s ({100 * v['share']:.0f}%)"
+                    for k, v in r["engine_gpu_s"].items()
+                )
+                print(f"     engine device time in {r['wall_s']} s: {busy}", flush=True)
             p95 = r["first_packet_s"]["p95"]
             if args.stop_above and (p95 is None or p95 > args.stop_above):
                 print(

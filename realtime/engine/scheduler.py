@@ -54,6 +54,7 @@ from typing import TypeVar
 import torch
 
 from realtime.engine.base import EngineBusy
+from realtime.engine.work_timer import WorkTimer
 from realtime.models.decode import DecodeRunner, Lane, LaneSampling
 from realtime.models.kv_pages import KVPoolFull
 
@@ -118,15 +119,17 @@ class Scheduler:
         prefill_chunk: int = 256,
         counters: dict[str, int] | None = None,
         defer_ms: int = 250,
+        timer: WorkTimer | None = None,
     ) -> None:
         """``counters``: the engine's event counters (``/metrics``); a lane taken off for want
         of a KV page counts as ``kv_pool_full``. ``defer_ms``: how long a deferred piece may
-        wait for a pass that runs anyway."""
+        wait for a pass that runs anyway. ``timer``: times the steps and passes (``/metrics``)."""
         if prefill_chunk < 1:
             raise ValueError(f"engine.prefill_chunk must be positive, not {prefill_chunk}")
         self.runner = runner
         self.prefill_chunk = prefill_chunk
         self.defer_s = defer_ms / 1000
+        self.timer = timer or WorkTimer(runner.device)
         self.counters = counters if counters is not None else {}
         self._queue: list[PrefillJob] = []
         self._pending: dict[int, int] = {}  # id(lane) -> the token it was fed at the last step
@@ -197,7 +200,8 @@ class Scheduler:
             self._row(lane)  # every lane asked for is on the runner
         self.flush()
         self._grow(lanes)
-        fed = self.runner.step()
+        with self.timer.track("decode_step"):
+            fed = self.runner.step()
         self.steps += 1
         for lane, tok in zip(self.runner.lanes, fed, strict=True):
             self._pending[id(lane)] = tok
@@ -381,10 +385,11 @@ class Scheduler:
             lanes.append(k)
         embeds = torch.cat([j.embeds for j in jobs]) if len(jobs) > 1 else jobs[0].embeds
         try:
-            logits = self.runner.prefill_batch(
-                embeds, [r.slot for r in rows], [r.start for r in rows],
-                [r.tokens for r in rows], lanes,
-            )  # fmt: skip
+            with self.timer.track("prefill_pass"):
+                logits = self.runner.prefill_batch(
+                    embeds, [r.slot for r in rows], [r.start for r in rows],
+                    [r.tokens for r in rows], lanes,
+                )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - each piece's owner hears of it
             log.exception("a pre-fill pass of %d pieces failed", len(jobs))
             self.counters["prefill_errors"] = self.counters.get("prefill_errors", 0) + 1

@@ -8,12 +8,15 @@ import sys
 from collections.abc import Generator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from realtime.config import EngineConfig
 from realtime.engine.scheduler import Scheduler
+from realtime.engine.step_audio.encoding import encode_piece
 from realtime.engine.step_audio.fp8_setup import prepare_fp8
 from realtime.engine.step_audio.ranks import Followers, RankMemory
+from realtime.engine.work_timer import WorkTimer
 from realtime.models.decode import DecodeRunner, RunnerOptions
 from realtime.models.kv_pages import PagedKVCache
 from realtime.models.prefill import BATCH_ROWS
@@ -217,9 +220,11 @@ class StepAudioCore:
             self.runner = MirroredRunner(runner, self.cache, leader)
         # decode steps and batched pre-fill passes (a lane or piece with no KV page counts as
         # kv_pool_full)
+        self.work = WorkTimer(self.device)  # device time by kind of work (``/metrics``)
         self.steps = Scheduler(
-            self.runner, cfg.prefill_chunk, self.counters, defer_ms=cfg.prefill_defer_ms
-        )
+            self.runner, cfg.prefill_chunk, self.counters, defer_ms=cfg.prefill_defer_ms,
+            timer=self.work,
+        )  # fmt: skip
         self.chunk_samples = max(1, cfg.listen_chunk_ms * SAMPLE_RATE // 1000)
         self.think_close_ids = self.text_ids(THINK_CLOSE_TEXT)
         self.think_open_ids = self.text_ids(THINK_OPEN_TEXT)
@@ -248,7 +253,13 @@ class StepAudioCore:
             "kv_pages_used": cache.pages_used,
             "kv_positions_total": cache.num_pages * cache.page_size,
             "kv_positions_used": sum(cache.lengths[: cache.max_batch]),  # free slots hold 0
+            **self.work.stats(),  # device time by kind of work, totals so far
         }
+
+    def encode(self, pcm: np.ndarray) -> torch.Tensor:
+        """:func:`encode_piece` (one piece of audio to embeddings), timed as encoder work."""
+        with self.work.track("audio_encoder"):
+            return encode_piece(self.model, pcm)
 
     def text_ids(self, text: str) -> list[int]:
         return self.tok.encode(text)
@@ -273,6 +284,8 @@ class StepAudioCore:
 
     def between_jobs(self) -> None:
         """The worker's hook between its jobs: while no lane decodes (nothing else would run
-        a pass soon), the queued pre-fill pieces run now, on a GPU that is idle otherwise."""
+        a pass soon), the queued pre-fill pieces run now, on a GPU that is idle otherwise;
+        and the device work timed so far is added up."""
         if not self.runner.lanes:
             self.steps.flush(force=True)
+        self.work.collect()

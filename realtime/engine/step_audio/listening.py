@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from realtime.engine.step_audio.core import StepAudioCore
-from realtime.engine.step_audio.encoding import encode_piece
 from realtime.models.step_audio.lengths import CHUNK_SAMPLES
 
 
@@ -71,7 +70,7 @@ class Listening:
         e = self.engine
         while upto - self.piece_start >= CHUNK_SAMPLES:  # a full 25 s piece: close it exactly
             end = self.piece_start + CHUNK_SAMPLES
-            emb = encode_piece(e.model, self.audio[self.piece_start : end])
+            emb = e.encode(self.audio[self.piece_start : end])
             self._commit(emb[self.committed :])
             self.done_pieces.append(torch.cat(self.current))
             ids = [e.special.audio_end, e.special.audio_start]
@@ -81,7 +80,7 @@ class Listening:
         self.encoded_upto = upto
         if upto <= self.piece_start:
             return
-        emb = encode_piece(e.model, self.audio[self.piece_start : upto])
+        emb = e.encode(self.audio[self.piece_start : upto])
         keep = max(emb.shape[0] - e.opts.lookahead, self.committed)
         self._commit(emb[self.committed : keep])
 
@@ -95,14 +94,14 @@ class Listening:
 
     def tail_turn(self, audio: np.ndarray) -> TurnAudio:
         """Keep what listening committed; the rest of the current piece follows it."""
-        tail = encode_piece(self.engine.model, audio[self.piece_start :])[self.committed :]
+        tail = self.engine.encode(audio[self.piece_start :])[self.committed :]
         pieces = [*self.done_pieces, torch.cat([*self.current, tail])]
         return TurnAudio(pieces, [tail], self.pos)
 
     def exact_turn(self, audio: np.ndarray) -> TurnAudio:
         """Every 25 s piece encoded whole, re-filled from the turn's first embedding on."""
         e = self.engine
-        pieces = [encode_piece(e.model, audio[s : s + CHUNK_SAMPLES]) for s in
+        pieces = [e.encode(audio[s : s + CHUNK_SAMPLES]) for s in
                   range(0, max(audio.shape[0], 1), CHUNK_SAMPLES)]  # fmt: skip
         pieces = [p for p in pieces if p.shape[0]] or [pieces[0]]
         parts: list[torch.Tensor] = []
