@@ -57,6 +57,7 @@ from realtime.engine.base import EngineBusy
 from realtime.engine.work_timer import WorkTimer
 from realtime.models.decode import DecodeRunner, Lane, LaneSampling
 from realtime.models.kv_pages import KVPoolFull
+from realtime.models.prefill import padded_shape
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,11 @@ T = TypeVar("T")
 
 def padded_size(rows: int, longest: int) -> int:
     """Positions of a batched pass of ``rows`` pieces, the longest ``longest`` long, as
-    ``Prefiller.prefill_batch`` pads it (rows and length each to a power of two, length at
-    least 8; one row is not padded)."""
+    ``Prefiller.prefill_batch`` pads it (``padded_shape``; one row is not padded)."""
     if rows <= 1:
         return longest
-    t = 8
-    while t < longest:
-        t *= 2
-    return (1 << (rows - 1).bit_length()) * t
+    padded_rows, t = padded_shape(rows, longest)
+    return padded_rows * t
 
 
 @dataclass(eq=False)

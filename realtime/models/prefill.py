@@ -21,6 +21,15 @@ PREFILL_SIZES = (8, 16, 32, 64, 128, 256)  # pre-fill pieces padded to these siz
 BATCH_ROWS = (2, 4, 8, 16, 32)  # batched passes of these many rows (padded) replay a graph
 
 
+def padded_shape(rows: int, longest: int) -> tuple[int, int]:
+    """The ``(rows, length)`` a batched pass of ``rows`` pieces, the longest ``longest`` long,
+    is padded to: each a power of two, the length at least 8."""
+    t = 8
+    while t < longest:
+        t *= 2
+    return 1 << (rows - 1).bit_length(), t
+
+
 def batch_shapes() -> list[tuple[int, int]]:
     """``(rows, length)`` of the batched passes that replay a graph: every power-of-two row
     count of :data:`BATCH_ROWS` and length of at least 8 whose product is a pre-fill size."""
@@ -102,18 +111,13 @@ class Prefiller:
             raise ValueError("one piece per slot, with a start and a length each")
         if b == 1:
             return self.prefill(embeds, slots[0], starts[0])[None]
-        t = 8
-        while t < max(lengths):
-            t *= 2
+        rows, t = padded_shape(b, max(lengths))
         if max(starts) + t > self.cache.max_len:  # padding would pass the end: one by one
             out, i = [], 0
             for slot, start, n in zip(slots, starts, lengths, strict=True):
                 out.append(self.prefill(embeds[i : i + n], slot, start))
                 i += n
             return torch.stack(out)
-        rows = 1
-        while rows < b:
-            rows *= 2
         if self.graphs and (rows, t) in self._batch_shapes:
             return self._graphed_batch(embeds, slots, starts, lengths, rows, t)
         dev, dtype = self.backend.device, self.backend.dtype
