@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,63 @@ def plan(rng: random.Random, p_barge: float, p_hang_up: float) -> Plan:
     return Plan(x < p_barge, p_barge <= x < p_barge + p_hang_up, rng.uniform(0.5, 3.0))
 
 
+@dataclass
+class Answers:
+    """One caller's side of the conversation, whatever the transport: it asks (``converse``),
+    and its transport's reader reports each answer's first audio (``audio``) and its end
+    (``ended``)."""
+
+    stats: Stats
+    done: asyncio.Queue[str] = field(default_factory=asyncio.Queue)  # how each answer ended
+    audio_started: asyncio.Event = field(default_factory=asyncio.Event)
+    spoke_at: float = 0.0  # when the last question's speech ends (0 once its answer is heard)
+
+    def audio(self) -> None:
+        """Answer audio arrived: the first of an answer times it from the end of speech."""
+        if self.audio_started.is_set():
+            return
+        self.audio_started.set()
+        if self.spoke_at:
+            self.stats.first_audio_s.append(time.monotonic() - self.spoke_at)
+            self.spoke_at = 0.0
+
+    def ended(self, status: str) -> None:
+        self.audio_started.clear()
+        self.done.put_nowait(status)
+
+    async def converse(
+        self,
+        say: Callable[[Clip], float],
+        clips: list[Clip],
+        deadline: float,
+        rng: random.Random,
+        p_barge: float,
+        p_hang_up: float,
+    ) -> bool:
+        """Questions until ``deadline``, each answered, barged in on or hung up on as
+        :func:`plan` draws; ``say`` speaks a clip and returns when its speech ends. True if
+        the caller hung up (the connection closes under whatever is in flight)."""
+        while time.monotonic() < deadline:
+            clip, p = rng.choice(clips), plan(rng, p_barge, p_hang_up)
+            _drain(self.done)
+            self.spoke_at = say(clip)
+            self.stats.questions += 1
+            if p.hang_up:
+                await asyncio.sleep(clip.end_s + rng.uniform(0.5, 4.0))
+                self.stats.disconnects += 1
+                return True
+            if p.barge_in:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.audio_started.wait(), _left(deadline))
+                    await asyncio.sleep(rng.uniform(0.1, 1.0))
+                    self.spoke_at = say(rng.choice(clips))
+                    self.stats.barge_ins += 1
+                    self.stats.questions += 1
+            await _collect(self.done, self.stats, deadline)
+            await asyncio.sleep(p.pause_s)
+        return False
+
+
 # ---- /v1/realtime --------------------------------------------------------------------------
 async def realtime_call(
     url: str,
@@ -150,9 +208,7 @@ async def realtime_call(
     async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
         stats.connects += 1
         mic = Mic(24000)
-        done: asyncio.Queue[str] = asyncio.Queue()
-        audio_started = asyncio.Event()
-        spoke_at = [0.0]
+        answers = Answers(stats)
 
         async def send(pcm: np.ndarray) -> None:
             audio = base64.b64encode(pcm.tobytes()).decode()
@@ -164,14 +220,10 @@ async def realtime_call(
                     break
                 event = json.loads(msg.data)
                 kind = event["type"]
-                if kind == "response.output_audio.delta" and not audio_started.is_set():
-                    audio_started.set()
-                    if spoke_at[0]:
-                        stats.first_audio_s.append(time.monotonic() - spoke_at[0])
-                        spoke_at[0] = 0.0
+                if kind == "response.output_audio.delta":
+                    answers.audio()
                 elif kind == "response.done":
-                    audio_started.clear()
-                    done.put_nowait(event["response"]["status"])
+                    answers.ended(event["response"]["status"])
                 elif kind == "error":
                     stats.error_codes[event["error"]["code"]] += 1
 
@@ -179,25 +231,10 @@ async def realtime_call(
         assert first["type"] == "session.created", first
         tasks = [asyncio.ensure_future(mic.run(send)), asyncio.ensure_future(read())]
         try:
-            while time.monotonic() < deadline:
-                clip, p = rng.choice(clips), plan(rng, p_barge, p_hang_up)
-                _drain(done)
-                spoke_at[0] = mic.say(clip.at(24000), clip.end_s)
-                stats.questions += 1
-                if p.hang_up:
-                    await asyncio.sleep(clip.end_s + rng.uniform(0.5, 4.0))
-                    stats.disconnects += 1
-                    return  # the socket closes under whatever is in flight
-                if p.barge_in:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(audio_started.wait(), _left(deadline))
-                        await asyncio.sleep(rng.uniform(0.1, 1.0))
-                        other = rng.choice(clips)
-                        spoke_at[0] = mic.say(other.at(24000), other.end_s)
-                        stats.barge_ins += 1
-                        stats.questions += 1
-                await _collect(done, stats, deadline)
-                await asyncio.sleep(p.pause_s)
+            await answers.converse(
+                lambda clip: mic.say(clip.at(24000), clip.end_s),
+                clips, deadline, rng, p_barge, p_hang_up,
+            )  # fmt: skip
         finally:
             for t in tasks:
                 t.cancel()
@@ -250,9 +287,7 @@ async def twilio_call(
     async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
         stats.connects += 1
         mic = Mic(8000)
-        done: asyncio.Queue[str] = asyncio.Queue()
-        audio_started = asyncio.Event()
-        spoke_at = [0.0]
+        answers = Answers(stats)
         fmt = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
         await ws.send_str(json.dumps({"event": "connected", "protocol": "Call"}))
         await ws.send_str(
@@ -277,46 +312,27 @@ async def twilio_call(
                     break
                 event = json.loads(msg.data)
                 kind = event["event"]
-                if kind == "media" and not audio_started.is_set():
-                    audio_started.set()
-                    if spoke_at[0]:
-                        stats.first_audio_s.append(time.monotonic() - spoke_at[0])
-                        spoke_at[0] = 0.0
+                if kind == "media":
+                    answers.audio()
                 elif kind == "mark":  # played at once: echo it, as Twilio does
                     await ws.send_str(
                         json.dumps({"event": "mark", "streamSid": sid, "mark": event["mark"]})
                     )
                     if event["mark"]["name"].endswith("-end"):
-                        audio_started.clear()
-                        done.put_nowait("completed")
+                        answers.ended("completed")
                 elif kind == "clear":
-                    audio_started.clear()
-                    done.put_nowait("cancelled")
+                    answers.ended("cancelled")
                 elif kind == "error":
                     stats.error_codes[event["error"]["code"]] += 1
 
         tasks = [asyncio.ensure_future(mic.run(send)), asyncio.ensure_future(read())]
         try:
-            while time.monotonic() < deadline:
-                clip, p = rng.choice(clips), plan(rng, p_barge, p_hang_up)
-                _drain(done)
-                spoke_at[0] = mic.say(clip.at(8000), clip.end_s)
-                stats.questions += 1
-                if p.hang_up:
-                    await asyncio.sleep(clip.end_s + rng.uniform(0.5, 4.0))
-                    stats.disconnects += 1
-                    return
-                if p.barge_in:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(audio_started.wait(), _left(deadline))
-                        await asyncio.sleep(rng.uniform(0.1, 1.0))
-                        other = rng.choice(clips)
-                        spoke_at[0] = mic.say(other.at(8000), other.end_s)
-                        stats.barge_ins += 1
-                        stats.questions += 1
-                await _collect(done, stats, deadline)
-                await asyncio.sleep(p.pause_s)
-            await ws.send_str(json.dumps({"event": "stop", "streamSid": sid}))
+            hung_up = await answers.converse(
+                lambda clip: mic.say(clip.at(8000), clip.end_s),
+                clips, deadline, rng, p_barge, p_hang_up,
+            )  # fmt: skip
+            if not hung_up:
+                await ws.send_str(json.dumps({"event": "stop", "streamSid": sid}))
         finally:
             for t in tasks:
                 t.cancel()
@@ -342,23 +358,17 @@ async def webrtc_call(
     channel = pc.createDataChannel("events")
     mic = SessionAudioTrack()  # plays what it is fed, silence otherwise, in real time
     pc.addTrack(mic)
-    done: asyncio.Queue[str] = asyncio.Queue()
-    audio_started = asyncio.Event()
-    spoke_at = [0.0]
+    answers = Answers(stats)
     readers: list[asyncio.Task[None]] = []
 
     @channel.on("message")
     def on_message(message: str) -> None:
         event = json.loads(message)
         kind = event["event"]
-        if kind == "answer" and not audio_started.is_set():
-            audio_started.set()
-            if spoke_at[0]:
-                stats.first_audio_s.append(time.monotonic() - spoke_at[0])
-                spoke_at[0] = 0.0
+        if kind == "answer":
+            answers.audio()
         elif kind == "turn":
-            audio_started.clear()
-            done.put_nowait("cancelled" if event.get("interrupted") else "completed")
+            answers.ended("cancelled" if event.get("interrupted") else "completed")
         elif kind == "error":
             stats.error_codes[event.get("code", "?")] += 1
 
@@ -371,10 +381,10 @@ async def webrtc_call(
     def on_track(track: Any) -> None:
         readers.append(asyncio.ensure_future(drain(track)))
 
-    def say(clip: Clip) -> None:
+    def say(clip: Clip) -> float:
         ahead = mic.buffered_s
         mic.feed(clip.at(48000))
-        spoke_at[0] = time.monotonic() + ahead + clip.end_s
+        return time.monotonic() + ahead + clip.end_s
 
     try:
         await pc.setLocalDescription(await pc.createOffer())
@@ -385,24 +395,7 @@ async def webrtc_call(
                     raise RuntimeError(f"/offer: {r.status} {await r.text()}")
                 await pc.setRemoteDescription(RTCSessionDescription(**await r.json()))
         stats.connects += 1
-        while time.monotonic() < deadline:
-            clip, p = rng.choice(clips), plan(rng, p_barge, p_hang_up)
-            _drain(done)
-            say(clip)
-            stats.questions += 1
-            if p.hang_up:
-                await asyncio.sleep(clip.end_s + rng.uniform(0.5, 4.0))
-                stats.disconnects += 1
-                return
-            if p.barge_in:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(audio_started.wait(), _left(deadline))
-                    await asyncio.sleep(rng.uniform(0.1, 1.0))
-                    say(rng.choice(clips))
-                    stats.barge_ins += 1
-                    stats.questions += 1
-            await _collect(done, stats, deadline)
-            await asyncio.sleep(p.pause_s)
+        await answers.converse(say, clips, deadline, rng, p_barge, p_hang_up)
     finally:
         for t in readers:
             t.cancel()
