@@ -284,10 +284,6 @@ class Scheduler:
                 return stop.value
             self.flush(force=True)
 
-    def prefill_now(self, embeds: torch.Tensor, slot: int, start: int) -> torch.Tensor:
-        """:meth:`prefill` at once; the last position's logits."""
-        return self.run_to_end(self.prefill(embeds, slot, start))
-
     def drop(self, slot: int, from_position: int = 0) -> None:
         """Forget the queued pieces of ``slot`` at or after ``from_position`` (its pages are
         about to go back); a piece that someone waits for fails."""

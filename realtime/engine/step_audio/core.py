@@ -274,10 +274,6 @@ class StepAudioCore:
         while it waits for them (``scheduler.py``); the last position's logits."""
         return self.steps.prefill(embeds, slot, start)
 
-    def prefill(self, embeds: torch.Tensor, slot: int, start: int) -> torch.Tensor:
-        """:meth:`prefill_chunks` at once (the pieces other sessions queued go along)."""
-        return self.steps.prefill_now(embeds, slot, start)
-
     def defer_prefill(self, embeds: torch.Tensor, slot: int, start: int) -> None:
         """Write ``embeds`` into ``slot`` from ``start`` with a later pass; nobody waits."""
         self.steps.defer(embeds, slot, start)
