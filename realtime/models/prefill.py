@@ -118,27 +118,42 @@ class Prefiller:
                 out.append(self.prefill(embeds[i : i + n], slot, start))
                 i += n
             return torch.stack(out)
+        for slot, start, n in zip(slots, starts, lengths, strict=True):
+            self.cache.ensure(slot, start + n)
+        attn_len = self.buckets[bisect.bisect_left(self.buckets, max(starts) + t)]
+        shape = (rows, t, attn_len)
         if self.graphs and (rows, t) in self._batch_shapes:
-            return self._graphed_batch(embeds, slots, starts, lengths, rows, t)
+            logits = self._graphed_batch(embeds, slots, starts, lengths, shape)
+        else:
+            logits = self._eager_batch(embeds, slots, starts, lengths, shape)
+        for slot, start, n in zip(slots, starts, lengths, strict=True):
+            self.cache.lengths[slot] = start + n
+        return logits
+
+    def _eager_batch(
+        self,
+        embeds: torch.Tensor,
+        slots: list[int],
+        starts: list[int],
+        lengths: list[int],
+        shape: tuple[int, int, int],
+    ) -> torch.Tensor:
+        rows, t, attn_len = shape
+        b = len(slots)
         dev, dtype = self.backend.device, self.backend.dtype
         x = torch.zeros(rows, t, embeds.shape[-1], dtype=dtype, device=dev)
         i = 0
-        for r, (slot, start, n) in enumerate(zip(slots, starts, lengths, strict=True)):
-            self.cache.ensure(slot, start + n)
+        for r, n in enumerate(lengths):
             x[r, :n] = embeds[i : i + n].to(dtype)
             i += n
         starts_t = torch.tensor([*starts, *[0] * (rows - b)], device=dev)
         positions = starts_t[:, None] + torch.arange(t, device=dev)[None]
         slot_t = torch.tensor([*slots, *[self.cache.scratch_slot] * (rows - b)], device=dev)
-        attn_len = self.buckets[bisect.bisect_left(self.buckets, max(starts) + t)]
         compiled = rows * t <= PREFILL_SIZES[-1]  # a size the pre-fill pieces are compiled for
         with self.backend.sdpa_ctx():
             h = self.backend.hidden(x, positions, slot_t, attn_len, compiled=compiled, flat=True)
         last = torch.tensor([n - 1 for n in lengths], device=dev)
-        logits = self.backend.model.logits(h[torch.arange(b, device=dev), last]).float()
-        for slot, start, n in zip(slots, starts, lengths, strict=True):
-            self.cache.lengths[slot] = start + n
-        return logits
+        return self.backend.model.logits(h[torch.arange(b, device=dev), last]).float()
 
     def _graphed_batch(
         self,
@@ -146,13 +161,12 @@ class Prefiller:
         slots: list[int],
         starts: list[int],
         lengths: list[int],
-        rows: int,
-        t: int,
+        shape: tuple[int, int, int],
     ) -> torch.Tensor:
+        rows, t, _ = shape
         b = len(slots)
         i = 0
-        for r, (slot, start, n) in enumerate(zip(slots, starts, lengths, strict=True)):
-            self.cache.ensure(slot, start + n)
+        for r, n in enumerate(lengths):
             self._bemb[r * t : r * t + n].copy_(embeds[i : i + n])
             i += n
         pos = [s + j for s in (*starts, *[0] * (rows - b)) for j in range(t)]
@@ -166,12 +180,8 @@ class Prefiller:
         self._bpos[: rows * t].copy_(flat[: rows * t])
         self._bslots[:rows].copy_(flat[rows * t : rows * t + rows])
         self._blast[:rows].copy_(flat[rows * t + rows :])
-        attn_len = self.buckets[bisect.bisect_left(self.buckets, max(starts) + t)]
-        key = (rows, t, attn_len)
-        graph = self.batch_graphs.get(key) or self.capture_batch(key)
+        graph = self.batch_graphs.get(shape) or self.capture_batch(shape)
         graph.replay()
-        for slot, start, n in zip(slots, starts, lengths, strict=True):
-            self.cache.lengths[slot] = start + n
         return self._blogits[:b].clone()
 
     def _batch_forward(self, rows: int, t: int, attn_len: int) -> None:
