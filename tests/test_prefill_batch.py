@@ -226,3 +226,21 @@ def test_an_answer_closed_while_its_fork_waits_gives_the_fork_back(ckpt: Path) -
     a.close()
     b.close()
     assert engine.cache.pages_used == 0 and steps.queued == 0
+
+
+@torch.no_grad()
+def test_an_injection_is_never_merged_behind_another_piece_of_its_slot() -> None:
+    """A lane goes on from the end of the piece injected into it, by that piece's length: an
+    earlier queued piece of the same slot that ends where the injection starts runs in the
+    same pass, but in a row of its own."""
+    from realtime.engine.scheduler import Scheduler
+
+    model = _model()
+    steps = Scheduler(DecodeRunner(model, _cache("paged"), OPTS))
+    _prefixes(steps.runner, model)
+    slot, start, _ = PIECES[0]
+    lane = steps.add(slot, start + 3, LaneSampling(), token=5)
+    steps.defer(model.embed(torch.tensor([1, 2, 3])), slot, start)  # ends at the lane's position
+    steps.inject(lane, model.embed(torch.tensor([9, 8])))
+    steps.flush()
+    assert lane.position == start + 3 + 2 and steps.queued == 0

@@ -349,8 +349,13 @@ class Scheduler:
         for slot in order:
             for job in (j for j in self._queue if j.slot == slot):
                 row = rows.get(slot)
-                if row is not None and (job.start != row.end or row.jobs[-1].wait):
-                    break  # not mergeable: the slot's next piece waits for a later pass
+                # not mergeable (the slot's next piece waits for a later pass): a gap, an
+                # earlier piece someone waits on, or an injection (its lane goes on from the
+                # end of its own piece, by the row's length)
+                if row is not None and (
+                    job.start != row.end or row.jobs[-1].wait or job.lane is not None
+                ):
+                    break
                 n = job.embeds.shape[0] + (row.tokens if row is not None else 0)
                 size = padded_size(len(rows) + (row is None), max(longest, n))
                 if rows and size > self.prefill_chunk:
