@@ -10,17 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from server_helpers import speech
-from test_controller import EchoEngine, FixedASR, ToneHead
 from test_listener import RecordingASR, chunk
-from test_turn_taking import speaking
+from test_turn_taking import speaking, tone_models
 
 from realtime.barge_in import BackchannelFilter, BargeInPolicy
-from realtime.config import BACKCHANNELS, AgentConfig, ASRConfig, BargeInConfig
+from realtime.config import BACKCHANNELS, ASRConfig, BargeInConfig
 from realtime.controller import Phase
-from realtime.engine.worker import EngineWorker
 from realtime.frames import SpeechPaused, SpeechStarted, SpeechStopped, Transcript
 from realtime.listener import DecodeHint, Listener
-from realtime.session import SharedModels
 
 
 # ---- the policy --------------------------------------------------------------------------------
@@ -54,17 +51,9 @@ def test_words_of_only_hum_letters_are_hums():
 # ---- the controller ----------------------------------------------------------------------------
 @pytest.fixture
 def models():
-    worker = EngineWorker()
-    m = SharedModels(
-        AgentConfig(),
-        FixedASR("uh-huh"),
-        ThreadPoolExecutor(1),
-        EchoEngine(words=40),  # 4 s of tone
-        worker,
-        ToneHead(),
-    )
+    m = tone_models()
     yield m
-    worker.close()
+    m.worker.close()
 
 
 async def test_a_partial_transcript_with_a_real_word_stops_the_answer_at_once(models):

@@ -231,19 +231,24 @@ def test_backchannel_words_are_told_from_real_ones():
     assert f.real_words("Wait.") == ["wait"]
 
 
-@pytest.fixture
-def models():
-    worker = EngineWorker()
-    m = SharedModels(
+def tone_models() -> SharedModels:
+    """An engine that answers 4 s of tone, and a Whisper that hears "uh-huh" (close its
+    ``worker``)."""
+    return SharedModels(
         AgentConfig(),
         FixedASR("uh-huh"),
         ThreadPoolExecutor(1),
         EchoEngine(words=40),  # 4 s of tone
-        worker,
+        EngineWorker(),
         ToneHead(),
     )
+
+
+@pytest.fixture
+def models():
+    m = tone_models()
     yield m
-    worker.close()
+    m.worker.close()
 
 
 async def speaking(models: SharedModels) -> Session:
