@@ -130,6 +130,7 @@ class Session:
         self._converter: InputConverter | None = None
         self._t = 0.0  # stream time of the next input sample
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
         self._keys_timer: asyncio.Task[None] | None = None
         self.on_close: Callable[[Session], None] | None = None  # the runtime forgets it
         # the data path, top to bottom
@@ -179,16 +180,27 @@ class Session:
             self._submit_tools()
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await self.controller.close()
-        self.ctx.tasks.cancel_all()
-        es, self.engine.session = self.engine.session, None
-        if es is not None:
-            await self.models.worker.call(es.close)
-        if self.on_close is not None:
-            self.on_close(self)
+        """End the turn, the session's tasks and its engine session, then let the runtime forget
+        it. The close runs to its end even when the caller is cancelled meanwhile (a handler cut
+        by a server shutting down): cut halfway, it would keep its engine cache and its place
+        in the runtime for good. Every call waits for that one close."""
+        if self._closing is None:
+            self._closed = True
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        try:
+            await self.controller.close()
+        finally:
+            self.ctx.tasks.cancel_all()
+            es, self.engine.session = self.engine.session, None
+            try:
+                if es is not None:
+                    await self.models.worker.call(es.close)
+            finally:
+                if self.on_close is not None:
+                    self.on_close(self)
 
     async def frames(self) -> AsyncIterator[Frame]:
         """Everything the session says, in order; ends after the EndFrame."""

@@ -220,3 +220,19 @@ async def _collect(session):
     async for frame in session.frames():
         out.append((time.monotonic(), frame))
     return out
+
+
+async def test_a_close_cut_by_its_caller_still_frees_the_session(runtime):
+    """A hang-up handler cancelled while it closes the session (a server shutting down) must not
+    leave the session half closed: its engine session is closed and the runtime forgets it."""
+    session = runtime.new_session(pace_output=False)
+    await session.start()
+    assert session in runtime.sessions and session.engine.session is not None
+    closing = asyncio.ensure_future(session.close())
+    await asyncio.sleep(0)  # the close has begun and waits on the controller or the engine
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await asyncio.wait_for(session.close(), 30)  # a second call waits for the same close
+    assert session not in runtime.sessions
+    assert session.engine.session is None
