@@ -192,15 +192,16 @@ class Session:
     async def _close(self) -> None:
         try:
             await self.controller.close()
+        except (Exception, asyncio.CancelledError):  # a stage that fails to stop its turn
+            log.exception("session %s: stopping its turn failed; closing the rest", self.id)
+        self.ctx.tasks.cancel_all()
+        es, self.engine.session = self.engine.session, None
+        try:
+            if es is not None:
+                await self.models.worker.call(es.close)
         finally:
-            self.ctx.tasks.cancel_all()
-            es, self.engine.session = self.engine.session, None
-            try:
-                if es is not None:
-                    await self.models.worker.call(es.close)
-            finally:
-                if self.on_close is not None:
-                    self.on_close(self)
+            if self.on_close is not None:
+                self.on_close(self)
 
     async def frames(self) -> AsyncIterator[Frame]:
         """Everything the session says, in order; ends after the EndFrame."""

@@ -236,3 +236,17 @@ async def test_a_close_cut_by_its_caller_still_frees_the_session(runtime):
     await asyncio.wait_for(session.close(), 30)  # a second call waits for the same close
     assert session not in runtime.sessions
     assert session.engine.session is None
+
+
+async def test_a_turn_that_fails_to_stop_does_not_keep_the_session(runtime):
+    """A stage raising while the turn stops (here a cancellation from a task it awaited) is
+    logged; the engine session still closes and the runtime still forgets the session."""
+    session = runtime.new_session(pace_output=False)
+    await session.start()
+
+    async def broken() -> None:
+        raise asyncio.CancelledError
+
+    session.controller.close = broken
+    await asyncio.wait_for(session.close(), 30)
+    assert session not in runtime.sessions and session.engine.session is None

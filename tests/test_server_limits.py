@@ -518,6 +518,39 @@ async def test_drain_tells_every_session_then_closes_and_refuses_newcomers() -> 
         await server.runner.cleanup()
 
 
+async def test_server_cleanup_waits_for_sessions_still_closing() -> None:
+    """A client hangs up and its session's close is slow (the engine is busy): the server
+    stopping meanwhile must not leave that session half closed (its handler is orphaned once the
+    peer is gone; the loop may end right after)."""
+    server, runtime = await serve()
+    ctx = server.app[CTX_KEY]
+    gate = asyncio.Event()
+    try:
+        ws = await websockets.connect(f"{server.ws}/v1/realtime")
+        await recv_json(ws)
+        (session,) = runtime.sessions
+        close = session.close
+
+        async def slow_close() -> None:
+            await gate.wait()
+            await close()
+
+        session.close = slow_close  # type: ignore[method-assign]
+        ws.transport.abort()  # the caller is gone at once
+        async with asyncio.timeout(10):
+            while ctx.active:  # its handler is closing it
+                await asyncio.sleep(0.01)
+        cleanup = asyncio.ensure_future(server.runner.cleanup())
+        await asyncio.sleep(0.3)
+        assert not cleanup.done() and not session.closed  # it waits for the close
+        gate.set()
+        await asyncio.wait_for(cleanup, 10)
+        assert session.closed
+    finally:
+        gate.set()
+        await server.runner.cleanup()
+
+
 # ---- a turn longer than vad.max_turn_s (the Session's own limit) ---------------------------
 async def test_a_turn_past_max_turn_s_is_cut_with_an_error_and_answered(runtime: Any) -> None:
     from server_helpers import speech
