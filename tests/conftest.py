@@ -76,4 +76,5 @@ def server_runtime(request: pytest.FixtureRequest) -> Iterator[object]:
         return
     rt = request.getfixturevalue("runtime")
     yield rt
-    assert not rt.sessions, f"{len(rt.sessions)} session(s) left open on the shared runtime"
+    left = [(s.id, "closing" if getattr(s, "_closed", False) else "open") for s in rt.sessions]
+    assert not left, f"session(s) left on the shared runtime: {left}"
