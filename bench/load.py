@@ -57,6 +57,7 @@ import soxr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.device_model import MODELS  # noqa: E402
 from bench.voices import DEFAULT_VOICES, QUESTIONS, available, speech_end, synthesize  # noqa: E402
 
 RATE = 24000  # the Realtime API's default input format: audio/pcm at 24 kHz
@@ -127,6 +128,7 @@ class Turn:
     audio_s: float = 0.0
     underruns: int = 0
     max_gap_s: float = 0.0
+    gaps: list[tuple[float, float]] = field(default_factory=list)  # (answer audio before, gap)
     warm_up: bool = False  # a turn before the seeded context is pre-filled (--context-words)
 
 
@@ -356,6 +358,7 @@ class Caller:
         if gap > CHUNK_S:
             turn.underruns += 1
             turn.max_gap_s = max(turn.max_gap_s, gap)
+            turn.gaps.append((round(turn.audio_s, 2), round(gap, 3)))
         turn.play_end = max(turn.play_end, now) + seconds
         turn.audio_s += seconds
 
@@ -450,6 +453,7 @@ async def run_level(args: argparse.Namespace, url: str, clips: list[Clip], n: in
                 "audio_s": round(t.audio_s, 2),
                 "underruns": t.underruns,
                 "max_gap_s": round(t.max_gap_s, 3),
+                "gaps": t.gaps[:8],  # where in the answer's audio each gap came, and how long
             }
             for c, r in enumerate(results)
             for i, t in enumerate(r.turns)
@@ -512,10 +516,16 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def serve_child(config: str, port: int, sets: list[str]) -> None:
-    """The server process: ``serve`` with the config and its overrides."""
+def serve_child(config: str, port: int, sets: list[str], device_model: str = "") -> None:
+    """The server process: ``serve`` with the config and its overrides (and with
+    ``device_model``, the GPU's times imposed on a CPU engine: ``bench/device_model.py``)."""
     from realtime.config import load_config
     from realtime.server.app import serve
+
+    if device_model:
+        from bench.device_model import install
+
+        install(device_model)
 
     serve(load_config(config, parse_sets(sets)), "127.0.0.1", port)
 
@@ -524,6 +534,8 @@ async def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes
     port = free_port()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-child", "--port", str(port)]
     cmd += ["--config", args.config] + [a for s in args.set for a in ("--set", s)]
+    if args.device_model:
+        cmd += ["--device-model", args.device_model]
     log = open(args.server_log, "wb") if args.server_log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     health = f"http://127.0.0.1:{port}/healthz"
@@ -604,6 +616,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "config": args.config if not args.url else None,
+        "device_model": args.device_model or None,  # set: the engine times are emulated
         "target": url,
         "turns_per_caller": args.turns,
         "barge_in_share": args.barge_in,
@@ -654,11 +667,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--server-log", default="", help="the started server's output goes here")
     p.add_argument("--trace", action="store_true", help="print each caller's events (stderr)")
     p.add_argument("--out", default="", help="write the JSON here")
+    p.add_argument(
+        "--device-model",
+        default="",
+        choices=["", *MODELS],
+        help="impose the H100's measured engine times on a CPU engine (figures are emulated)",
+    )
     p.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_child:
-        serve_child(args.config, args.port, args.set)
+        serve_child(args.config, args.port, args.set, args.device_model)
         return
     if args.url:
         try:

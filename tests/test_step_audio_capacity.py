@@ -52,6 +52,35 @@ def test_a_forced_answer_is_spoken_word_for_word(random_dir, budget):
     assert _answer(p).strip() != FORCED  # without it, the model's own (random) tokens
 
 
+@pytest.mark.parametrize("budget", [0, 6])
+def test_forced_answers_of_callers_answered_together_stay_word_for_word(random_dir, budget):
+    """The worker hands out one event of a caller's answer, then goes on with another
+    caller's, whose next token may be a new step: each forced text must reach its step all
+    the same (a step run between a caller's token and its force fed that lane what it
+    sampled, and callers heard bytes of random tokens in the middle of the text)."""
+    engine = cpu_engine(random_dir, forced_answer=FORCED, max_batch=6)
+    sampling = SamplingConfig(think_budget=budget, max_new_tokens=200)
+    sessions = [engine.new_session("sys", sampling) for _ in range(3)]
+    answers = []
+    for i, s in enumerate(sessions):
+        pcm = 0.1 * np.random.default_rng(i).standard_normal(RATE).astype(np.float32)
+        s.listen(pcm)
+        answers.append(s.respond(UserTurn(), CancelToken()))
+    texts = [""] * len(answers)
+    live = set(range(len(answers)))
+    while live:
+        for i in sorted(live):  # one item each in turn, as the worker's shared streams
+            try:
+                ev = next(answers[i])
+            except StopIteration:
+                live.discard(i)
+                continue
+            if ev is not None and ev.kind == "answer":
+                texts[i] += ev.text
+    assert [t.strip() for t in texts] == [FORCED] * len(answers)
+    assert engine.steps.steps < sum(s.stats.generated_tokens for s in sessions)  # shared steps
+
+
 def test_no_free_slot_is_a_busy_error_and_counted(random_dir):
     engine = cpu_engine(random_dir, max_batch=1)
     first = engine.new_session("sys", SamplingConfig())

@@ -132,6 +132,7 @@ class Scheduler:
         self._queue: list[PrefillJob] = []
         self._pending: dict[int, int] = {}  # id(lane) -> the token it was fed at the last step
         self._starved: dict[int, str] = {}  # id(lane) -> why it was taken off (no KV page)
+        self._forced: dict[int, int] = {}  # id(lane) -> the token forced for its next step
         self.steps = 0  # runner steps taken (for tests and benchmarks)
         self.pool_full = 0  # lanes taken off for want of a KV page
         self.prefill_chunks = 0  # pieces pre-filled (rows of the passes)
@@ -161,6 +162,7 @@ class Scheduler:
         """Take ``lane`` off the runner (a no-op if it is gone already)."""
         self._pending.pop(id(lane), None)
         self._starved.pop(id(lane), None)
+        self._forced.pop(id(lane), None)
         try:
             k = self._row(lane)
         except KeyError:
@@ -169,11 +171,15 @@ class Scheduler:
 
     def force(self, lane: Lane, token: int) -> None:
         """Feed ``token`` to ``lane`` at its next step instead of what it sampled (also
-        after a queued injection, which would otherwise sample over it)."""
+        after an injection queued before or after this call, which would otherwise sample
+        over it)."""
+        if id(lane) in self._starved:  # (a lane taken off hears of it at its take)
+            return
+        self._forced[id(lane)] = token
         job = next((j for j in self._queue if j.lane is lane), None)
         if job is not None:
             job.forced = token
-        elif id(lane) not in self._starved:  # (a lane taken off hears of it at its take)
+        else:
             self.runner.force(self._row(lane), token)
 
     def inject(self, lane: Lane, embeds: torch.Tensor) -> None:
@@ -201,6 +207,7 @@ class Scheduler:
         with self.timer.track("decode_step"):
             fed = self.runner.step()
         self.steps += 1
+        self._forced.clear()  # fed now
         for lane, tok in zip(self.runner.lanes, fed, strict=True):
             self._pending[id(lane)] = tok
         return [self._pending.pop(id(lane)) for lane in lanes]
@@ -233,7 +240,8 @@ class Scheduler:
         except KVPoolFull as exc:
             self.counters["kv_pool_full"] = self.counters.get("kv_pool_full", 0) + 1
             raise EngineBusy(f"the engine's KV memory is full: {exc}") from None
-        job = PrefillJob(embeds, slot, start, wait, lane)
+        forced = self._forced.get(id(lane)) if lane is not None else None
+        job = PrefillJob(embeds, slot, start, wait, lane, forced)
         self._queue.append(job)
         return job
 

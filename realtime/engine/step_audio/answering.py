@@ -55,6 +55,7 @@ class LaneState:
     handed: int = 0  # formulation: reasoning tokens already given to the speaker
     handover_at: int = -1  # articulation: its token count at the last hand-over
     forced: int = 0  # articulation with engine.forced_answer: forced tokens fed so far
+    force_due: bool = True  # ... and its next input is not forced yet
 
 
 class Answer:
@@ -171,6 +172,11 @@ class Answer:
             if fed is None:
                 yield None  # other sessions take their tokens of the last step first
                 continue
+            for ln in lanes:
+                ln.force_due = True
+            # before any event is handed out: the worker runs other sessions' streams at each
+            # one, and the next step may come from them before this loop goes on
+            self._force_next()
             now = time.monotonic()
             if stats.wall_first_token is None:
                 stats.wall_first_token = now
@@ -197,7 +203,7 @@ class Answer:
             self._schedule(form)
             for ln in [ln for ln in lanes if ln.done]:
                 self._drop(ln)
-            self._force_next()
+            self._force_next()  # a lane that began to speak in this step (think-first)
             if not gave_way:
                 yield None  # one step done: other work may run before the next
         for lane in lanes:
@@ -206,12 +212,14 @@ class Answer:
 
     def _force_next(self) -> None:
         """``engine.forced_answer`` (random weights): the speaking lane's next input is the
-        next token of the fixed text, whatever it sampled; the step costs the same."""
+        next token of the fixed text, whatever it sampled; the step costs the same. Once per
+        step for each lane."""
         forced = self.engine.forced_ids
         for ln in self.lanes:
-            if forced and ln.role == "articulation" and not ln.done:
+            if forced and ln.role == "articulation" and not ln.done and ln.force_due:
                 self.engine.steps.force(ln.lane, forced[min(ln.forced, len(forced) - 1)])
                 ln.forced += 1
+                ln.force_due = False
 
     def _feed(self, lane: LaneState, tok: int) -> Iterator[TokenEvent]:
         lane.ids.append(tok)

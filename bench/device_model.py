@@ -1,0 +1,82 @@
+"""The H100's measured engine times, imposed on an engine that runs on the CPU.
+
+With the tiny Step-Audio checkpoint on the CPU, the server's whole path (VAD, listening, the
+scheduler, the worker, the speaking fork, TTS, the socket) runs as it does on the GPU machine,
+but each piece of device work takes a few milliseconds instead of the tens that the full-size
+model takes on an H100. :func:`install` makes each of them last as long as it does there: after
+the real work, the engine thread sleeps for the rest of the modelled time (a sleep lets the
+other threads run, as a wait for the GPU does). That shows, on a machine without a GPU, what the
+scheduling does once callers queue for the device.
+
+The times are engine-only figures measured on one H100 with random full-size weights (bf16):
+- decode step: 24.3 ms at every batch size up to 32 (the table in issue 11), 25.2 ms at 64;
+- batched pre-fill pass: 28.7 ms for one 8-position piece, 39.5 ms for 32 of them
+  (``bench/results/gpu-prefill-batch.json``), so 28.5 ms + 0.043 ms a position;
+- audio encoder + adapter: 9.3 ms for a 10 s piece (``docs/benchmarks.md``), taken as 3 ms +
+  0.63 ms per second of audio (an eager pass of a short window costs its launches).
+
+Every figure a run with this model gives is *emulated*: it says what the scheduling does with
+these times, not what the GPU does. Label it so wherever it is quoted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    step_ms: float = 24.3  # a decode step, batch <= 32
+    step_ms_64: float = 25.2  # a decode step at batch 64 and above
+    pass_ms: float = 28.5  # a pre-fill pass: fixed part
+    pass_ms_per_position: float = 0.043
+    encoder_ms: float = 3.0  # the audio encoder + adapter: fixed part
+    encoder_ms_per_s: float = 0.63
+
+    def step(self, lanes: int) -> float:
+        return self.step_ms if lanes <= 32 else self.step_ms_64
+
+    def prefill(self, positions: int) -> float:
+        return self.pass_ms + self.pass_ms_per_position * positions
+
+    def encoder(self, samples: int) -> float:
+        return self.encoder_ms + self.encoder_ms_per_s * samples / 16000
+
+
+MODELS = {"h100-bf16": DeviceModel()}
+
+
+def _lasting(fn: Callable[..., Any], ms: Callable[..., float]) -> Callable[..., Any]:
+    """``fn`` made to last at least ``ms(*args)`` milliseconds."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        rest = ms(*args, **kwargs) / 1e3 - (time.perf_counter() - t0)
+        if rest > 0:
+            time.sleep(rest)
+        return out
+
+    wrapped.__wrapped__ = fn  # type: ignore[attr-defined]
+    return wrapped
+
+
+def install(name: str) -> DeviceModel:
+    """Make the engine's device work last as long as ``MODELS[name]`` says (this process)."""
+    from realtime.engine.step_audio.core import StepAudioCore
+    from realtime.models.decode import DecodeRunner
+
+    model = MODELS[name]
+    DecodeRunner.step = _lasting(  # type: ignore[method-assign]
+        DecodeRunner.step, lambda runner: model.step(len(runner.lanes))
+    )
+    DecodeRunner.prefill_batch = _lasting(  # type: ignore[method-assign]
+        DecodeRunner.prefill_batch, lambda runner, embeds, *a, **k: model.prefill(embeds.shape[0])
+    )
+    StepAudioCore.encode = _lasting(  # type: ignore[method-assign]
+        StepAudioCore.encode, lambda core, pcm: model.encoder(len(pcm))
+    )
+    return model
