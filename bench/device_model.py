@@ -64,19 +64,24 @@ def _lasting(fn: Callable[..., Any], ms: Callable[..., float]) -> Callable[..., 
     return wrapped
 
 
-def install(name: str) -> DeviceModel:
-    """Make the engine's device work last as long as ``MODELS[name]`` says (this process)."""
+def install(name: str) -> Callable[[], None]:
+    """Make the engine's device work last as long as ``MODELS[name]`` says (this process);
+    returns the function that puts the engine back as it was."""
     from realtime.engine.step_audio.core import StepAudioCore
     from realtime.models.decode import DecodeRunner
 
     model = MODELS[name]
-    DecodeRunner.step = _lasting(  # type: ignore[method-assign]
-        DecodeRunner.step, lambda runner: model.step(len(runner.lanes))
-    )
-    DecodeRunner.prefill_batch = _lasting(  # type: ignore[method-assign]
-        DecodeRunner.prefill_batch, lambda runner, embeds, *a, **k: model.prefill(embeds.shape[0])
-    )
-    StepAudioCore.encode = _lasting(  # type: ignore[method-assign]
-        StepAudioCore.encode, lambda core, pcm: model.encoder(len(pcm))
-    )
-    return model
+    originals = [
+        (DecodeRunner, "step", lambda runner: model.step(len(runner.lanes))),
+        (DecodeRunner, "prefill_batch", lambda runner, embeds, *a, **k: model.prefill(len(embeds))),
+        (StepAudioCore, "encode", lambda core, pcm: model.encoder(len(pcm))),
+    ]
+    saved = [(cls, attr, getattr(cls, attr)) for cls, attr, _ in originals]
+    for cls, attr, ms in originals:
+        setattr(cls, attr, _lasting(getattr(cls, attr), ms))
+
+    def undo() -> None:
+        for cls, attr, fn in saved:
+            setattr(cls, attr, fn)
+
+    return undo

@@ -437,6 +437,12 @@ async def run_level(args: argparse.Namespace, url: str, clips: list[Clip], n: in
             for k in sorted(peak)
             if k.startswith("gpu_ms_") and wall > 0
         },
+        # the engine's pre-fill passes during the level, by why each ran (scheduler.py)
+        "prefill_passes": {
+            k.removeprefix("prefill_passes_"): int(peak[k] - first.get(k, 0.0))
+            for k in sorted(peak)
+            if k.startswith("prefill_passes_")
+        },
         "rejected": sum(r.rejected for r in results),
         "errors": sum(len(r.errors) for r in results),
         "error_samples": sorted({e for r in results for e in r.errors})[:5],
@@ -596,6 +602,9 @@ async def main_async(args: argparse.Namespace) -> dict:
                     for k, v in r["engine_gpu_s"].items()
                 )
                 print(f"     engine device time in {r['wall_s']} s: {busy}", flush=True)
+            if r["prefill_passes"]:
+                why = ", ".join(f"{k} {v}" for k, v in r["prefill_passes"].items())
+                print(f"     pre-fill passes: {why}", flush=True)
             p95 = r["first_packet_s"]["p95"]
             if args.stop_above and (p95 is None or p95 > args.stop_above):
                 print(

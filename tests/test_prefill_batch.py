@@ -115,6 +115,7 @@ def test_callers_listening_share_passes_and_answer_as_they_would_alone(ckpt: Pat
     sessions = [engine.new_session("sys", SAMPLING) for _ in audios]
     steps = engine.steps
     passes0, rows0 = steps.passes, steps.prefill_chunks
+    awaited0 = engine.counters["prefill_passes_awaited"]
     piece = 2560  # 0.16 s: the three callers' audio arrives interleaved
     for i in range(0, max(a.shape[0] for a in audios), piece):
         for s, audio in zip(sessions, audios, strict=True):
@@ -127,6 +128,7 @@ def test_callers_listening_share_passes_and_answer_as_they_would_alone(ckpt: Pat
     # one pass per answer; the first one also carried the other two callers' listening
     # (each caller's queued chunks merged into one row): 3 rows, then 1 and 1
     assert (passes, rows) == (3, 3 + 1 + 1)
+    assert engine.counters["prefill_passes_awaited"] - awaited0 == 3  # on /metrics, by why
     for s in sessions:
         s.close()
     assert engine.cache.pages_used == 0 and steps.queued == 0

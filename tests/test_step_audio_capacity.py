@@ -48,6 +48,7 @@ def test_a_forced_answer_is_spoken_word_for_word(random_dir, budget):
         # and was handed to the speaking lane (an injection queued before its next step), and
         # the forced words went on after it
         assert s.handovers >= 1
+        assert engine.counters["prefill_passes_injection"] >= s.handovers  # on /metrics
     p = plain.new_session("sys", SamplingConfig(think_budget=budget, max_new_tokens=40))
     assert _answer(p).strip() != FORCED  # without it, the model's own (random) tokens
 

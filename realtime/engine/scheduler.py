@@ -73,6 +73,18 @@ def padded_size(rows: int, longest: int) -> int:
     return padded_rows * t
 
 
+# why a pass ran (``/metrics``: ``prefill_passes_<reason>``): it held a piece injected into a
+# lane (a hand-over of reasoning, a forced close), one a caller waited for (a turn's closing
+# pre-fill, the speaking fork), or only deferred pieces (listening) that were due
+PASS_REASONS = ("injection", "awaited", "deferred")
+
+
+def pass_reason(jobs: list[PrefillJob]) -> str:
+    if any(j.lane is not None for j in jobs):
+        return "injection"
+    return "awaited" if any(j.wait for j in jobs) else "deferred"
+
+
 @dataclass(eq=False)
 class PrefillJob:
     """One piece waiting for a pre-fill pass."""
@@ -129,6 +141,8 @@ class Scheduler:
         self.defer_s = defer_ms / 1000
         self.timer = timer or WorkTimer(runner.device)
         self.counters = counters if counters is not None else {}
+        for why in PASS_REASONS:  # every key from the start: other threads read the dict
+            self.counters.setdefault(f"prefill_passes_{why}", 0)
         self._queue: list[PrefillJob] = []
         self._pending: dict[int, int] = {}  # id(lane) -> the token it was fed at the last step
         self._starved: dict[int, str] = {}  # id(lane) -> why it was taken off (no KV page)
@@ -411,5 +425,7 @@ class Scheduler:
             if forced is not None and lanes[i] >= 0:
                 self.runner.force(lanes[i], forced)
         self.passes += 1
+        why = pass_reason(jobs)
+        self.counters[f"prefill_passes_{why}"] += 1
         self.prefill_chunks += len(rows)
         self.pass_tokens = [*self.pass_tokens[-999:], sum(r.tokens for r in rows)]
