@@ -246,3 +246,43 @@ def test_an_injection_is_never_merged_behind_another_piece_of_its_slot() -> None
     steps.inject(lane, model.embed(torch.tensor([9, 8])))
     steps.flush()
     assert lane.position == start + 3 + 2 and steps.queued == 0
+
+
+def test_the_speaking_fork_is_made_in_the_pass_that_closes_the_turn(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a think budget the answer forks a speaking lane. The fork's rows are pre-filled in
+    the turn's closing pass (a second row: the queued listening, the closing piece, the closed
+    reasoning block) instead of being copied after it and given a pass of their own: one pass
+    less before the first word, and both lanes decode what they decoded before."""
+    sampling = SamplingConfig(think_budget=5, temperature=0.0, max_new_tokens=8)
+    audio = speechlike(1.3, seed=31)
+
+    def answer() -> tuple[list[tuple[str, int]], int]:
+        engine = cpu_engine(ckpt, max_batch=6)
+        s = engine.new_session("sys", sampling)
+        listen_in_pieces(s, audio, piece=0.16)  # listening chunks stay queued (deferred)
+        got: list[tuple[str, int]] = []
+        s.on_token = lambda role, tok, t: got.append((role, tok))
+        passes = engine.steps.passes
+        respond = s.respond(heard(s, audio), CancelToken())
+        while s.stats.wall_first_token is None:  # up to the answer's first step
+            next(respond)
+        passes = engine.steps.passes - passes
+        list(respond)
+        s.close()
+        assert engine.cache.pages_used == 0  # the fork's slot and pages came back
+        return got, passes
+
+    together, passes = answer()
+    from realtime.engine.scheduler import Scheduler
+
+    def apart(self, *args, **kwargs):  # the fork copied after the closing pass, as before
+        return None
+        yield
+
+    monkeypatch.setattr(Scheduler, "prefill_and_fork", apart)
+    before, passes_before = answer()
+    assert {role for role, _ in together} == {"formulation", "articulation"}
+    assert together == before
+    assert (passes, passes_before) == (1, 2)

@@ -280,21 +280,59 @@ class Scheduler:
         logits: torch.Tensor | None = None
         for i in range(0, embeds.shape[0], n):
             job = self._submit(embeds[i : i + n], slot, start + i, wait=True)
-            try:
-                yield None  # the others queue their pieces meanwhile: one pass for all
-                while not job.done:
-                    if not self.runner.lanes:  # no step is coming to run the pass: run it
-                        self.flush()
-                        continue
-                    yield None
-            finally:  # closed while it waits (a cancelled answer): nobody wants it now
-                if not job.done:
-                    self._queue = [j for j in self._queue if j is not job]
-            if job.error is not None:
-                raise job.error
-            logits = job.logits
+            logits = yield from self._await(job)
         assert logits is not None
         return logits
+
+    def _await(self, job: PrefillJob) -> Generator[None, None, torch.Tensor]:
+        """Wait for ``job``'s pass (see :meth:`prefill`); its logits."""
+        try:
+            yield None  # the others queue their pieces meanwhile: one pass for all
+            while not job.done:
+                if not self.runner.lanes:  # no step is coming to run the pass: run it
+                    self.flush()
+                    continue
+                yield None
+        finally:  # closed while it waits (a cancelled answer): nobody wants it now
+            if not job.done:
+                self._queue = [j for j in self._queue if j is not job]
+        if job.error is not None:
+            raise job.error
+        assert job.logits is not None
+        return job.logits
+
+    def prefill_and_fork(
+        self, embeds: torch.Tensor, slot: int, start: int, fork: int, tail: torch.Tensor
+    ) -> Generator[None, None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """:meth:`prefill` of ``embeds`` (one chunk at most), and in the same pass ``fork``
+        made a copy of ``slot`` followed by ``tail``: the rows of ``slot`` already in the cache
+        are copied now, its queued pieces and ``embeds`` are pre-filled a second time, into
+        ``fork``, then ``tail``. Returns the logits of ``embeds``' last position and of
+        ``tail``'s; ``None``, with nothing done, when the queued pieces do not lead up to
+        ``start`` or the fork's row would not fit one pass. (A turn's closing pre-fill and
+        its speaking fork: one pass where a copy after the closing pass took a second one.)
+        :class:`KVPoolFull` without pages for the copy."""
+        queued = sorted((j for j in self._queue if j.slot == slot), key=lambda j: j.start)
+        first = queued[0].start if queued else start
+        end = first
+        for job in queued:
+            if job.start != end:
+                return None
+            end = job.end
+        row = [*(j.embeds for j in queued), embeds, tail]
+        if end != start or sum(r.shape[0] for r in row) > self.prefill_chunk:
+            return None
+        if embeds.shape[0] > self.prefill_chunk:
+            return None
+        self.runner.cache.copy_prefix(slot, fork, first)
+        forked = self._submit(torch.cat(row), fork, first, wait=True)
+        mine = self._submit(embeds, slot, start, wait=True)
+        try:
+            logits = yield from self._await(mine)
+            return logits, (yield from self._await(forked))
+        finally:
+            if not forked.done:
+                self._queue = [j for j in self._queue if j is not forked]
 
     def run_to_end(self, gen: Generator[None, None, T]) -> T:
         """Run a generator of :meth:`prefill` (and what is built on it) at once: a pass

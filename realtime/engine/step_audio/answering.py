@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 
 Role = Literal["formulation", "articulation"]
+Fork = tuple[int, torch.Tensor]  # the speaking fork's slot, and its last position's logits
 TokenHook = Callable[[Role, int, float], None]
 
 
@@ -82,19 +83,23 @@ class Answer:
         self._extra_slots: list[int] = []
 
     # ---- lanes --------------------------------------------------------------------------------
-    def start(self, gen_end: int, logits: torch.Tensor) -> Iterator[None]:
+    def start(self, gen_end: int, logits: torch.Tensor, fork: Fork | None = None) -> Iterator[None]:
         """Add the lanes: the prompt (ending in the generation prompt) is in the cache up to
-        ``gen_end``, ``logits`` are those of its last position. A generator: it yields while
-        the speaking fork's pre-fill waits for its pass; no lane of this answer is on the
-        runner before both are ready (a lane stepped for a session that does not take its
-        tokens would hold every other session's step)."""
+        ``gen_end``, ``logits`` are those of its last position; ``fork``: the speaking fork,
+        made already in the same pass (its slot is this answer's from now on). A generator: it
+        yields while the speaking fork's pre-fill waits for its pass; no lane of this answer is
+        on the runner before both are ready (a lane stepped for a session that does not take
+        its tokens would hold every other session's step)."""
         e, s = self.engine, self.sampling
         sampling = LaneSampling(s.temperature, s.top_p, s.top_k)
+        if fork is not None:
+            self._extra_slots.append(fork[0])  # freed by release
         if self.budget == 0:
             self._add("articulation", False, self.slot, gen_end, sampling, logits)
             self._force_next()
             return
-        fork = (yield from self._fork(gen_end)) if e.opts.speak_first else None
+        if fork is None and e.opts.speak_first:
+            fork = yield from self._fork(gen_end)
         form = self._add("formulation", True, self.slot, gen_end, sampling, logits)
         form.solo = fork is None
         if fork is not None:

@@ -21,10 +21,11 @@ import torch
 
 from realtime.config import SamplingConfig
 from realtime.engine.base import CancelToken, EngineBusy, TokenEvent, TurnStats, UserTurn
-from realtime.engine.step_audio.answering import Answer, Role
+from realtime.engine.step_audio.answering import Answer, Fork, Role
 from realtime.engine.step_audio.core import StepAudioCore
 from realtime.engine.step_audio.listening import Listening
 from realtime.engine.tools import NONE, ToolChoice, ToolSpec, tools_json
+from realtime.models.kv_pages import KVPoolFull
 from realtime.models.step_audio.prompt import (
     TOOL_RESULT_ROLE,
     AudioSlot,
@@ -183,11 +184,15 @@ class StepAudioSession:
 
     # ---- the end of the turn ------------------------------------------------------------------
     def _close_turn(self, turn: UserTurn) -> tuple[torch.Tensor, int]:
-        return self.engine.steps.run_to_end(self._close_turn_chunks(turn))
+        logits, gen_end, _ = self.engine.steps.run_to_end(self._close_turn_chunks(turn))
+        return logits, gen_end
 
-    def _close_turn_chunks(self, turn: UserTurn) -> Chunks[tuple[torch.Tensor, int]]:
+    def _close_turn_chunks(
+        self, turn: UserTurn, fork: bool = False
+    ) -> Chunks[tuple[torch.Tensor, int, Fork | None]]:
         """Pre-fill the tail, ``<audio_end><|EOT|>`` and the generation prompt beyond the
-        listened prefix, a chunk at a time. Returns (last logits, cache length)."""
+        listened prefix, a chunk at a time. Returns (last logits, cache length, the speaking
+        fork if ``fork`` and it could be made in the same pass: see :meth:`_prefill_forked`)."""
         e, lst = self.engine, self._l
         audio = lst.audio
         yield from self._open_turn_chunks()
@@ -218,9 +223,39 @@ class StepAudioSession:
         turn_end = start + sum(p.shape[0] for p in parts) + len(ids)
         embeds = torch.cat([*parts, e.embed_ids(ids + gen)])
         self.stats.prefill_tokens = embeds.shape[0]
-        logits = yield from e.prefill_chunks(embeds, self.slot, start)
+        both = (yield from self._prefill_forked(embeds, start)) if fork else None
+        if both is not None:
+            logits, forked = both
+        else:
+            logits, forked = (yield from e.prefill_chunks(embeds, self.slot, start)), None
         self._answered = _Answered(turn_end, pieces, audio, user, inputs)
-        return logits, turn_end + len(gen)
+        return logits, turn_end + len(gen), forked
+
+    def _prefill_forked(
+        self, embeds: torch.Tensor, start: int
+    ) -> Chunks[tuple[torch.Tensor, Fork] | None]:
+        """The closing pre-fill with the speaking fork made in its pass (a free slot that
+        copies this one, the reasoning closed at once after the generation prompt), saving the
+        fork a pass of its own on the way to the first word. ``None``, with nothing taken, when
+        there is no slot or page for it or the pieces do not fit one pass: then the answer
+        forks as before (``Answer.start``)."""
+        e = self.engine
+        if e.cache.free_slots == 0:
+            return None
+        slot = e.cache.allocate(1)[0]
+        try:
+            tail = e.embed_ids(e.think_close_ids)
+            got = yield from e.steps.prefill_and_fork(embeds, self.slot, start, slot, tail)
+        except (KVPoolFull, EngineBusy):
+            got = None
+        except BaseException:
+            e.steps.free([slot])
+            raise
+        if got is None:
+            e.steps.free([slot])
+            return None
+        logits, fork_logits = got
+        return logits, (slot, fork_logits)
 
     # ---- respond ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -230,21 +265,23 @@ class StepAudioSession:
         self.stats = TurnStats()
         self._responding = True
         try:
-            chunks = self._close_turn_chunks(turn)
+            e = self.engine
+            fork = self.sampling.think_budget > 0 and e.opts.speak_first
+            chunks = self._close_turn_chunks(turn, fork)
             while True:  # the turn's pre-fill: other sessions step between its chunks
                 try:
                     item = next(chunks)
                 except StopIteration as done:
-                    logits, gen_end = done.value
+                    logits, gen_end, forked = done.value
                     break
                 yield item
                 if cancel.cancelled or self._closed:
                     chunks.close()
                     return
-            answer = Answer(self.engine, self.slot, self.sampling, self.stats, self.on_token)
-            self._answer = answer
+            answer = Answer(e, self.slot, self.sampling, self.stats, self.on_token)
+            self._answer = answer  # from here its release frees the fork's slot
             self._calls = []
-            yield from answer.start(gen_end, logits)
+            yield from answer.start(gen_end, logits, forked)
             self.stats.wall_prefill_done = time.monotonic()
             for ev in answer.events(cancel):
                 if ev is not None and ev.kind == "tool_call":
