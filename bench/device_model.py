@@ -9,7 +9,9 @@ other threads run, as a wait for the GPU does). That shows, on a machine without
 scheduling does once callers queue for the device.
 
 The times are engine-only figures measured on one H100 with random full-size weights (bf16):
-- decode step: 24.3 ms at every batch size up to 32 (the table in issue 11), 25.2 ms at 64;
+- decode step: 24.3 ms at every batch size up to 32 (the table in issue 11), 25.2 ms at 64
+  (and so for a step whose free rows carry pre-fill pieces, counting their rows: an
+  assumption, not yet measured);
 - batched pre-fill pass: 28.7 ms for one 8-position piece, 39.5 ms for 32 of them
   (``bench/results/gpu-prefill-batch.json``), so 28.5 ms + 0.043 ms a position;
 - audio encoder + adapter: 9.3 ms for a 10 s piece (``docs/benchmarks.md``), taken as 3 ms +
@@ -72,7 +74,13 @@ def install(name: str) -> Callable[[], None]:
 
     model = MODELS[name]
     originals = [
-        (DecodeRunner, "step", lambda runner: model.step(len(runner.lanes))),
+        (  # every step (``step`` is ``step_riding`` without riders): lanes and riders' rows
+            DecodeRunner,
+            "step_riding",
+            lambda runner, riders: model.step(
+                len(runner.lanes) + sum(len(r.embeds) for r in riders)
+            ),
+        ),
         (DecodeRunner, "prefill_batch", lambda runner, embeds, *a, **k: model.prefill(len(embeds))),
         (StepAudioCore, "encode", lambda core, pcm: model.encoder(len(pcm))),
     ]

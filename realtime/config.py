@@ -172,6 +172,10 @@ class EngineConfig:
     # Pieces nobody waits for (listening chunks, the assistant turn of a commit) wait this long
     # at most for a batched pre-fill pass that runs anyway (realtime/engine/scheduler.py).
     prefill_defer_ms: int = 250
+    # Step-Audio, one GPU: pieces no lane depends on ride in the decode step's free rows (one
+    # read of the weights for both) instead of a pass of their own (scheduler.py). Off until
+    # measured on the GPU: the CPU tests check what it computes, not its speed.
+    prefill_in_step: bool = False
     # Benchmarks with random weights only: the speaking lane is fed these words' token ids as
     # its next inputs instead of what it samples (same step cost, real words for the TTS).
     forced_answer: str = ""

@@ -5,6 +5,7 @@ those they get alone; a discarded turn's queued pieces never reach the cache."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from step_audio_fixtures import (
 
 from realtime.config import SamplingConfig
 from realtime.engine.base import CancelToken, UserTurn
-from realtime.models.decode import DecodeRunner, LaneSampling
+from realtime.models.decode import DecodeRunner, LaneSampling, Rider
 from realtime.models.kv_pages import PagedKVCache
 from realtime.models.qwen2 import KVCache
 from tests.test_decode_runner import CFG, _model
@@ -67,6 +68,48 @@ def test_one_batched_pass_writes_what_one_by_one_pre_fills_write(kind: str) -> N
         for slot, start, n in PIECES:
             r.add_lane(slot, start + n, LaneSampling(), token=7)
     assert [many.step() for _ in range(5)] == [one.step() for _ in range(5)]
+
+
+@pytest.mark.parametrize("kind", ["fixed", "paged"])
+@torch.no_grad()
+def test_pieces_riding_in_a_step_write_what_their_own_passes_write(kind: str) -> None:
+    """Pre-fill pieces in the step's spare rows (``DecodeRunner.step_riding``): the lanes get
+    the tokens of a plain step, each piece's last logits are those of its own pre-fill, and
+    its keys and values are the same (decoding on from the pieces agrees)."""
+    model = _model()
+    opts = dataclasses.replace(OPTS, riders=True)
+
+    def runner() -> DecodeRunner:
+        if kind == "paged":
+            cache = PagedKVCache(CFG, 32, 64, "cpu", torch.float32, page_size=8, num_pages=160)
+        else:
+            cache = KVCache(CFG, 32, 64, "cpu", torch.float32)
+        r = DecodeRunner(model, cache, opts)
+        _prefixes(r, model)
+        assert cache.allocate(2) == [4, 5]
+        for slot, n in [(4, 9), (5, 17)]:
+            prompt = model.embed(torch.arange(n) % 101)
+            r.add_lane(slot, n, LaneSampling(), logits=r.prefill(prompt, slot, 0))
+        return r
+
+    apart, riding = runner(), runner()
+    gen = torch.Generator().manual_seed(4)
+    embeds = [model.embed(torch.randint(0, 101, (n,), generator=gen)) for _, _, n in PIECES]
+    expected = torch.stack(
+        [apart.prefill(e, slot, start) for e, (slot, start, _) in zip(embeds, PIECES, strict=True)]
+    )
+    tokens = apart.step()
+    riders = [Rider(e, slot, start) for e, (slot, start, _) in zip(embeds, PIECES, strict=True)]
+    assert riding.room >= sum(n for _, _, n in PIECES)
+    got_tokens, got = riding.step_riding(riders)
+    assert got_tokens == tokens
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for slot, start, n in PIECES:
+        assert riding.cache.lengths[slot] == start + n
+    for r in (apart, riding):
+        for slot, start, n in PIECES:
+            r.add_lane(slot, start + n, LaneSampling(), token=7)
+    assert [riding.step() for _ in range(5)] == [apart.step() for _ in range(5)]
 
 
 @torch.no_grad()
@@ -286,3 +329,48 @@ def test_the_speaking_fork_is_made_in_the_pass_that_closes_the_turn(
     assert {role for role, _ in together} == {"formulation", "articulation"}
     assert together == before
     assert (passes, passes_before) == (1, 2)
+
+
+def test_with_prefill_in_step_listening_and_turn_ends_ride_and_answers_stay_the_same(
+    ckpt: Path,
+) -> None:
+    """``engine.prefill_in_step``: while A answers, B's listening chunks, its closing pre-fill
+    and its speaking fork ride in A's steps instead of taking passes of their own; both
+    callers decode what they decode without it."""
+    sampling = SamplingConfig(think_budget=4, temperature=0.0, max_new_tokens=30)
+    audio_a, audio_b = speechlike(1.0, seed=41), speechlike(1.4, seed=42)
+
+    def run(in_step: bool) -> tuple[list[int], list[int], int, int]:
+        engine = cpu_engine(ckpt, max_batch=32, prefill_in_step=in_step)
+        a, b = (engine.new_session("sys", sampling) for _ in range(2))
+        got_a: list[int] = []
+        got_b: list[int] = []
+        a.on_token = lambda role, tok, t: got_a.append(tok)
+        b.on_token = lambda role, tok, t: got_b.append(tok)
+        listen_in_pieces(a, audio_a, piece=0.16)
+        ra = a.respond(heard(a, audio_a), CancelToken())
+        while a.stats.wall_first_token is None:
+            next(ra)
+        passes = engine.steps.passes
+        piece = 2560
+        for i in range(0, audio_b.shape[0], piece):  # B speaks while A's answer goes on
+            b.listen(audio_b[i : i + piece])
+            next(ra, None)
+        rb = b.respond(heard(b, audio_b), CancelToken())
+        live = [ra, rb]
+        while live:
+            for r in list(live):
+                if next(r, StopIteration) is StopIteration:
+                    live.remove(r)
+        passes = engine.steps.passes - passes
+        riders = engine.counters["prefill_riders"]
+        a.close()
+        b.close()
+        assert engine.cache.pages_used == 0 and engine.steps.queued == 0
+        return got_a, got_b, passes, riders
+
+    a_plain, b_plain, passes_plain, riders_plain = run(False)
+    a_ride, b_ride, passes_ride, riders = run(True)
+    assert (a_ride, b_ride) == (a_plain, b_plain)
+    assert riders_plain == 0 and riders >= 3  # listening, the turn's end, the fork
+    assert passes_ride == 0 and passes_plain >= 1  # B took no pass of its own

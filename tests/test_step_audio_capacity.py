@@ -53,13 +53,15 @@ def test_a_forced_answer_is_spoken_word_for_word(random_dir, budget):
     assert _answer(p).strip() != FORCED  # without it, the model's own (random) tokens
 
 
-@pytest.mark.parametrize("budget", [0, 6])
-def test_forced_answers_of_callers_answered_together_stay_word_for_word(random_dir, budget):
+@pytest.mark.parametrize(("budget", "in_step"), [(0, False), (6, False), (6, True)])
+def test_forced_answers_of_callers_answered_together_stay_word_for_word(
+    random_dir, budget, in_step
+):
     """The worker hands out one event of a caller's answer, then goes on with another
     caller's, whose next token may be a new step: each forced text must reach its step all
     the same (a step run between a caller's token and its force fed that lane what it
     sampled, and callers heard bytes of random tokens in the middle of the text)."""
-    engine = cpu_engine(random_dir, forced_answer=FORCED, max_batch=6)
+    engine = cpu_engine(random_dir, forced_answer=FORCED, max_batch=16, prefill_in_step=in_step)
     sampling = SamplingConfig(think_budget=budget, max_new_tokens=200)
     sessions = [engine.new_session("sys", sampling) for _ in range(3)]
     answers = []

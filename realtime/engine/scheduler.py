@@ -33,6 +33,11 @@ positions). Three kinds of piece:
 * *injected* (:meth:`inject`): a block inserted into a lane (reasoning handed to the speaking
   lane); it runs before the lane's next step, which goes on from the block's end.
 
+With ``engine.prefill_in_step`` the pieces that no lane depends on (deferred and awaited ones
+of sequences no lane decodes) ride in the next step instead: each position a row of the batch
+that the lanes leave free (``DecodeRunner.step_riding``), so the weights are read once for the
+step and the pieces. Only injections, and pieces too big for the free rows, still take a pass.
+
 A sequence's pieces run in the order they were queued (contiguous ones merge into one row of
 the pass); freeing or truncating a sequence (:meth:`free`, :meth:`truncate`) first drops its
 queued pieces, whose pages go back with it.
@@ -55,7 +60,7 @@ import torch
 
 from realtime.engine.base import EngineBusy
 from realtime.engine.work_timer import WorkTimer
-from realtime.models.decode import DecodeRunner, Lane, LaneSampling
+from realtime.models.decode import MAX_RIDERS, DecodeRunner, Lane, LaneSampling, Rider
 from realtime.models.kv_pages import KVPoolFull
 from realtime.models.prefill import padded_shape
 
@@ -143,6 +148,7 @@ class Scheduler:
         self.counters = counters if counters is not None else {}
         for why in PASS_REASONS:  # every key from the start: other threads read the dict
             self.counters.setdefault(f"prefill_passes_{why}", 0)
+        self.counters.setdefault("prefill_riders", 0)  # pieces that rode in a step instead
         self._queue: list[PrefillJob] = []
         self._pending: dict[int, int] = {}  # id(lane) -> the token it was fed at the last step
         self._starved: dict[int, str] = {}  # id(lane) -> why it was taken off (no KV page)
@@ -216,10 +222,19 @@ class Scheduler:
             return None
         for lane in lanes:
             self._row(lane)  # every lane asked for is on the runner
-        self.flush()
-        self._grow(lanes)
+        riding = self._board()  # before the pass: a sequence's pieces either all ride or none
+        try:
+            self.flush()
+            self._grow(lanes)
+        except BaseException:  # no step now: they wait for the next one, in their order
+            self._queue[:0] = [j for _, run in riding for j in run]
+            raise
         with self.timer.track("decode_step"):
-            fed = self.runner.step()
+            if riding:
+                fed, logits = self.runner.step_riding([r for r, _ in riding])
+                self._arrived(riding, logits)
+            else:
+                fed = self.runner.step()
         self.steps += 1
         self._forced.clear()  # fed now
         for lane, tok in zip(self.runner.lanes, fed, strict=True):
@@ -243,6 +258,49 @@ class Scheduler:
             raise EngineBusy(f"the engine's KV memory is full: {mine[0]}")
 
     # ---- pre-fill -------------------------------------------------------------------------
+    def _board(self) -> list[tuple[Rider, list[PrefillJob]]]:
+        """Take off the queue the pieces that ride in the next step: whole sequences' queues,
+        in queue order, of sequences that no lane decodes and nothing is injected into, while
+        the free rows last; contiguous pieces merge into one rider up to one that is awaited
+        (its logits are its own last position's)."""
+        room = self.runner.room
+        if room <= 0 or not self._queue:
+            return []
+        busy = {lane.slot for lane in self.runner.lanes}
+        by_slot: dict[int, list[PrefillJob]] = {}
+        for job in self._queue:
+            by_slot.setdefault(job.slot, []).append(job)
+        out: list[tuple[Rider, list[PrefillJob]]] = []
+        for slot, jobs in by_slot.items():
+            rows = sum(j.embeds.shape[0] for j in jobs)
+            if slot in busy or any(j.lane is not None for j in jobs) or rows > room:
+                continue
+            runs: list[list[PrefillJob]] = []
+            for job in jobs:
+                last = runs[-1][-1] if runs else None
+                if last is None or last.wait or job.start != last.end:
+                    runs.append([job])
+                else:
+                    runs[-1].append(job)
+            if len(out) + len(runs) > MAX_RIDERS:
+                continue
+            for run in runs:
+                embeds = torch.cat([j.embeds for j in run]) if len(run) > 1 else run[0].embeds
+                out.append((Rider(embeds, slot, run[0].start), run))
+            room -= rows
+        boarded = {id(j) for _, run in out for j in run}
+        self._queue = [j for j in self._queue if id(j) not in boarded]
+        return out
+
+    def _arrived(self, riding: list[tuple[Rider, list[PrefillJob]]], logits: torch.Tensor) -> None:
+        """The riders' pieces are written: done, each run's logits to its last piece."""
+        for i, (_, run) in enumerate(riding):
+            for job in run:
+                job.done = True
+            run[-1].logits = logits[i]
+        self.prefill_chunks += len(riding)
+        self.counters["prefill_riders"] += len(riding)
+
     def _submit(
         self, embeds: torch.Tensor, slot: int, start: int, wait: bool, lane: Lane | None = None
     ) -> PrefillJob:

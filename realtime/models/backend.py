@@ -51,6 +51,7 @@ class RunnerOptions:
     split_reductions: bool = False  # let inductor split small reductions (more kernels)
     triton_attention: bool = True  # the one-kernel decode attention (needs Triton and compile)
     autotune_gemm: bool = False  # inductor's max_autotune_gemm: time cuBLAS against Triton GEMMs
+    riders: bool = False  # pre-fill pieces ride in the step's spare rows (decode.Rider)
 
 
 # Each (batch size, attention-length bucket, greedy or sampled) step is its own compiled graph:

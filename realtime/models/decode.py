@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -40,7 +40,7 @@ from realtime.models.sampling import sample_tokens
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PREFILL_SIZES", "DecodeRunner", "Lane", "LaneSampling", "RunnerOptions"]
+__all__ = ["PREFILL_SIZES", "DecodeRunner", "Lane", "LaneSampling", "Rider", "RunnerOptions"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,19 @@ class LaneSampling:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0
+
+
+@dataclass(frozen=True)
+class Rider:
+    """A pre-fill piece that rides in a step's spare rows (:meth:`DecodeRunner.step`):
+    ``embeds [T, H]`` written into ``slot`` from ``start``, one row per position."""
+
+    embeds: torch.Tensor
+    slot: int
+    start: int
+
+
+MAX_RIDERS = 8  # pieces a step carries at most (each one's last logits are kept)
 
 
 @dataclass
@@ -81,13 +94,20 @@ class DecodeRunner:
         self.temperature = torch.zeros(max_b, dtype=torch.float32, device=dev)
         self.top_p = torch.ones(max_b, dtype=torch.float32, device=dev)
         self.top_k = torch.zeros(max_b, dtype=torch.long, device=dev)
+        # riders (pre-fill pieces in a step's spare rows): their rows' input embeddings, which
+        # rows they are, and the logits of each piece's last row
+        hidden, vocab = model.cfg.hidden_size, model.cfg.vocab_size
+        self.extra = torch.zeros(max_b, hidden, dtype=self.dtype, device=dev)
+        self.virtual = torch.zeros(max_b, dtype=torch.bool, device=dev)
+        self.rider_last = torch.zeros(MAX_RIDERS, dtype=torch.long, device=dev)
+        self.rider_logits = torch.zeros(MAX_RIDERS, vocab, dtype=torch.float32, device=dev)
         self.lanes: list[Lane] = []
         buckets = opts.len_buckets or self._default_buckets(cache.max_len)
         self.buckets = tuple(sorted(b for b in buckets if b <= cache.max_len)) or (cache.max_len,)
         if self.buckets[-1] != cache.max_len:
             self.buckets = (*self.buckets, cache.max_len)
         self.prefiller = Prefiller(self.backend, self.buckets, opts.prefill_chunk, opts.cuda_graphs)
-        self._graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int, bool, bool], torch.cuda.CUDAGraph] = {}
         self.warm = False  # capture_all ran: any later capture is a stall, logged
         self.late_captures = 0
         ring = 8
@@ -224,29 +244,41 @@ class DecodeRunner:
             self.remove_lane(len(self.lanes) - 1)
 
     # ----- the step ----------------------------------------------------------------------------
-    def _forward_step(self, bs: int, attn_len: int, greedy_only: bool) -> None:
+    def _forward_step(
+        self, bs: int, attn_len: int, greedy_only: bool, riders: bool = False
+    ) -> None:
         ids, pos, slots = self.ids[:bs], self.pos[:bs], self.slots[:bs]
-        x = self.model.embed(ids)[:, None]
-        x = self.backend.step_hidden(x, pos, slots, attn_len)
+        x = self.model.embed(ids)
+        if riders:  # the riders' rows take their pieces' embeddings
+            x = torch.where(self.virtual[:bs, None], self.extra[:bs], x)
+        x = self.backend.step_hidden(x[:, None], pos, slots, attn_len)
         logits = self.model.logits(x[:, 0])
+        if riders:
+            self.rider_logits.copy_(logits.index_select(0, self.rider_last).float())
         nxt = sample_tokens(
             logits, self.temperature[:bs], self.top_p[:bs], self.top_k[:bs], greedy_only
         )
         ids.copy_(nxt)
         pos.add_(1)
 
-    def _key(self) -> tuple[int, int, bool]:
-        n = len(self.lanes)
+    def _key(self, riders: Sequence[Rider] = ()) -> tuple[int, int, bool, bool]:
+        n = len(self.lanes) + sum(r.embeds.shape[0] for r in riders)
         bs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, n)]
-        need = max(lane.position for lane in self.lanes) + 1
+        ends = [r.start + r.embeds.shape[0] for r in riders]
+        need = max([lane.position + 1 for lane in self.lanes] + ends)
         if need > self.cache.max_len:
             raise RuntimeError(f"context full: {need} > {self.cache.max_len} positions")
         attn_len = self.buckets[bisect.bisect_left(self.buckets, need)]
         greedy = all(lane.sampling.temperature <= 0 for lane in self.lanes)
-        return bs, attn_len, greedy
+        return bs, attn_len, greedy, bool(riders)
 
-    def _capture(self, key: tuple[int, int, bool]) -> torch.cuda.CUDAGraph:
-        bs, attn_len, greedy = key
+    @property
+    def room(self) -> int:
+        """Rows a step can give to riders now (0 unless ``RunnerOptions.riders``)."""
+        return self.batch_sizes[-1] - len(self.lanes) if self.opts.riders else 0
+
+    def _capture(self, key: tuple[int, int, bool, bool]) -> torch.cuda.CUDAGraph:
+        bs, attn_len, greedy, riders = key
         if self.warm:
             self.late_captures += 1
             log.warning("decode step graph %s captured after warm-up (a stall)", key)
@@ -254,7 +286,7 @@ class DecodeRunner:
         # capture on the scratch slot so that nothing real is overwritten
         self.slots[:bs].fill_(self.cache.scratch_slot)
         self.pos[:bs].fill_(0)
-        graph = self.backend.record(lambda: self._forward_step(bs, attn_len, greedy))
+        graph = self.backend.record(lambda: self._forward_step(bs, attn_len, greedy, riders))
         for buf, old in zip((self.ids, self.pos, self.slots), saved, strict=True):
             buf.copy_(old)
         self._graphs[key] = graph
@@ -277,11 +309,13 @@ class DecodeRunner:
                 if (rows, t, attn_len) not in pf.batch_graphs and t <= attn_len:
                     pf.capture_batch((rows, t, attn_len))
         modes = [m for m, on in ((True, greedy), (False, sample)) if on]
+        carrying = (False, True) if self.opts.riders else (False,)
         for bs in self.batch_sizes:
             for attn_len in self.buckets:
                 for g in modes:
-                    if (bs, attn_len, g) not in self._graphs:
-                        self._capture((bs, attn_len, g))
+                    for r in carrying:
+                        if (bs, attn_len, g, r) not in self._graphs:
+                            self._capture((bs, attn_len, g, r))
         self.warm = pf.warm = True
         return len(self._graphs) + len(pf.graphs_by_key) + len(pf.batch_graphs)
 
@@ -293,14 +327,31 @@ class DecodeRunner:
     def step(self) -> list[int]:
         """Run one step for all lanes; returns the token each lane was fed at this step
         (the one the previous step sampled or that was forced)."""
+        return self.step_riding(())[0]
+
+    @torch.no_grad()
+    def step_riding(self, riders: Sequence[Rider]) -> tuple[list[int], torch.Tensor]:
+        """:meth:`step`, with ``riders`` pre-filled in the rows the lanes leave free (at most
+        :attr:`room` rows, :data:`MAX_RIDERS` pieces): each position of a piece is a row that
+        writes its keys and values into the piece's slot and attends to what comes before it
+        there, its own piece's earlier rows included (a layer writes every row's keys before
+        any row attends). The weights are read once for both; a step of the padded batch size
+        costs about the same. Returns the lanes' tokens and the logits ``[len(riders), V]``
+        of each piece's last position (float32). Pieces of one slot follow each other."""
         if not self.lanes:
             raise RuntimeError("step with no lanes")
         n = len(self.lanes)
-        key = self._key()
+        rows = sum(r.embeds.shape[0] for r in riders)
+        if riders and (len(riders) > MAX_RIDERS or rows > self.room):
+            raise ValueError(f"{len(riders)} riders of {rows} rows: room for {self.room}")
+        key = self._key(riders)
         for lane in self.lanes:  # the position each lane writes (a paged cache takes pages)
             self.cache.ensure(lane.slot, lane.position + 1)
-        if n < key[0]:
-            self.pos[n : key[0]].fill_(0)  # padding rows write position 0 of the scratch slot
+        for r in riders:
+            self.cache.ensure(r.slot, r.start + r.embeds.shape[0])
+        end = self._seat(riders, n)
+        if end < key[0]:
+            self.pos[end : key[0]].fill_(0)  # padding rows write position 0 of the scratch slot
         slot = self._step_no % len(self._ring)
         self._step_no += 1
         row = self._ring[slot]
@@ -314,12 +365,31 @@ class DecodeRunner:
         else:
             with self.backend.sdpa_ctx():
                 self._forward_step(*key)
+        logits = self.rider_logits[: len(riders)].clone() if riders else self.rider_logits[:0]
+        if riders:  # the rows go back to padding: the scratch slot, no piece
+            self.virtual[n:end].fill_(False)
+            self.slots[n:end].fill_(self.cache.scratch_slot)
         if ev is not None:
             ev.synchronize()  # the copy above, i.e. the previous step, is done
         for lane in self.lanes:
             lane.position += 1
             self.cache.lengths[lane.slot] = lane.position
-        return row[:n].tolist()
+        for r in riders:
+            self.cache.lengths[r.slot] = max(self.cache.lengths[r.slot], r.start + len(r.embeds))
+        return row[:n].tolist(), logits
+
+    def _seat(self, riders: Sequence[Rider], first: int) -> int:
+        """Put ``riders`` in the rows from ``first`` on; returns the row after the last."""
+        r = first
+        for i, rider in enumerate(riders):
+            t = rider.embeds.shape[0]
+            self.extra[r : r + t].copy_(rider.embeds)
+            self.slots[r : r + t].fill_(rider.slot)
+            torch.arange(rider.start, rider.start + t, out=self.pos[r : r + t])
+            self.virtual[r : r + t].fill_(True)
+            self.rider_last[i].fill_(r + t - 1)
+            r += t
+        return r
 
     def sync(self) -> None:
         if self.is_cuda:

@@ -167,6 +167,8 @@ def runner_options(
         attention=cfg.attention,
         batch_sizes=STEP_BATCH_SIZES,
         split_reductions=opts.split_reductions,
+        # riders are rank 0's own rows: the followers' steps would not carry them
+        riders=cfg.prefill_in_step and cfg.tensor_parallel == 1,
     )
 
 
