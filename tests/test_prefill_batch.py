@@ -106,6 +106,14 @@ def test_pieces_riding_in_a_step_write_what_their_own_passes_write(kind: str) ->
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     for slot, start, n in PIECES:
         assert riding.cache.lengths[slot] == start + n
+    # a smaller step after it: the rows and indices of the last one are not read again
+    more = model.embed(torch.tensor([3]))  # 2 lanes and 1 row: a batch of 4
+    expected_more = apart.prefill(more, 6, 0)
+    assert riding.cache.allocate(1) == apart.cache.allocate(1) == [6]
+    tokens = apart.step()
+    got_tokens, got_more = riding.step_riding([Rider(more, 6, 0)])
+    assert got_tokens == tokens
+    torch.testing.assert_close(got_more[0], expected_more, rtol=1e-4, atol=1e-4)
     for r in (apart, riding):
         for slot, start, n in PIECES:
             r.add_lane(slot, start + n, LaneSampling(), token=7)

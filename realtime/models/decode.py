@@ -286,6 +286,7 @@ class DecodeRunner:
         # capture on the scratch slot so that nothing real is overwritten
         self.slots[:bs].fill_(self.cache.scratch_slot)
         self.pos[:bs].fill_(0)
+        self.rider_last.zero_()  # rows of this batch size (a stale one could lie past it)
         graph = self.backend.record(lambda: self._forward_step(bs, attn_len, greedy, riders))
         for buf, old in zip((self.ids, self.pos, self.slots), saved, strict=True):
             buf.copy_(old)
@@ -380,6 +381,7 @@ class DecodeRunner:
 
     def _seat(self, riders: Sequence[Rider], first: int) -> int:
         """Put ``riders`` in the rows from ``first`` on; returns the row after the last."""
+        self.rider_last.zero_()  # the unused entries too: each indexes this step's rows
         r = first
         for i, rider in enumerate(riders):
             t = rider.embeds.shape[0]
