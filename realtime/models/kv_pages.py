@@ -79,23 +79,11 @@ class PagedKVCache(KVCache):
     def pages_used(self) -> int:
         return self.num_pages - len(self._free_pages)
 
-    def allocate(self, n: int = 1) -> list[int]:
-        if n > len(self._free):
-            raise KVPoolFull(f"KV cache full: {n} sequence(s) wanted, {len(self._free)} free")
-        slots, self._free = self._free[:n], self._free[n:]
-        for s in slots:
-            self.lengths[s] = 0
-        return slots
+    full_error = KVPoolFull
 
-    def free(self, slots: list[int]) -> None:
-        """Give the sequences back, and every page they held."""
-        for s in slots:
-            if s in self._free or s == self.scratch_slot:
-                continue
-            self._release_pages(s, 0)
-            self.lengths[s] = 0
-            self._free.append(s)
-        self._free.sort()
+    def _release(self, slot: int) -> None:
+        """A freed sequence gives back every page it held."""
+        self._release_pages(slot, 0)
 
     # ---- pages ----------------------------------------------------------------------------
     def ensure(self, slot: int, length: int) -> None:

@@ -137,21 +137,28 @@ class KVCache:
         k = self.k[0]
         return 2 * len(self.k) * k.shape[2] * k.shape[3] * k.element_size()
 
+    full_error: type[RuntimeError] = RuntimeError  # what a full cache raises
+
     def allocate(self, n: int = 1) -> list[int]:
         if n > len(self._free):
-            raise RuntimeError(f"KV cache full: {n} slot(s) wanted, {len(self._free)} free")
+            raise self.full_error(f"KV cache full: {n} sequence(s) wanted, {len(self._free)} free")
         slots, self._free = self._free[:n], self._free[n:]
         for s in slots:
             self.lengths[s] = 0
         return slots
 
     def free(self, slots: list[int]) -> None:
+        """Give the sequences back (and whatever memory they held: ``_release``)."""
         for s in slots:
             if s in self._free or s == self.scratch_slot:
                 continue
+            self._release(s)
             self.lengths[s] = 0
             self._free.append(s)
         self._free.sort()
+
+    def _release(self, slot: int) -> None:
+        """A freed sequence's memory: a fixed slot keeps its own."""
 
     def ensure(self, slot: int, length: int) -> None:
         """Room for positions ``0..length-1`` of ``slot`` (a slot always has its ``max_len``;
