@@ -231,7 +231,13 @@ class Scheduler:
             raise
         with self.timer.track("decode_step"):
             if riding:
-                fed, logits = self.runner.step_riding([r for r, _ in riding])
+                try:
+                    fed, logits = self.runner.step_riding([r for r, _ in riding])
+                except BaseException as exc:  # their owners hear of it, as after a pass
+                    for _, run in riding:
+                        for job in run:
+                            job.done, job.error = True, exc
+                    raise
                 self._arrived(riding, logits)
             else:
                 fed = self.runner.step()
