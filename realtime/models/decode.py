@@ -52,7 +52,7 @@ class LaneSampling:
 
 @dataclass(frozen=True)
 class Rider:
-    """A pre-fill piece that rides in a step's spare rows (:meth:`DecodeRunner.step`):
+    """A pre-fill piece that rides in a step's spare rows (:meth:`DecodeRunner.step_riding`):
     ``embeds [T, H]`` written into ``slot`` from ``start``, one row per position."""
 
     embeds: torch.Tensor
