@@ -129,8 +129,7 @@ class Session:
         )
         self._converter: InputConverter | None = None
         self._t = 0.0  # stream time of the next input sample
-        self._closed = False
-        self._closing: asyncio.Future[None] | None = None
+        self._closing: asyncio.Future[None] | None = None  # set once close() has begun
         self._keys_timer: asyncio.Task[None] | None = None
         self.on_close: Callable[[Session], None] | None = None  # the runtime forgets it
         # the data path, top to bottom
@@ -155,6 +154,10 @@ class Session:
             a.next = b
 
     # -- lifecycle ------------------------------------------------------------------------
+    @property
+    def _closed(self) -> bool:
+        return self._closing is not None
+
     @property
     def options(self) -> SessionOptions:
         return self.ctx.options
@@ -185,7 +188,6 @@ class Session:
         by a server shutting down): cut halfway, it would keep its engine cache and its place
         in the runtime for good. Every call waits for that one close."""
         if self._closing is None:
-            self._closed = True
             self._closing = asyncio.ensure_future(self._close())
         await asyncio.shield(self._closing)
 
