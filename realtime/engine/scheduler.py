@@ -368,7 +368,7 @@ class Scheduler:
     def prefill_and_fork(
         self, embeds: torch.Tensor, slot: int, start: int, fork: int, tail: torch.Tensor
     ) -> Generator[None, None, tuple[torch.Tensor, torch.Tensor] | None]:
-        """:meth:`prefill` of ``embeds`` (one chunk at most), and in the same pass ``fork``
+        """:meth:`prefill` of ``embeds``, and in the same pass ``fork``
         made a copy of ``slot`` followed by ``tail``: the rows of ``slot`` already in the cache
         are copied now, its queued pieces and ``embeds`` are pre-filled a second time, into
         ``fork``, then ``tail``. Returns the logits of ``embeds``' last position and of
@@ -385,8 +385,6 @@ class Scheduler:
             end = job.end
         row = [*(j.embeds for j in queued), embeds, tail]
         if end != start or sum(r.shape[0] for r in row) > self.prefill_chunk:
-            return None
-        if embeds.shape[0] > self.prefill_chunk:
             return None
         self.runner.cache.copy_prefix(slot, fork, first)
         forked = self._submit(torch.cat(row), fork, first, wait=True)
