@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.gpu_engine import log  # noqa: E402
+from bench.gpu_prefill_batch import timed  # noqa: E402
 from realtime.engine.step_audio.core import STEP_BATCH_SIZES  # noqa: E402
 from realtime.models.decode import (  # noqa: E402
     DecodeRunner,
@@ -44,19 +43,6 @@ LANES = (32, 64)
 RIDER_ROWS = (8, 16, 32)
 PIECE = 8
 MAX_BATCH = 96
-
-
-def timed(fn: Callable[[], object], sync: Callable[[], None], runs: int = 5) -> float:
-    for _ in range(2):
-        fn()
-    sync()
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(out)
 
 
 def main() -> None:
@@ -142,12 +128,12 @@ def main() -> None:
     rows_out = []
     for n in LANES:
         lanes(n)
-        row: dict[str, float | int] = {"lanes": n, "step_ms": timed(runner.step, sync)}
+        row: dict[str, float | int] = {"lanes": n, "step_ms": timed(runner.step, sync=sync)}
         for r in RIDER_ROWS:
             if n + r > MAX_BATCH:
                 continue
-            row[f"pass_and_step_ms_{r}"] = timed(lambda r=r: apart(r), sync)
-            row[f"riding_step_ms_{r}"] = timed(lambda r=r: riding(r), sync)
+            row[f"pass_and_step_ms_{r}"] = timed(lambda r=r: apart(r), sync=sync)
+            row[f"riding_step_ms_{r}"] = timed(lambda r=r: riding(r), sync=sync)
         rows_out.append(row)
         log(str(row))
     result = {
