@@ -605,6 +605,8 @@ async def main_async(args: argparse.Namespace) -> dict:
             if r["prefill_passes"]:
                 why = ", ".join(f"{k} {v}" for k, v in r["prefill_passes"].items())
                 print(f"     pre-fill passes: {why}", flush=True)
+            if args.out:  # a level's figures survive a run killed before the end
+                write_json(args.out, result_of(args, url, load))
             p95 = r["first_packet_s"]["p95"]
             if args.stop_above and (p95 is None or p95 > args.stop_above):
                 print(
@@ -619,6 +621,11 @@ async def main_async(args: argparse.Namespace) -> dict:
                 proc.wait(20)
             if proc.poll() is None:
                 proc.kill()
+    return result_of(args, url, load)
+
+
+def result_of(args: argparse.Namespace, url: str, load: dict[str, dict]) -> dict:
+    """The run's JSON: what ran where, and the figures of each level measured so far."""
     return {
         "machine": args.machine
         or f"{platform.node()} {platform.machine()} {len(os.sched_getaffinity(0))} cores",
@@ -629,7 +636,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         "target": url,
         "turns_per_caller": args.turns,
         "barge_in_share": args.barge_in,
-        "voices": voices,
+        "voices": [v for v in args.voices.split(",") if available(v)],
         "loadavg_before": LOADAVG_BEFORE,
         "loadavg_after": os.getloadavg(),
         "load": load,
@@ -698,9 +705,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{result['machine']}; {result['date']}; load average {result['loadavg_before']}")
     print(table(result["load"]))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
         print(f"wrote {args.out}")
+
+
+def write_json(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
