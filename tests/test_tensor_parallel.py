@@ -140,3 +140,43 @@ def test_random_shards_are_the_parts_of_the_whole_random_model():
     for rank in range(2):
         for name in parts[1]:
             assert torch.equal(parts[rank][name], expected[rank][name]), (rank, name)
+
+
+class _FakeSymmOps:
+    """Stands in for ``torch.ops.symm_mem`` (CUDA only): records the calls; a 'sum' over one
+    rank is the input itself."""
+
+    def __init__(self, with_copy: bool) -> None:
+        self.calls: list[str] = []
+        if with_copy:
+            self.one_shot_all_reduce_copy = self._copy
+
+    def one_shot_all_reduce(self, buf, op, group):
+        self.calls.append("one_shot_all_reduce")
+        return buf.clone()
+
+    def _copy(self, buf, local, op, group):
+        assert buf.shape == local.shape and local.is_contiguous()  # the kernel's checks
+        self.calls.append("one_shot_all_reduce_copy")
+        return local.clone()
+
+
+@pytest.mark.parametrize("with_copy", [True, False])
+def test_symmetric_memory_all_reduce_copies_in_the_kernel_when_it_can(monkeypatch, with_copy):
+    """With ``one_shot_all_reduce_copy`` the partial sum goes to the kernel as is (no
+    ``copy_`` into the symmetric buffer first); without it, the old copy then one-shot."""
+    import realtime.models.tensor_parallel as tp
+
+    fake = _FakeSymmOps(with_copy)
+    monkeypatch.setattr(torch.ops, "symm_mem", fake)
+    monkeypatch.setattr(tp, "_group", object())
+    buf = torch.zeros(64)
+    monkeypatch.setattr(tp, "_symm", (buf, "g", tp._has_copy_kernel()))
+    assert tp.all_reduce_kind() == ("symm-mem one-shot copy" if with_copy else "symm-mem one-shot")
+    t = torch.arange(12.0).reshape(3, 4)
+    out = tp.all_reduce(t)
+    assert torch.equal(out, t) and out.shape == (3, 4)
+    if with_copy:
+        assert fake.calls == ["one_shot_all_reduce_copy"] and not buf.any()  # no copy_ first
+    else:
+        assert fake.calls == ["one_shot_all_reduce"] and torch.equal(buf[:12], t.reshape(-1))

@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _group: ProcessGroup | None = None
-_symm: tuple[torch.Tensor, str] | None = None  # symmetric-memory buffer, group name
+# the symmetric-memory buffer, the group's name, whether the one-shot kernel copies the local
+# input into the buffer itself (``one_shot_all_reduce_copy``, PyTorch >= 2.8)
+_symm: tuple[torch.Tensor, str, bool] | None = None
 
 
 def set_group(group: ProcessGroup | None) -> None:
@@ -42,10 +44,24 @@ def set_group(group: ProcessGroup | None) -> None:
     _group, _symm = group, None
 
 
-def use_symmetric_memory(numel: int, dtype: torch.dtype, device: torch.device) -> bool:
+def _has_copy_kernel() -> bool:
+    """Whether this PyTorch has ``symm_mem::one_shot_all_reduce_copy`` (2.8 and later)."""
+    try:
+        return hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy")
+    except Exception:  # noqa: BLE001 - no symm_mem namespace at all
+        return False
+
+
+def use_symmetric_memory(
+    numel: int, dtype: torch.dtype, device: torch.device, copy_in_kernel: bool = True
+) -> bool:
     """Sum small tensors (up to ``numel`` elements) with PyTorch's one-shot all-reduce over
     symmetric memory (peer-to-peer loads between the GPUs, no NVLink multicast) instead of
-    NCCL; returns whether it is available. Every rank must call it."""
+    NCCL; returns whether it is available. Every rank must call it.
+
+    ``copy_in_kernel``: where PyTorch has ``one_shot_all_reduce_copy``, the kernel itself
+    copies the local partial sum into the symmetric buffer (one kernel per all-reduce);
+    otherwise (or with ``False``) a ``copy_`` into the buffer comes first (two kernels)."""
     global _symm
     if _group is None:
         return False
@@ -54,11 +70,22 @@ def use_symmetric_memory(numel: int, dtype: torch.dtype, device: torch.device) -
 
         buf = symm_mem.empty(numel, dtype=dtype, device=device)
         symm_mem.rendezvous(buf, _group.group_name)
-        _symm = (buf, _group.group_name)
+        _symm = (buf, _group.group_name, copy_in_kernel and _has_copy_kernel())
     except Exception as exc:  # noqa: BLE001 - not built in, or no peer access: NCCL it is
         log.warning("symmetric memory unavailable (%s): all-reduce through NCCL", exc)
         _symm = None
     return _symm is not None
+
+
+def all_reduce_kind() -> str:
+    """How :func:`all_reduce` sums (for logs and benchmarks): ``none`` (no group), ``nccl``
+    (the group's backend: NCCL, or gloo on the CPU), ``symm-mem one-shot`` (copy, then the
+    kernel) or ``symm-mem one-shot copy`` (the kernel copies its input itself)."""
+    if _group is None:
+        return "none"
+    if _symm is None:
+        return "nccl"
+    return "symm-mem one-shot copy" if _symm[2] else "symm-mem one-shot"
 
 
 def world_size() -> int:
@@ -76,9 +103,15 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     if _group is None:
         return t
     if _symm is not None and t.numel() <= _symm[0].numel() and t.dtype == _symm[0].dtype:
-        buf = _symm[0][: t.numel()]
-        buf.copy_(t.reshape(-1))
-        out = torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", _symm[1])
+        sbuf, name, copy_in_kernel = _symm
+        buf = sbuf[: t.numel()]
+        if copy_in_kernel:  # the kernel writes ``t`` into this rank's buffer, then sums
+            out = torch.ops.symm_mem.one_shot_all_reduce_copy(
+                buf, t.contiguous().view(-1), "sum", name
+            )
+        else:
+            buf.copy_(t.reshape(-1))
+            out = torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", name)
         return out.view(t.shape)
     if torch.compiler.is_compiling():
         import torch.distributed._functional_collectives as funcol
