@@ -38,6 +38,7 @@ from realtime.models.layers import (
     rope_cos_sin,
     rope_inv_freq,
 )
+from realtime.models.tensor_parallel import gather_vocab
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,18 @@ class Qwen2Config:
     fixed_head_dim: int = (
         0  # 0: hidden_size // num_attention_heads (a tensor-parallel shard sets it)
     )
+    # a tensor-parallel shard (tensor_parallel.local_config): lm_head holds vocab_size /
+    # vocab_shards rows (this rank's slice of the vocabulary) and the logits are gathered
+    vocab_shards: int = 1
 
     @property
     def head_dim(self) -> int:
         return self.fixed_head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def head_rows(self) -> int:
+        """Rows of ``lm_head`` (this rank's part of the vocabulary)."""
+        return self.vocab_size // self.vocab_shards
 
     @classmethod
     def from_text_config(cls, d: dict[str, Any]) -> Qwen2Config:
@@ -98,7 +107,7 @@ class Qwen2Config:
         q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.attention_bias else 0)
         layer = attn + 3 * h * i + 2 * h
-        heads = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        heads = self.vocab_size * h + (0 if self.tie_word_embeddings else self.head_rows * h)
         return self.num_hidden_layers * layer + heads + h
 
 
@@ -284,7 +293,12 @@ class Qwen2ForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Qwen2Model(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.vocab_shards > 1 and (cfg.tie_word_embeddings or cfg.vocab_size % cfg.vocab_shards):
+            raise ValueError(
+                f"lm_head split {cfg.vocab_shards} ways needs an untied lm_head and a vocabulary "
+                f"({cfg.vocab_size}) that divides (tensor_parallel.splits_vocab)"
+            )
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.head_rows, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         inv = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
@@ -353,8 +367,14 @@ class Qwen2ForCausalLM(nn.Module):
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and ``lm_head``."""
-        return self.lm_head(self.model.norm(hidden))
+        """Final norm and ``lm_head``: ``[..., vocab_size]``. A tensor-parallel shard whose
+        ``lm_head`` is split by vocabulary (``cfg.vocab_shards``) computes its slice and
+        gathers the others' (:func:`~realtime.models.tensor_parallel.gather_vocab`), so every
+        rank has the same full logits."""
+        out = self.lm_head(self.model.norm(hidden))
+        if self.cfg.vocab_shards > 1:
+            out = gather_vocab(out, self.cfg.vocab_shards)
+        return out
 
     def forward(
         self,

@@ -11,12 +11,20 @@ ones (:func:`shard_state_dict`):
 * row split (input columns): ``o_proj``, ``down_proj``; their outputs are partial sums,
   added over the ranks by :func:`all_reduce` (called by ``layers.post_attention_split``,
   a no-op while no group is set);
-* replicated: embeddings, norms, ``lm_head`` (every rank computes the same logits, so every
-  rank samples the same greedy token without another collective).
+* vocabulary split (rows): ``lm_head``, when it is its own matrix and ``world`` divides the
+  vocabulary (:func:`splits_vocab`; the local config's ``vocab_shards``): rank ``r`` computes
+  the logits of tokens ``r * V / world ..`` and :func:`gather_vocab` all-gathers the slices,
+  so every rank has the same full logits and samples the same greedy token. An FP8
+  ``lm_head`` (``fp8.quantize_lm_head_``, per-row scales) is quantised per rank after the
+  split, so its scales are split with its rows;
+* replicated: embeddings, norms, and ``lm_head`` where it is not split: tied to the
+  embeddings (every rank needs the whole embedding table) or a vocabulary that ``world``
+  does not divide.
 
-So each rank reads ``1 / world`` of the layer weights per step and holds ``1 / world`` of the
-KV cache (its heads), and each layer costs two all-reduces of ``[batch, hidden]``.
-:func:`set_group` turns the reduction on for this process.
+So each rank reads ``1 / world`` of the layer and ``lm_head`` weights per step and holds
+``1 / world`` of the KV cache (its heads); each layer costs two all-reduces of
+``[batch, hidden]`` and the step one all-gather of ``[batch, vocab]`` logits.
+:func:`set_group` turns the collectives on for this process.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _group: ProcessGroup | None = None
+_world = 1  # the group's size
 # the symmetric-memory buffer, the group's name, whether the one-shot kernel copies the local
 # input into the buffer itself (``one_shot_all_reduce_copy``, PyTorch >= 2.8)
 _symm: tuple[torch.Tensor, str, bool] | None = None
@@ -40,8 +49,12 @@ _symm: tuple[torch.Tensor, str, bool] | None = None
 
 def set_group(group: ProcessGroup | None) -> None:
     """The process group whose ranks share the decoder (``None``: no tensor parallelism)."""
-    global _group, _symm
-    _group, _symm = group, None
+    global _group, _symm, _world
+    _group, _symm, _world = group, None, 1
+    if group is not None:
+        import torch.distributed as dist
+
+        _world = dist.get_world_size(group)
 
 
 def _has_copy_kernel() -> bool:
@@ -89,11 +102,7 @@ def all_reduce_kind() -> str:
 
 
 def world_size() -> int:
-    if _group is None:
-        return 1
-    import torch.distributed as dist
-
-    return dist.get_world_size(_group)
+    return _world
 
 
 def all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -123,12 +132,56 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather_vocab(t: torch.Tensor, shards: int) -> torch.Tensor:
+    """The full logits from each rank's vocabulary slice: ``t [..., V / shards]`` (rank ``r``'s
+    logits of tokens ``r * V / shards ..``) -> ``[..., V]``, the same on every rank.
+
+    Eager, one ``all_gather_into_tensor`` (``all_gather_single``) into a tensor made here
+    (NCCL: captured by CUDA graphs, the output then lives in the graph's pool); traced by
+    ``torch.compile``, the functional all-gather. Both gather along the rows of ``t``
+    flattened to ``[M, V/shards]`` and then put each row's slices side by side (a copy of
+    ``M x V`` values)."""
+    if _world != shards:
+        raise RuntimeError(
+            f"lm_head is split over {shards} ranks but the tensor-parallel group has {_world}"
+            " (tensor_parallel.set_group)"
+        )
+    lead, n = t.shape[:-1], t.shape[-1]
+    rows = t.reshape(-1, n).contiguous()
+    if torch.compiler.is_compiling():
+        import torch.distributed._functional_collectives as funcol
+
+        gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+        out = gather(rows, 0, _group)
+    else:
+        import torch.distributed as dist
+
+        out = rows.new_empty((shards * rows.shape[0], n))
+        # all_gather_into_tensor, renamed all_gather_single in newer PyTorch (same call)
+        gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather_into(out, rows, group=_group)
+    # [shards * M, n] (rank-major) -> [M, shards * n]
+    return out.view(shards, -1, n).transpose(0, 1).reshape(*lead, shards * n)
+
+
 Cfg = TypeVar("Cfg")
 
 
-def local_config(cfg: Cfg, world: int) -> Cfg:
+def splits_vocab(cfg: Cfg, world: int) -> bool:
+    """Whether ``lm_head`` is split by vocabulary rows over ``world`` ranks: when it is its
+    own matrix (not tied to the embeddings, which stay whole) and ``world`` divides the
+    vocabulary; otherwise it is replicated."""
+    return (
+        world > 1
+        and not cfg.tie_word_embeddings  # type: ignore[attr-defined]
+        and cfg.vocab_size % world == 0  # type: ignore[attr-defined]
+    )
+
+
+def local_config(cfg: Cfg, world: int, split_vocab: bool = True) -> Cfg:
     """The config (a ``Qwen2Config``; not imported here, as qwen2 imports this module through
-    layers) of one rank's shard of a decoder split ``world`` ways."""
+    layers) of one rank's shard of a decoder split ``world`` ways. ``vocab_shards`` is
+    ``world`` where :func:`splits_vocab` (and ``split_vocab``), else 1."""
     parts = {
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads,
@@ -143,16 +196,21 @@ def local_config(cfg: Cfg, world: int) -> Cfg:
         num_key_value_heads=cfg.num_key_value_heads // world,
         intermediate_size=cfg.intermediate_size // world,
         fixed_head_dim=cfg.head_dim,
+        vocab_shards=world if split_vocab and splits_vocab(cfg, world) else 1,
     )
 
 
 _COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output rows split
 _ROW = ("o_proj", "down_proj")  # input columns split
+LM_HEAD = "lm_head.weight"  # vocabulary rows split (see :func:`splits_vocab`)
 
 
 def shard_dim(name: str) -> int | None:
     """The dimension along which tensor ``name`` (a checkpoint name: ``q_proj``,
-    ``gate_proj``, ...) is split over the ranks; ``None``: replicated."""
+    ``gate_proj``, ..., ``lm_head.weight``) is split over the ranks; ``None``: replicated.
+    (``lm_head`` stays whole where its rows do not divide: :func:`shard_slice`.)"""
+    if name == LM_HEAD:
+        return 0
     parts = name.split(".")
     proj = parts[-2] if len(parts) >= 2 else ""
     if proj in _COLUMN:
@@ -162,11 +220,18 @@ def shard_dim(name: str) -> int | None:
     return None
 
 
-def shard_slice(name: str, shape: tuple[int, ...], rank: int, world: int) -> tuple[slice, ...]:
+def shard_slice(
+    name: str, shape: tuple[int, ...], rank: int, world: int, split_vocab: bool = True
+) -> tuple[slice, ...]:
     """The index of rank ``rank``'s part of the full tensor ``name`` of ``shape`` (whole
-    tensor when replicated): ``full[idx]`` is the shard, for a tensor or a safetensors slice."""
+    tensor when replicated): ``full[idx]`` is the shard, for a tensor or a safetensors slice.
+    ``lm_head.weight``: its rows ``rank * V / world ..`` when ``world`` divides them and
+    ``split_vocab`` (as :func:`local_config`), else whole. (A tied ``lm_head`` is the
+    embeddings, which loaders fill whole: it never comes here.)"""
     dim = shard_dim(name)
     idx = [slice(None)] * len(shape)
+    if name == LM_HEAD and (not split_vocab or shape[0] % world):
+        return tuple(idx)
     if dim is not None and world > 1:
         if shape[dim] % world:
             raise ValueError(f"{name}: dimension {dim} ({shape[dim]}) does not divide by {world}")
@@ -176,15 +241,19 @@ def shard_slice(name: str, shape: tuple[int, ...], rank: int, world: int) -> tup
 
 
 def shard_state_dict(
-    state: dict[str, torch.Tensor], rank: int, world: int
+    state: dict[str, torch.Tensor], rank: int, world: int, split_vocab: bool = True
 ) -> dict[str, torch.Tensor]:
     """Rank ``rank``'s part of a full decoder ``state_dict`` (checkpoint names: ``q_proj``,
     ``gate_proj``, ...). Q/K/V rows are whole heads, in order, so rank ``r`` holds query
-    heads ``r * Hq/world ..`` and the KV heads they are grouped with."""
+    heads ``r * Hq/world ..`` and the KV heads they are grouped with; ``lm_head`` rows as
+    :func:`shard_slice`, whole when it is the embeddings' tensor (tied)."""
+    head, emb = state.get(LM_HEAD), state.get("model.embed_tokens.weight")
+    tied = head is not None and emb is not None and head.data_ptr() == emb.data_ptr()
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
-        if shard_dim(name) is None:
+        idx = shard_slice(name, tuple(t.shape), rank, world, split_vocab and not tied)
+        if all(i == slice(None) for i in idx):
             out[name] = t
         else:
-            out[name] = t[shard_slice(name, tuple(t.shape), rank, world)].clone()
+            out[name] = t[idx].clone()
     return out

@@ -18,10 +18,11 @@ other ranks are *followers* that only repeat what it does.
 * :func:`follow` is a follower's loop: it receives each command and its tensors and makes the
   same call on its own runner or cache. A call that fails on rank 0 fails the same way on
   each follower (their state is the same), so a follower just goes on.
-* Sampling: every rank computes the same logits (``lm_head`` replicated), so greedy tokens
-  agree. Where a lane samples (temperature > 0), rank 0's choice is authoritative: after
-  every call that samples (``step``, ``add_lane``, ``inject``) rank 0 broadcasts its
-  ``ids`` buffer (the tokens the next step feeds) and the followers take it.
+* Sampling: every rank has the same full logits (``lm_head`` split by vocabulary and the
+  slices all-gathered, or replicated: ``tensor_parallel.py``), so greedy tokens agree.
+  Where a lane samples (temperature > 0), rank 0's choice is authoritative: after every
+  call that samples (``step``, ``add_lane``, ``inject``) rank 0 broadcasts its ``ids``
+  buffer (the tokens the next step feeds) and the followers take it.
 * ``ensure`` that takes no page (most steps) changes nothing on any rank: not sent.
 
 A follower also answers ``stats`` (its lanes, pages, memory): the tests compare its state with
