@@ -18,8 +18,12 @@ GPU sampling), lanes at context 100, timed over ``--steps`` steps after warm-up.
   KV slots fit in the memory left after the FP8 weights (``realtime.engine.step_audio.core``'s
   sizing), verified by allocating that cache and stepping that many lanes at context 4000.
 * ``tp``: processes spawned one per GPU (NCCL), the decoder split as in
-  ``realtime/models/tensor_parallel.py``; world 1 (one whole card) and world ``--world`` run in
-  the same call; step time at batch 1/8/32 and memory per card.
+  ``realtime/models/tensor_parallel.py`` (``lm_head`` split by vocabulary, its logits
+  all-gathered; ``--replicated-head``: whole on every card); world 1 (one whole card) and
+  world ``--world`` run in the same call; step time at batch 1/8/32 and memory per card.
+  Each row records ``lm_head`` (``vocab-split`` or ``replicated``) and ``all_reduce``
+  (``nccl``, ``symm-mem one-shot``, or ``symm-mem one-shot copy``: the kernel copies its
+  input; ``--symm-copy-first`` forces the older copy then one-shot).
 Writes ``$OUT``/``bench/results/serving-gpu-<part>.json``; ``report`` merges them into
 ``bench/results/serving-gpu.json``.
 """
@@ -412,10 +416,24 @@ def cache_bytes(cache: KVCache) -> int:
 
 
 # ---- tensor parallel -------------------------------------------------------------------------
-def _tp_worker(rank: int, world: int, port: int, steps: int, out_path: str, symm: bool) -> None:
+def _tp_worker(
+    rank: int,
+    world: int,
+    port: int,
+    steps: int,
+    out_path: str,
+    symm: bool,
+    split_head: bool = True,
+    copy_kernel: bool = True,
+) -> None:
     import torch.distributed as dist
 
-    from realtime.models.tensor_parallel import local_config, set_group, use_symmetric_memory
+    from realtime.models.tensor_parallel import (
+        all_reduce_kind,
+        local_config,
+        set_group,
+        use_symmetric_memory,
+    )
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
@@ -423,15 +441,20 @@ def _tp_worker(rank: int, world: int, port: int, steps: int, out_path: str, symm
     if world > 1:
         dist.init_process_group("nccl", rank=rank, world_size=world, device_id=dev)
         set_group(dist.group.WORLD)
-    symm = symm and use_symmetric_memory(max(BATCHES) * 5120, torch.bfloat16, dev)
+    symm = symm and use_symmetric_memory(max(BATCHES) * 5120, torch.bfloat16, dev, copy_kernel)
     cfg = step_audio_r1_config().text
-    local = local_config(cfg, world) if world > 1 else cfg
+    local = local_config(cfg, world, split_vocab=split_head) if world > 1 else cfg
     model = random_decoder(local, dev, seed=rank)
     cache = KVCache(local, max(BATCHES), 512, dev, torch.bfloat16)
     slots = cache.allocate(max(BATCHES))
     row: dict[str, Any] = {
         "world": world,
-        "all_reduce": "symmetric-memory one-shot" if symm else "nccl",
+        # tensor_parallel.all_reduce_kind(): nccl, symm-mem one-shot (copy_ first), or
+        # symm-mem one-shot copy (one_shot_all_reduce_copy: the kernel copies its input)
+        "all_reduce": all_reduce_kind() if world > 1 else "none",
+        # lm_head's rows split over the ranks (logits all-gathered) or whole on each
+        "lm_head": "vocab-split" if local.vocab_shards > 1 else "replicated",
+        "lm_head_rows_per_card": local.head_rows,
         "weight_gib_per_card": round(model.weight_bytes() / GIB, 2),
     }
     for compiled in (True, False):
@@ -468,7 +491,14 @@ def part_tp(args: argparse.Namespace) -> dict[str, Any]:
         path = f"/tmp/{name}.json"
         t0 = time.perf_counter()
         try:
-            mp.spawn(_tp_worker, args=(world, port, args.steps, path, symm), nprocs=world)
+            mp.spawn(
+                _tp_worker,
+                args=(
+                    world, port, args.steps, path, symm,
+                    not args.replicated_head, not args.symm_copy_first,
+                ),
+                nprocs=world,
+            )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - a failed variant is reported, not fatal
             res[f"{name}_error"] = repr(exc)[-800:]
             log(f"{name} failed: {exc}")
@@ -484,6 +514,7 @@ def part_tp(args: argparse.Namespace) -> dict[str, Any]:
             best = min(rows, key=lambda r: r["ms_per_step"]["b1"])
             ms = best["ms_per_step"]
             res[f"tp{world}_all_reduce"] = best.get("all_reduce", "nccl")
+            res[f"tp{world}_lm_head"] = best.get("lm_head", "replicated")
             res[f"tp{world}_step_ratio_per_batch"] = {b: round(ms[b] / one[b], 3) for b in one}
             res[f"tp{world}_step_ratio"] = res[f"tp{world}_step_ratio_per_batch"]["b1"]
     return res
@@ -553,7 +584,8 @@ def report() -> None:
         row = (run or {}).get("ms_per_step")
         if row:
             print(
-                f"| bf16 tensor parallel x{w} ({run.get('all_reduce', 'nccl')}) | "
+                f"| bf16 tensor parallel x{w} ({run.get('all_reduce', 'nccl')}, "
+                f"lm_head {run.get('lm_head', 'replicated')}) | "
                 + " | ".join(str(row[f"b{b}"]) for b in BATCHES)
                 + " |"
             )
@@ -568,6 +600,14 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--symm", action="store_true", help="tp: also the symmetric-memory all-reduce")
     ap.add_argument("--skip-nccl", action="store_true", help="tp: world > 1 only with --symm")
+    ap.add_argument(
+        "--replicated-head",
+        action="store_true",
+        help="tp: lm_head whole on every card (as before the vocab split)",
+    )
+    ap.add_argument("--symm-copy-first", action="store_true",
+                    help="tp: symmetric memory with copy_ then one_shot_all_reduce, not the "
+                    "one_shot_all_reduce_copy kernel")  # fmt: skip
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help=f"fp8: comma-separated, of {', '.join(FP8_VARIANTS)}")  # fmt: skip
