@@ -150,6 +150,9 @@ class EngineConfig:
     listen_chunk_ms: int = 640  # audio encoded and pre-filled per chunk while listening
     exact_encoding: bool = False  # re-encode the whole utterance at the end of speech
     cuda_graphs: bool = True
+    # Step-Audio, with cuda_graphs on a GPU: the audio front end, encoder and adapter as CUDA
+    # graphs, one per 640 ms of audio up to 25 s (realtime/models/step_audio/encoder_graphs.py).
+    encoder_graphs: bool = True
     attention: Literal["auto", "flash_attn", "sdpa"] = "auto"
     max_batch: int = 4
     # Decoder layer weights: as loaded (bf16 on GPU), or FP8 e4m3 with per-channel scales

@@ -21,6 +21,7 @@ from realtime.models.decode import DecodeRunner, RunnerOptions
 from realtime.models.kv_pages import PagedKVCache
 from realtime.models.prefill import BATCH_ROWS
 from realtime.models.qwen2 import Qwen2Config
+from realtime.models.step_audio.encoder_graphs import EncoderGraphs
 from realtime.models.step_audio.lengths import SAMPLE_RATE
 from realtime.models.step_audio.model import StepAudioModel
 from realtime.models.step_audio.prompt import PromptBuilder
@@ -223,6 +224,7 @@ class StepAudioCore:
         # decode steps and batched pre-fill passes (a lane or piece with no KV page counts as
         # kv_pool_full)
         self.work = WorkTimer(self.device)  # device time by kind of work (``/metrics``)
+        self.encoder_graphs: EncoderGraphs | None = None  # captured by ``warmup`` (GPU)
         self.steps = Scheduler(
             self.runner, cfg.prefill_chunk, self.counters, defer_ms=cfg.prefill_defer_ms,
             timer=self.work,
@@ -259,8 +261,13 @@ class StepAudioCore:
         }
 
     def encode(self, pcm: np.ndarray) -> torch.Tensor:
-        """:func:`encode_piece` (one piece of audio to embeddings), timed as encoder work."""
+        """:func:`encode_piece` (one piece of audio to embeddings), timed as encoder work;
+        through the encoder's CUDA graphs once they are captured (``warmup``)."""
         with self.work.track("audio_encoder"):
+            if self.encoder_graphs is not None and pcm.shape[0]:
+                emb = self.encoder_graphs.encode(pcm)
+                if emb is not None:
+                    return emb
             return encode_piece(self.model, pcm)
 
     def text_ids(self, text: str) -> list[int]:

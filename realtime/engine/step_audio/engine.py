@@ -4,6 +4,7 @@ backends."""
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Literal
 
@@ -12,7 +13,6 @@ import torch
 
 from realtime.config import EngineConfig, SamplingConfig
 from realtime.engine.step_audio.core import StepAudioCore, StepAudioOptions
-from realtime.engine.step_audio.encoding import encode_piece
 from realtime.engine.step_audio.fp8_setup import check_fp8_options, quantize_decoder
 from realtime.engine.step_audio.ranks import (
     Followers,
@@ -23,8 +23,12 @@ from realtime.engine.step_audio.ranks import (
 )
 from realtime.engine.step_audio.session import StepAudioSession
 from realtime.models.step_audio.config import step_audio_r1_config
+from realtime.models.step_audio.encoder_graphs import MIN_BUCKET_SAMPLES, EncoderGraphs
+from realtime.models.step_audio.lengths import CHUNK_SAMPLES
 from realtime.models.step_audio.sharded import build_rank0
 from realtime.models.step_audio.tokens import SpecialTokens
+
+log = logging.getLogger(__name__)
 
 __all__ = ["StepAudioEngine", "StepAudioOptions", "build_step_audio_engine"]
 
@@ -39,9 +43,17 @@ class StepAudioEngine(StepAudioCore):
 
     @torch.inference_mode()
     def warmup(self) -> None:
-        """Capture the step and pre-fill graphs and run the encoder once."""
+        """Capture the step and pre-fill graphs and the encoder's (or run it once)."""
         self.runner.capture_all()
-        encode_piece(self.model, np.zeros(self.chunk_samples, dtype=np.float32))
+        if self.cfg.cuda_graphs and self.cfg.encoder_graphs and self.device.type == "cuda":
+            bucket = min(max(self.chunk_samples, MIN_BUCKET_SAMPLES), CHUNK_SAMPLES)
+            graphs = EncoderGraphs(self.model, bucket=bucket)
+            try:
+                graphs.capture()
+                self.encoder_graphs = graphs
+            except RuntimeError as exc:  # the eager encoder computes the same, only slower
+                log.warning("audio encoder CUDA graphs not captured (%s): running it eagerly", exc)
+        self.encode(np.zeros(self.chunk_samples, dtype=np.float32))
         self.runner.sync()
 
     def close(self) -> None:

@@ -66,27 +66,45 @@ class AudioEncoder(nn.Module):
         self.after_norm = nn.LayerNorm(s)
 
     def forward(
-        self, mel: torch.Tensor, valid_frames: torch.Tensor | None = None
+        self,
+        mel: torch.Tensor,
+        valid_frames: torch.Tensor | None = None,
+        frames: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``mel [B, n_mels, T]`` (100 Hz), ``valid_frames [B]`` (default ``T - 2``, the
-        reference's padding rule) -> ``([B, T2 // 2, n_state]`` at 25 Hz, valid lengths ``[B]``)."""
+        """``mel [B, n_mels, T]`` (100 Hz), ``valid_frames [B]`` (default ``frames - 2``, the
+        reference's padding rule) -> ``([B, T2 // 2, n_state]`` at 25 Hz, valid lengths ``[B]``).
+
+        ``frames [B]``: each row's true mel length when ``mel`` is zero-padded past it (a
+        fixed-shape input, as the encoder's CUDA graphs take): everything computed from the
+        padding is zeroed or masked, so a row's states up to its own length equal an unpadded
+        run's. Nothing here reads a device value on the host: no synchronisation."""
         b, _, t = mel.shape
+        dev = mel.device
+        padded = frames is not None
+        if frames is None:
+            frames = torch.full((b,), t, device=dev, dtype=torch.long)
         if valid_frames is None:
-            valid_frames = torch.full((b,), max(t - 2, 1), device=mel.device, dtype=torch.long)
-        x = F.gelu(self.conv1(mel))
-        x = F.gelu(self.conv2(x)).transpose(1, 2)  # [B, T2, C]
-        t2 = x.shape[1]
+            valid_frames = frames - 2
+        valid_frames = valid_frames.to(dev).clamp(min=1)
+        t2 = (t - 1) // 2 + 1
         if t2 > self.cfg.n_audio_ctx:
             raise ValueError(
                 f"{t} mel frames give {t2} encoder positions, more than n_audio_ctx "
                 f"{self.cfg.n_audio_ctx} (encode at most 30 s at a time)"
             )
+        inside = (torch.arange(t, device=dev)[None, :] < frames[:, None])[:, None, :]
+        x = F.gelu(self.conv1(mel * inside if padded else mel))
+        if padded:  # conv2 must see zeros past the end, as its own padding gives them
+            x = x * inside
+        x = F.gelu(self.conv2(x)).transpose(1, 2)  # [B, T2, C]
         x = x + self.positional_embedding.weight[:t2].to(x.dtype)
         # conv2 output j sits on mel frame (T + 1) % 2 + 2 j: valid iff that frame is valid
-        frame = (t + 1) % 2 + 2 * torch.arange(t2, device=mel.device)
-        keep = frame[None, :] < valid_frames[:, None].clamp(min=1)
-        key_mask = None if bool(keep.all()) else keep[:, None, None, :]
+        frame = ((frames + 1) % 2)[:, None] + 2 * torch.arange(t2, device=dev)[None, :]
+        key_mask = (frame < valid_frames[:, None])[:, None, None, :]
         for block in self.blocks:
             x = block(x, key_mask)
-        x = self.avg_pooler(x.transpose(1, 2)).transpose(1, 2)
-        return self.after_norm(x), (valid_frames + 1) // 2 // 2
+        x = self.after_norm(self.avg_pooler(x.transpose(1, 2)).transpose(1, 2))
+        if padded:  # the adapter must see zeros past the pooled frames of an unpadded run
+            pooled = ((frames - 1) // 2 + 1) // 2
+            x = x * (torch.arange(x.shape[1], device=dev)[None, :] < pooled[:, None])[..., None]
+        return x, (valid_frames + 1) // 2 // 2
