@@ -19,6 +19,7 @@ from step_audio_fixtures import (
 
 from realtime.config import SamplingConfig, ServerConfig, load_config
 from realtime.engine.base import CancelToken, EngineBusy, UserTurn
+from realtime.engine.step_audio import StepAudioOptions
 
 RATE = 16000
 FORCED = "This is a fixed answer. Ask me again, please."
@@ -99,6 +100,16 @@ def test_without_a_slot_for_the_fork_the_answer_thinks_first_and_is_counted(rand
     s = engine.new_session("sys", SamplingConfig(think_budget=4, max_new_tokens=200))
     assert _answer(s).strip() == FORCED
     assert engine.counters["think_first_fallbacks"] == 1 and s.stats.thinking_tokens == 4
+
+
+def test_a_think_first_fallback_thinks_briefly_not_the_whole_budget(random_dir):
+    """Without a slot for the fork, the caller hears an answer after a short reasoning block,
+    not after the whole think budget."""
+    opts = StepAudioOptions(think_first_budget=3)
+    engine = cpu_engine(random_dir, max_batch=1, forced_answer=FORCED, opts=opts)
+    s = engine.new_session("sys", SamplingConfig(think_budget=40, max_new_tokens=200))
+    assert _answer(s).strip() == FORCED
+    assert engine.counters["think_first_fallbacks"] == 1 and s.stats.thinking_tokens == 3
 
 
 async def test_a_full_engine_answers_a_new_caller_with_busy(random_dir, tmp_path):

@@ -239,6 +239,27 @@ def test_typed_turn_and_history_rebuild(bigram_dir: Path) -> None:
     assert s._hist_len == hist and s.conv.turns[0].user.parts == ("hello",)
 
 
+def test_words_that_come_with_the_speech_are_in_the_turn(bigram_dir: Path) -> None:
+    """Text sent with a spoken turn (a typed message, a keypad key) follows the audio in the
+    user's turn: in the cache as in the history that is re-filled from it."""
+    engine = cpu_engine(bigram_dir)
+    s = engine.new_session("sys", SamplingConfig(think_budget=0, max_new_tokens=4))
+    s.listen(speechlike(0.7))
+    turn = UserTurn(text="hello there")
+    list(s.respond(turn, CancelToken()))
+    s.commit(turn, "Hi", interrupted=False)
+    user = s.conv.turns[0].user
+    assert user.parts[-1] == "hello there" and len(user.parts) == 2
+    hist = s._hist_len
+    s._rebuild_history()  # the history as ids: the same length, so the words were in the cache
+    assert s._hist_len == hist
+    alone = engine.new_session("sys", SamplingConfig(think_budget=0, max_new_tokens=4))
+    alone.listen(speechlike(0.7))
+    list(alone.respond(UserTurn(), CancelToken()))
+    alone.commit(UserTurn(), "Hi", interrupted=False)
+    assert hist - alone._hist_len == len(engine.text_ids("hello there"))
+
+
 def test_history_is_trimmed_to_history_turns(bigram_dir: Path) -> None:
     engine = cpu_engine(bigram_dir, history_turns=2)
     s = engine.new_session("sys", SamplingConfig(think_budget=0, max_new_tokens=4))

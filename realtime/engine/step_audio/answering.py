@@ -102,6 +102,8 @@ class Answer:
             fork = yield from self._fork(gen_end)
         form = self._add("formulation", True, self.slot, gen_end, sampling, logits)
         form.solo = fork is None
+        if form.solo and e.opts.speak_first:  # a fallback: the caller is not kept waiting
+            self.budget = min(self.budget, e.opts.think_first_budget)
         if fork is not None:
             slot, fork_logits = fork
             position = gen_end + len(e.think_close_ids)

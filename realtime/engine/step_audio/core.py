@@ -41,6 +41,10 @@ class StepAudioOptions:
     lookahead: int = 2  # embeddings held back while listening (right context still coming)
     refresh_tokens: int = 16  # new reasoning needed before it is handed to the speaking lane
     speak_first: bool = True  # False: one lane, think up to the budget, then answer
+    # No slot for the speaking fork (a full engine): the one lane thinks at most this many
+    # tokens before it answers, not the whole think budget (512 tokens is ~15 s of silence
+    # at a loaded step's pace)
+    think_first_budget: int = 32
     compile: bool = True  # torch.compile the decode step's element-wise work (CUDA only)
     split_reductions: bool = False  # inductor setting for the compiled step (measured)
     # engine.tensor_parallel: the process group's collective timeout (a rank that stops

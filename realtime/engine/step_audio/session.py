@@ -218,8 +218,14 @@ class StepAudioSession:
         else:
             heard = lst.exact_turn(audio) if e.cfg.exact_encoding else lst.tail_turn(audio)
             pieces, parts, start = heard.pieces, heard.parts, heard.start
-            ids = [e.special.audio_end, e.special.eot]
-            user = Message("human", tuple(AudioSlot(p.shape[0]) for p in pieces))
+            # words that came with the speech (typed, a keypad key) follow it in the turn
+            ids = [
+                e.special.audio_end,
+                *(e.text_ids(turn.text) if turn.text else []),
+                e.special.eot,
+            ]
+            slots: tuple[AudioSlot | str, ...] = tuple(AudioSlot(p.shape[0]) for p in pieces)
+            user = Message("human", (*slots, turn.text) if turn.text else slots)
         turn_end = start + sum(p.shape[0] for p in parts) + len(ids)
         embeds = torch.cat([*parts, e.embed_ids(ids + gen)])
         self.stats.prefill_tokens = embeds.shape[0]
