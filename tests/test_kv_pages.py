@@ -90,3 +90,68 @@ def test_sequence_cap_and_truncate() -> None:
     cache.ensure(s, 24)
     cache.truncate(s, 9)
     assert len(cache.tables[s]) == 2 and cache.free_pages == 4
+
+
+def _rows(cache: PagedKVCache, slot: int, n: int) -> torch.Tensor:
+    """Keys of positions ``0..n-1`` of ``slot``, every layer."""
+    idx = cache.rows(slot, 0, n)
+    return torch.stack([k.view(-1, *k.shape[2:])[idx] for k in cache.k])
+
+
+@torch.no_grad()
+def test_a_fork_shares_the_whole_pages_and_copies_only_the_last() -> None:
+    cache = PagedKVCache(CFG, 3, 64, "cpu", torch.float32, page_size=8, num_pages=12)
+    model = _model()
+    runner = DecodeRunner(model, cache, OPTS)
+    a, b = cache.allocate(2)
+    torch.manual_seed(2)
+    prompt = torch.randint(0, 101, (21,))  # two whole pages and 5 positions of a third
+    logits = runner.prefill(model.embed(prompt), a, 0)
+    cache.copy_prefix(a, b, 21)
+    assert cache.pages_used == 4  # 3 + the copied last page, not 6
+    assert cache.tables[b][:2] == cache.tables[a][:2] and cache.tables[b][2] != cache.tables[a][2]
+    assert torch.equal(_rows(cache, b, 21), _rows(cache, a, 21))
+    # both go on from the same prompt: the same greedy tokens, each in its own pages
+    runner.add_lane(a, 21, LaneSampling(), logits=logits)
+    runner.add_lane(b, 21, LaneSampling(), logits=logits)
+    got = [runner.step() for _ in range(12)]
+    assert all(x == y for x, y in got)
+    alone = _decode(KVCache(CFG, 1, 64, "cpu", torch.float32), [prompt], 12)[0]
+    assert [x for x, _ in got] == alone
+    cache.free([a])
+    assert cache.free_pages == cache.num_pages - len(cache.tables[b])  # b keeps the shared
+    cache.free([b])
+    assert cache.free_pages == cache.num_pages
+
+
+@torch.no_grad()
+def test_writing_over_a_shared_page_copies_it_first() -> None:
+    cache = PagedKVCache(CFG, 3, 64, "cpu", torch.float32, page_size=8, num_pages=12)
+    model = _model()
+    runner = DecodeRunner(model, cache, OPTS)
+    a, b = cache.allocate(2)
+    runner.prefill(model.embed(torch.randint(0, 101, (20,))), a, 0)
+    cache.copy_prefix(a, b, 16)  # two whole pages, both shared
+    before = _rows(cache, b, 16).clone()
+    cache.truncate(a, 10)
+    assert cache.tables[a] == cache.tables[b]  # still shared: nothing written yet
+    runner.prefill(model.embed(torch.randint(0, 101, (9,))), a, 10)  # over page 1 of a
+    assert cache.tables[a][0] == cache.tables[b][0]  # page 0 untouched: still shared
+    assert cache.tables[a][1] != cache.tables[b][1]  # page 1: a's own copy now
+    assert torch.equal(_rows(cache, b, 16), before)  # the fork's prompt is intact
+    assert torch.equal(_rows(cache, a, 10), before[:, :10])  # a kept its own first 10
+    assert not torch.equal(_rows(cache, a, 16), before)
+    cache.free([b, a])
+    assert cache.free_pages == cache.num_pages
+
+
+def test_a_fork_without_a_page_for_its_last_part_takes_nothing() -> None:
+    cache = PagedKVCache(CFG, 3, 64, "cpu", torch.float32, page_size=8, num_pages=3)
+    a, b = cache.allocate(2)
+    cache.ensure(a, 20)  # all three pages
+    with pytest.raises(KVPoolFull):
+        cache.copy_prefix(a, b, 20)
+    assert cache.tables[b] == [] and cache.free_pages == 0
+    cache.copy_prefix(a, b, 16)  # whole pages only: needs none
+    cache.free([a, b])
+    assert cache.free_pages == 3

@@ -253,7 +253,7 @@ class Scheduler:
         cache = self.runner.cache
         for lane in list(self.runner.lanes):
             try:
-                cache.ensure(lane.slot, lane.position + 1)
+                cache.ensure(lane.slot, lane.position + 1, lane.position)
             except KVPoolFull as exc:
                 self.runner.remove_lane(self._row(lane))
                 self._starved[id(lane)] = str(exc)
@@ -314,7 +314,7 @@ class Scheduler:
         if embeds.shape[0] == 0:
             raise ValueError("empty pre-fill")
         try:
-            self.runner.cache.ensure(slot, start + embeds.shape[0])
+            self.runner.cache.ensure(slot, start + embeds.shape[0], start)
         except KVPoolFull as exc:
             self.counters["kv_pool_full"] = self.counters.get("kv_pool_full", 0) + 1
             raise EngineBusy(f"the engine's KV memory is full: {exc}") from None

@@ -347,9 +347,9 @@ class DecodeRunner:
             raise ValueError(f"{len(riders)} riders of {rows} rows: room for {self.room}")
         key = self._key(riders)
         for lane in self.lanes:  # the position each lane writes (a paged cache takes pages)
-            self.cache.ensure(lane.slot, lane.position + 1)
+            self.cache.ensure(lane.slot, lane.position + 1, lane.position)
         for r in riders:
-            self.cache.ensure(r.slot, r.start + r.embeds.shape[0])
+            self.cache.ensure(r.slot, r.start + r.embeds.shape[0], r.start)
         end = self._seat(riders, n)
         if end < key[0]:
             self.pos[end : key[0]].fill_(0)  # padding rows write position 0 of the scratch slot

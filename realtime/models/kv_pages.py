@@ -14,6 +14,13 @@ write there; reads through it are masked). ``block_table`` lives on the device (
 layout ``flash_attn_with_kvcache(..., block_table=...)`` takes); ``tables`` is its host copy
 for bookkeeping. Growing a sequence writes one entry of the device table (no sync).
 
+A fork (:meth:`PagedKVCache.copy_prefix`, the speaking lane's copy of a session's prompt)
+shares the source's whole pages instead of copying them: each page counts the sequences that
+hold it and goes back to the free list when the last one lets go. Only the last, partly filled
+page is copied. A write into a shared page (a sequence writing over its own prefix while a
+fork still holds it) copies that page first: every writer names where it starts writing
+(``ensure(slot, end, start)``). So a fork of a 4k-token prompt costs one page, not sixteen.
+
 Running out of pages raises :class:`KVPoolFull`, an :class:`~realtime.engine.base.EngineBusy`
 (the busy answer a full cache already gives), never a crash of other sequences.
 """
@@ -69,6 +76,8 @@ class PagedKVCache(KVCache):
         self.lengths = [0] * (max_batch + 1)
         self._free = list(range(max_batch))
         self._free_pages = list(range(self.num_pages, 0, -1))  # pop() hands out low pages first
+        self._holders = [0] * (self.num_pages + 1)  # sequences holding each page
+        self._shared = 0  # pages held by more than one sequence (0: writes need no check)
 
     # ---- sequences ------------------------------------------------------------------------
     @property
@@ -86,26 +95,59 @@ class PagedKVCache(KVCache):
         self._release_pages(slot, 0)
 
     # ---- pages ----------------------------------------------------------------------------
-    def ensure(self, slot: int, length: int) -> None:
-        """Pages for positions ``0..length-1`` of ``slot``; :class:`KVPoolFull` if the pool
-        (or the sequence's cap) cannot hold them, with nothing taken."""
+    def ensure(self, slot: int, length: int, start: int | None = None) -> None:
+        """Pages for positions ``0..length-1`` of ``slot``, and, when it is about to write
+        from ``start`` on, its own copy of any page there it shares with a fork;
+        :class:`KVPoolFull` if the pool (or the sequence's cap) cannot hold them, with
+        nothing taken."""
         if slot == self.scratch_slot:
             return
         if length > self.max_len:
             raise KVPoolFull(f"context full: {length} > {self.max_len} positions")
         table = self.tables[slot]
         need = -(-length // self.page_size) - len(table)
-        if need <= 0:
+        shared = self.shared_pages(slot, start, length) if start is not None else []
+        if need + len(shared) <= 0:
             return
-        if need > len(self._free_pages):
+        if need + len(shared) > len(self._free_pages):
             raise KVPoolFull(
-                f"KV pool full: {need} page(s) of {self.page_size} positions wanted, "
-                f"{len(self._free_pages)} of {self.num_pages} free"
+                f"KV pool full: {need + len(shared)} page(s) of {self.page_size} positions "
+                f"wanted, {len(self._free_pages)} of {self.num_pages} free"
             )
+        for i in shared:
+            self._unshare(slot, i)
         for _ in range(need):
             page = self._free_pages.pop()
+            self._holders[page] = 1
             self.block_table[slot, len(table)].fill_(page)
             table.append(page)
+
+    def shared_pages(self, slot: int, start: int, end: int) -> list[int]:
+        """Indices (in ``slot``'s table) of the pages that hold positions ``start..end-1`` and
+        are shared with another sequence."""
+        if not self._shared:
+            return []
+        table = self.tables[slot]
+        last = min(-(-end // self.page_size), len(table))
+        return [i for i in range(start // self.page_size, last) if self._holders[table[i]] > 1]
+
+    def _unshare(self, slot: int, i: int) -> None:
+        """``slot``'s own copy of the shared page at index ``i`` of its table."""
+        old, new = self.tables[slot][i], self._free_pages.pop()
+        for kc, vc in zip(self.k, self.v, strict=True):
+            kc[new].copy_(kc[old])
+            vc[new].copy_(vc[old])
+        self._let_go(old)
+        self._holders[new] = 1
+        self.tables[slot][i] = new
+        self.block_table[slot, i].fill_(new)
+
+    def _let_go(self, page: int) -> None:
+        self._holders[page] -= 1
+        if self._holders[page] == 1:
+            self._shared -= 1
+        elif self._holders[page] == 0:
+            self._free_pages.append(page)
 
     def truncate(self, slot: int, length: int) -> None:
         """Keep the pages of positions ``0..length-1``, give the rest back."""
@@ -116,22 +158,47 @@ class PagedKVCache(KVCache):
         table = self.tables[slot]
         if len(table) <= keep:
             return
-        self._free_pages.extend(reversed(table[keep:]))
+        for page in reversed(table[keep:]):
+            self._let_go(page)
         self.block_table[slot, keep:].fill_(SCRATCH_PAGE)
         del table[keep:]
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Fork: positions ``0..n-1`` of ``src`` into ``dst``. The whole pages are shared (the
+        device block table row copied on the device, no data moved); the last, partly filled
+        page is copied into a page of ``dst``'s own."""
+        if n > self.max_len:
+            raise KVPoolFull(f"context full: {n} > {self.max_len} positions")
+        self._release_pages(dst, 0)
+        whole = n // self.page_size
+        partial = n % self.page_size
+        if partial and not self._free_pages:
+            raise KVPoolFull(
+                f"KV pool full: 1 page(s) of {self.page_size} positions wanted, "
+                f"0 of {self.num_pages} free"
+            )
+        pages = self.tables[src][:whole]
+        for page in pages:
+            self._holders[page] += 1
+            if self._holders[page] == 2:
+                self._shared += 1
+        self.tables[dst] = list(pages)
+        if whole:
+            self.block_table[dst, :whole].copy_(self.block_table[src, :whole])
+        if partial:
+            self.ensure(dst, n)
+            a, b = (
+                self.rows(src, whole * self.page_size, partial),
+                self.rows(dst, whole * self.page_size, partial),
+            )
+            for kc, vc in zip(self.k, self.v, strict=True):
+                flat_k, flat_v = kc.view(-1, *kc.shape[2:]), vc.view(-1, *vc.shape[2:])
+                flat_k[b] = flat_k[a]
+                flat_v[b] = flat_v[a]
+        self.lengths[dst] = n
 
     def rows(self, slot: int, start: int, n: int) -> torch.Tensor:
         """Flat row indices (into ``k[layer].view(-1, ...)``) of positions ``start..start+n-1``."""
         pos = torch.arange(start, start + n)
         pages = torch.tensor(self.tables[slot], dtype=torch.long)[pos // self.page_size]
         return (pages * self.page_size + pos % self.page_size).to(self.k[0].device)
-
-    def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        """Fork: positions ``0..n-1`` of ``src`` into ``dst`` (pages taken for ``dst``)."""
-        self.ensure(dst, n)
-        a, b = self.rows(src, 0, n), self.rows(dst, 0, n)
-        for kc, vc in zip(self.k, self.v, strict=True):
-            flat_k, flat_v = kc.view(-1, *kc.shape[2:]), vc.view(-1, *vc.shape[2:])
-            flat_k[b] = flat_k[a]
-            flat_v[b] = flat_v[a]
-        self.lengths[dst] = n

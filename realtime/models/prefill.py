@@ -73,7 +73,8 @@ class Prefiller:
         """Write ``embeds [T, H]`` at positions ``start..`` of ``slot``; logits ``[V]`` of the
         last position (float32, on the device)."""
         t = embeds.shape[0]
-        self.cache.ensure(slot, start + t)  # a paged cache takes pages (or raises KVPoolFull)
+        # a paged cache takes pages (or raises KVPoolFull)
+        self.cache.ensure(slot, start + t, start)
         logits: torch.Tensor | None = None
         i = 0
         while i < t:
@@ -119,7 +120,7 @@ class Prefiller:
                 i += n
             return torch.stack(out)
         for slot, start, n in zip(slots, starts, lengths, strict=True):
-            self.cache.ensure(slot, start + n)
+            self.cache.ensure(slot, start + n, start)
         attn_len = self.buckets[bisect.bisect_left(self.buckets, max(starts) + t)]
         shape = (rows, t, attn_len)
         if self.graphs and (rows, t) in self._batch_shapes:

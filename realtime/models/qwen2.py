@@ -169,9 +169,10 @@ class KVCache:
     def _release(self, slot: int) -> None:
         """A freed sequence's memory: a fixed slot keeps its own."""
 
-    def ensure(self, slot: int, length: int) -> None:
-        """Room for positions ``0..length-1`` of ``slot`` (a slot always has its ``max_len``;
-        the paged cache of ``kv_pages.py`` takes pages here)."""
+    def ensure(self, slot: int, length: int, start: int | None = None) -> None:
+        """Room for positions ``0..length-1`` of ``slot``, written from ``start`` (a slot
+        always has its ``max_len``; the paged cache of ``kv_pages.py`` takes pages here, and
+        copies a page it shares with a fork before it is written)."""
         if length > self.max_len:
             raise RuntimeError(f"context full: {length} > {self.max_len} positions")
 
