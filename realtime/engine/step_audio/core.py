@@ -54,9 +54,10 @@ class StepAudioOptions:
 
 
 GIB = 1024**3
-# Step graphs are captured per (batch size, attention-length bucket) and compiled once per
-# shape: 6 sizes x 5 buckets (8192 positions) stay under the compiler's recompile limit (32,
-# backend.py), past which steps would silently run uncompiled.
+# Step graphs are captured per (batch size, attention-length bucket, greedy, riders) and
+# compiled once per shape, all at start-up: each size added costs start-up time, and the shapes
+# must stay under the compiler's recompile limit (backend.RECOMPILE_LIMIT), past which steps
+# would silently run uncompiled. engine.max_batch past 32 adds itself as one more size.
 STEP_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 MAX_AUTO_SEQUENCES = 32  # engine.max_batch 0: at most this many sequences (lanes) at once
 
