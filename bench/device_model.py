@@ -14,8 +14,10 @@ The times are engine-only figures measured on one H100 with random full-size wei
   assumption, not yet measured);
 - batched pre-fill pass: 28.7 ms for one 8-position piece, 39.5 ms for 32 of them
   (``bench/results/gpu-prefill-batch.json``), so 28.5 ms + 0.043 ms a position;
-- audio encoder + adapter: 9.3 ms for a 10 s piece (``docs/benchmarks.md``), taken as 3 ms +
-  0.63 ms per second of audio (an eager pass of a short window costs its launches).
+- audio encoder + adapter as CUDA graphs (``engine.encoder_graphs``): 2.80 ms for 0.64 s,
+  4.42 ms for 10.24 s, 8.05 ms for 24.96 s (``bench/results/gpu-encoder.json``), so 2.66 ms +
+  0.216 ms per second of audio. (Eager it was 12-16 ms a call on an idle machine, bound by its
+  launches, and more under load: the earlier 3 ms + 0.63 ms/s was too low for it.)
 
 Every figure a run with this model gives is *emulated*: it says what the scheduling does with
 these times, not what the GPU does. Label it so wherever it is quoted.
@@ -35,8 +37,8 @@ class DeviceModel:
     step_ms_64: float = 25.2  # a decode step at batch 64 and above
     pass_ms: float = 28.5  # a pre-fill pass: fixed part
     pass_ms_per_position: float = 0.043
-    encoder_ms: float = 3.0  # the audio encoder + adapter: fixed part
-    encoder_ms_per_s: float = 0.63
+    encoder_ms: float = 2.66  # the audio encoder + adapter (CUDA graphs): fixed part
+    encoder_ms_per_s: float = 0.216
 
     def step(self, lanes: int) -> float:
         return self.step_ms if lanes <= 32 else self.step_ms_64
