@@ -91,8 +91,7 @@ class StepAudioModel(nn.Module):
         if lens.embeddings == 0:
             return torch.empty(0, self.cfg.audio.llm_dim, device=self.device, dtype=self.dtype)
         x = mel.to(self.device, self.dtype)[None]
-        valid = torch.tensor([lens.valid_mel_frames], device=self.device)
-        states, _ = self.encoder(x, valid)
+        states, _ = self.encoder(x)  # valid frames: all but the last two, as lens counts them
         # like the reference, the adapter sees every pooled frame (the last embedding can
         # reach one frame past the valid ones), then the valid embeddings are kept
         return self.adapter(states)[0, : lens.embeddings]
