@@ -607,7 +607,7 @@ async def main_async(args: argparse.Namespace) -> dict:
                 why = ", ".join(f"{k} {v}" for k, v in r["prefill_passes"].items())
                 print(f"     pre-fill passes: {why}", flush=True)
             if args.out:  # a level's figures survive a run killed before the end
-                write_json(args.out, result_of(args, url, load))
+                write_json(args.out, result_of(args, url, voices, load))
             p95 = r["first_packet_s"]["p95"]
             if args.stop_above and (p95 is None or p95 > args.stop_above):
                 print(
@@ -622,10 +622,10 @@ async def main_async(args: argparse.Namespace) -> dict:
                 proc.wait(20)
             if proc.poll() is None:
                 proc.kill()
-    return result_of(args, url, load)
+    return result_of(args, url, voices, load)
 
 
-def result_of(args: argparse.Namespace, url: str, load: dict[str, dict]) -> dict:
+def result_of(args: argparse.Namespace, url: str, voices: list[str], load: dict[str, dict]) -> dict:
     """The run's JSON: what ran where, and the figures of each level measured so far."""
     return {
         "machine": args.machine
@@ -637,7 +637,7 @@ def result_of(args: argparse.Namespace, url: str, load: dict[str, dict]) -> dict
         "target": url,
         "turns_per_caller": args.turns,
         "barge_in_share": args.barge_in,
-        "voices": [v for v in args.voices.split(",") if available(v)],
+        "voices": voices,
         "loadavg_before": LOADAVG_BEFORE,
         "loadavg_after": os.getloadavg(),
         "load": load,

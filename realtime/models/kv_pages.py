@@ -100,27 +100,40 @@ class PagedKVCache(KVCache):
         from ``start`` on, its own copy of any page there it shares with a fork;
         :class:`KVPoolFull` if the pool (or the sequence's cap) cannot hold them, with
         nothing taken."""
-        if slot == self.scratch_slot:
+        if not self.changes(slot, length, start):
             return
         if length > self.max_len:
             raise KVPoolFull(f"context full: {length} > {self.max_len} positions")
-        table = self.tables[slot]
-        need = -(-length // self.page_size) - len(table)
-        shared = self.shared_pages(slot, start, length) if start is not None else []
-        if need + len(shared) <= 0:
-            return
-        if need + len(shared) > len(self._free_pages):
-            raise KVPoolFull(
-                f"KV pool full: {need + len(shared)} page(s) of {self.page_size} positions "
-                f"wanted, {len(self._free_pages)} of {self.num_pages} free"
-            )
+        need, shared = self._wants(slot, length, start)
+        self._check_free(need + len(shared))
         for i in shared:
             self._unshare(slot, i)
+        table = self.tables[slot]
         for _ in range(need):
             page = self._free_pages.pop()
             self._holders[page] = 1
             self.block_table[slot, len(table)].fill_(page)
             table.append(page)
+
+    def changes(self, slot: int, length: int, start: int | None = None) -> bool:
+        """Whether :meth:`ensure` with these arguments takes a page, copies one or raises
+        (most steps' ``ensure`` does none of them)."""
+        if slot == self.scratch_slot:
+            return False
+        need, shared = self._wants(slot, length, start)
+        return length > self.max_len or need + len(shared) > 0
+
+    def _wants(self, slot: int, length: int, start: int | None) -> tuple[int, list[int]]:
+        """Pages ``ensure`` must add to ``slot``, and the shared ones it must copy."""
+        need = -(-length // self.page_size) - len(self.tables[slot])
+        return need, self.shared_pages(slot, start, length) if start is not None else []
+
+    def _check_free(self, wanted: int) -> None:
+        if wanted > len(self._free_pages):
+            raise KVPoolFull(
+                f"KV pool full: {wanted} page(s) of {self.page_size} positions wanted, "
+                f"{len(self._free_pages)} of {self.num_pages} free"
+            )
 
     def shared_pages(self, slot: int, start: int, end: int) -> list[int]:
         """Indices (in ``slot``'s table) of the pages that hold positions ``start..end-1`` and
@@ -172,11 +185,7 @@ class PagedKVCache(KVCache):
         self._release_pages(dst, 0)
         whole = n // self.page_size
         partial = n % self.page_size
-        if partial and not self._free_pages:
-            raise KVPoolFull(
-                f"KV pool full: 1 page(s) of {self.page_size} positions wanted, "
-                f"0 of {self.num_pages} free"
-            )
+        self._check_free(1 if partial else 0)
         pages = self.tables[src][:whole]
         for page in pages:
             self._holders[page] += 1

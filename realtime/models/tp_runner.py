@@ -218,14 +218,8 @@ class MirroredCache:
         self._call("free", list(slots))
 
     def ensure(self, slot: int, length: int, start: int | None = None) -> None:
-        c = self._cache
-        if slot == c.scratch_slot or (
-            length <= c.max_len
-            and -(-length // c.page_size) <= len(c.tables[slot])
-            and (start is None or not c.shared_pages(slot, start, length))
-        ):
-            return  # takes no page on any rank
-        self._call("ensure", slot, length, start)
+        if self._cache.changes(slot, length, start):  # else nothing changes on any rank
+            self._call("ensure", slot, length, start)
 
     def truncate(self, slot: int, length: int) -> None:
         self._call("truncate", slot, length)

@@ -92,10 +92,11 @@ class AudioEncoder(nn.Module):
                 f"{t} mel frames give {t2} encoder positions, more than n_audio_ctx "
                 f"{self.cfg.n_audio_ctx} (encode at most 30 s at a time)"
             )
-        inside = (torch.arange(t, device=dev)[None, :] < frames[:, None])[:, None, :]
-        x = F.gelu(self.conv1(mel * inside if padded else mel))
-        if padded:  # conv2 must see zeros past the end, as its own padding gives them
-            x = x * inside
+        if padded:  # conv1 and conv2 must see zeros past the end, as their own padding gives
+            inside = (torch.arange(t, device=dev)[None, :] < frames[:, None])[:, None, :]
+            x = F.gelu(self.conv1(mel * inside)) * inside
+        else:
+            x = F.gelu(self.conv1(mel))
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # [B, T2, C]
         x = x + self.positional_embedding.weight[:t2].to(x.dtype)
         # conv2 output j sits on mel frame (T + 1) % 2 + 2 j: valid iff that frame is valid

@@ -79,10 +79,10 @@ class EncoderGraphs:
             raise RuntimeError("CUDA graphs of the encoder need a CUDA device")
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
         for size in reversed(self.sizes):
             self.pcm.zero_()
             self.n.fill_(size)
-            side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self._forward(size)  # lazy initialisation outside the capture
