@@ -26,7 +26,8 @@ def tts_head():
 
 @pytest.fixture(scope="session")
 def say(tts_head) -> Callable[..., np.ndarray]:
-    """``say(text, lead_s=0.3, tail_s=1.0, rate=16000)`` -> float32 mono speech (Piper's voice)."""
+    """``say(text, lead_s=0.3, tail_s=1.0, rate=16000)`` -> float32 mono speech (Piper's voice,
+    its noise off: the same audio in every run, so a test's outcome does not depend on a draw)."""
     from realtime.audio import resample, to_float32
 
     cache: dict[tuple[str, float], np.ndarray] = {}
@@ -36,7 +37,7 @@ def say(tts_head) -> Callable[..., np.ndarray]:
     ):
         key = (text, speed)
         if key not in cache:
-            cache[key] = to_float32(tts_head.synthesize(text, speaking_rate=speed))
+            cache[key] = to_float32(tts_head.synthesize(text, speaking_rate=speed, vary=False))
         pcm = resample(cache[key], tts_head.sample_rate, rate)
         return np.concatenate(
             [

@@ -65,6 +65,14 @@ def test_speaking_rate_changes_length(head: PiperHead) -> None:
     assert fast < 0.7 * slow
 
 
+def test_a_fixed_rendering_is_the_same_every_time(head: PiperHead) -> None:
+    """The tests' speech (``say`` in conftest) must not change between runs: Piper's noise
+    off gives the same samples every call."""
+    text = "What is the capital of France?"
+    first = head.synthesize(text, vary=False)
+    assert first.size > 0 and np.array_equal(first, head.synthesize(text, vary=False))
+
+
 def test_voices_resolve_by_name_and_path(head: PiperHead) -> None:
     joe = installed_voices()["joe"]
     assert resolve_voice("joe") == joe

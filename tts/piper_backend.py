@@ -122,12 +122,22 @@ class PiperVoiceModel:
         self.length_scale = config.length_scale
 
     def synthesize(
-        self, text: str, speaking_rate: float = 1.0, gain: float = DEFAULT_GAIN
+        self,
+        text: str,
+        speaking_rate: float = 1.0,
+        gain: float = DEFAULT_GAIN,
+        vary: bool = True,
     ) -> np.ndarray:
-        """Float32 mono audio for ``text`` (already normalised), all of its sentences."""
+        """Float32 mono audio for ``text`` (already normalised), all of its sentences.
+
+        ``vary``: Piper draws random noise for each call, so the same text never comes out
+        the same twice (lengths differ by tens of ms); ``False`` sets both noise scales to 0,
+        one fixed rendering (what the tests speak, so that they run on the same audio)."""
         from piper.config import SynthesisConfig
 
         syn = SynthesisConfig(length_scale=self.length_scale / speaking_rate, normalize_audio=False)
+        if not vary:
+            syn.noise_scale = syn.noise_w_scale = 0.0
         parts = []
         for phonemes in self.voice.phonemize(text):
             if phonemes:
@@ -219,12 +229,13 @@ class PiperHead:
         )
 
     def synthesize(
-        self, text: str, voice: str | None = None, speaking_rate: float = 1.0
+        self, text: str, voice: str | None = None, speaking_rate: float = 1.0, vary: bool = True
     ) -> np.ndarray:
-        """Whole-text synthesis (blocking; not for the event loop): float32 at ``sample_rate``."""
+        """Whole-text synthesis (blocking; not for the event loop): float32 at ``sample_rate``.
+        ``vary=False``: one fixed rendering (:meth:`PiperVoiceModel.synthesize`)."""
         files = resolve_voice(voice) if voice else self.default_voice
         model = self.model(files)
-        audio = model.synthesize(normalize(text), speaking_rate)
+        audio = model.synthesize(normalize(text), speaking_rate, vary=vary)
         return resample(audio, model.sample_rate, self.sample_rate)
 
 
